@@ -1,0 +1,173 @@
+//! Every knob of the gateway, in one struct.
+//!
+//! Each field is a CLI flag and a `TOKENFAN_*` environment variable (clap), with its default
+//! written on the field. Durations use the usual notation (`500ms`, `25s`, `5m`). Nothing else in
+//! the crate reads the environment.
+
+use std::{fmt, net::SocketAddr, time::Duration};
+
+use clap::Args;
+
+/// Parses `500ms`, `25s`, `5m`, … for clap.
+pub fn parse_duration(s: &str) -> Result<Duration, humantime::DurationError> {
+    humantime::parse_duration(s)
+}
+
+/// A value that must never reach a log, a metric, an error message or a panic.
+#[derive(Clone, Default, PartialEq, Eq)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn new(value: impl Into<String>) -> Self {
+        Self(value.into())
+    }
+
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Secret(***)")
+    }
+}
+
+impl std::str::FromStr for Secret {
+    type Err = std::convert::Infallible;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Ok(Self(s.to_owned()))
+    }
+}
+
+/// Configuration of `tokenfan serve`.
+#[derive(Debug, Clone, Args)]
+pub struct Config {
+    /// Address to listen on.
+    #[arg(long, env = "TOKENFAN_LISTEN", default_value = "127.0.0.1:8080")]
+    pub listen: SocketAddr,
+
+    /// Listen backlog. Reconnect bursts after a drain need far more than tokio's 128; the kernel
+    /// caps it at net.core.somaxconn.
+    #[arg(long, env = "TOKENFAN_LISTEN_BACKLOG", default_value_t = 65_535)]
+    pub listen_backlog: u32,
+
+    #[command(flatten)]
+    pub upstream: UpstreamConfig,
+
+    #[command(flatten)]
+    pub stream: StreamConfig,
+
+    #[command(flatten)]
+    pub drain: DrainConfig,
+
+    #[command(flatten)]
+    pub connection: ConnectionConfig,
+}
+
+/// The OpenAI-compatible provider the generations are streamed from.
+#[derive(Debug, Clone, Args)]
+pub struct UpstreamConfig {
+    /// Base URL of an OpenAI-compatible API, ending in `/v1` (tokenfan calls
+    /// `{url}/chat/completions`). Unset: an embedded mock LLM is started on a loopback port.
+    #[arg(long = "upstream-url", env = "TOKENFAN_UPSTREAM_URL")]
+    pub url: Option<String>,
+
+    /// Bearer key sent to the upstream. Never logged.
+    #[arg(long = "upstream-api-key", env = "TOKENFAN_UPSTREAM_API_KEY", hide_env_values = true)]
+    pub api_key: Option<Secret>,
+
+    /// Extra header sent to the upstream, `Name: value`; repeat the flag (or separate with `;`
+    /// in the variable) for several.
+    #[arg(long = "upstream-header", env = "TOKENFAN_UPSTREAM_HEADERS", value_delimiter = ';', hide_env_values = true)]
+    pub headers: Vec<String>,
+
+    /// Deadline for opening the TCP/TLS connection to the upstream.
+    #[arg(long = "upstream-connect-timeout", env = "TOKENFAN_UPSTREAM_CONNECT_TIMEOUT", default_value = "5s", value_parser = parse_duration)]
+    pub connect_timeout: Duration,
+
+    /// Deadline from sending the request to receiving the first token (retries included).
+    #[arg(long = "upstream-first-token-timeout", env = "TOKENFAN_UPSTREAM_FIRST_TOKEN_TIMEOUT", default_value = "60s", value_parser = parse_duration)]
+    pub first_token_timeout: Duration,
+
+    /// Longest silence allowed between two chunks of a running stream.
+    #[arg(long = "upstream-idle-timeout", env = "TOKENFAN_UPSTREAM_IDLE_TIMEOUT", default_value = "30s", value_parser = parse_duration)]
+    pub idle_timeout: Duration,
+
+    /// Deadline for a whole generation.
+    #[arg(long = "upstream-total-timeout", env = "TOKENFAN_UPSTREAM_TOTAL_TIMEOUT", default_value = "10m", value_parser = parse_duration)]
+    pub total_timeout: Duration,
+
+    /// Retries on connect errors, 429 and 5xx; only before the first token.
+    #[arg(long = "upstream-max-retries", env = "TOKENFAN_UPSTREAM_MAX_RETRIES", default_value_t = 3)]
+    pub max_retries: u32,
+
+    /// First retry delay; doubled on each retry, with jitter, unless `Retry-After` says otherwise.
+    #[arg(long = "upstream-retry-backoff", env = "TOKENFAN_UPSTREAM_RETRY_BACKOFF", default_value = "250ms", value_parser = parse_duration)]
+    pub retry_backoff: Duration,
+}
+
+/// How generations are kept and streamed to subscribers.
+#[derive(Debug, Clone, Args)]
+pub struct StreamConfig {
+    /// Slots in each subscriber's channel. A subscriber that falls this many events behind is
+    /// disconnected with `event: reconnect` and resumes from the log.
+    #[arg(long, env = "TOKENFAN_CHANNEL_CAPACITY", default_value_t = 64, value_parser = clap::value_parser!(u32).range(1..=65_536))]
+    pub channel_capacity: u32,
+
+    /// Interval of keep-alive comment lines on idle streams.
+    #[arg(long, env = "TOKENFAN_KEEPALIVE_INTERVAL", default_value = "15s", value_parser = parse_duration)]
+    pub keepalive_interval: Duration,
+
+    /// How long a finished generation stays readable (snapshot and replay) before it is freed.
+    #[arg(long, env = "TOKENFAN_RETENTION", default_value = "5m", value_parser = parse_duration)]
+    pub retention: Duration,
+
+    /// Cancel a running generation nobody has watched for this long. Off by default: the
+    /// backend owns a generation, and viewers come and go.
+    #[arg(long, env = "TOKENFAN_CANCEL_UNWATCHED_AFTER", value_parser = parse_duration)]
+    pub cancel_unwatched_after: Option<Duration>,
+
+    /// `retry:` sent with `event: reconnect` to a subscriber evicted for being slow.
+    #[arg(long, env = "TOKENFAN_SLOW_CONSUMER_RETRY", default_value = "1s", value_parser = parse_duration)]
+    pub slow_consumer_retry: Duration,
+}
+
+/// Shutdown behaviour on SIGTERM/SIGINT.
+#[derive(Debug, Clone, Args)]
+pub struct DrainConfig {
+    /// Running generations may finish streaming until this deadline; then every remaining
+    /// subscriber is told to reconnect and the rest is cancelled.
+    #[arg(long, env = "TOKENFAN_DRAIN_DEADLINE", default_value = "25s", value_parser = parse_duration)]
+    pub drain_deadline: Duration,
+
+    /// `retry:` values sent at shutdown are spread uniformly over this window, so that thousands
+    /// of clients do not reconnect in the same millisecond.
+    #[arg(long, env = "TOKENFAN_RECONNECT_SPREAD", default_value = "5s", value_parser = parse_duration)]
+    pub reconnect_spread: Duration,
+}
+
+/// Limits on each client connection.
+#[derive(Debug, Clone, Args)]
+pub struct ConnectionConfig {
+    /// A connection whose peer accepts no bytes for this long is closed, freeing its socket.
+    #[arg(long, env = "TOKENFAN_WRITE_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
+    pub write_timeout: Duration,
+
+    /// Deadline for receiving a request's headers (slowloris protection).
+    #[arg(long, env = "TOKENFAN_HEADER_READ_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
+    pub header_read_timeout: Duration,
+}
+
+impl Config {
+    /// The defaults, as `tokenfan serve` with no flags and no environment would have them.
+    pub fn defaults() -> Self {
+        #[derive(clap::Parser)]
+        struct Wrapper {
+            #[command(flatten)]
+            config: Config,
+        }
+        use clap::Parser;
+        Wrapper::parse_from(["tokenfan"]).config
+    }
+}

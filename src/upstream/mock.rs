@@ -1,0 +1,1 @@
+//! The embedded mock LLM (stub: to be written).

@@ -1,0 +1,57 @@
+//! Upstream providers: where tokens come from.
+//!
+//! [`Upstream`] calls an OpenAI-compatible `POST {url}/chat/completions` with `stream: true` and
+//! turns the provider's SSE stream into [`UpstreamEvent`]s. It owns retries (only before the first
+//! token, so a retry can never duplicate tokens) and every upstream timeout. It knows nothing of
+//! subscribers or HTTP handlers: the hub drives it, one task per generation.
+//!
+//! [`mock`] is the embedded OpenAI-compatible mock LLM, the default upstream.
+
+pub mod mock;
+mod openai;
+mod sse;
+
+pub use openai::Upstream;
+
+/// One thing the provider told us, in stream order.
+#[derive(Debug, Clone, PartialEq)]
+pub enum UpstreamEvent {
+    /// A piece of generated text (`choices[0].delta.content`), never empty.
+    Token(String),
+    /// `choices[0].finish_reason` (`stop`, `length`, …).
+    Finish(String),
+    /// The usage object of the final chunk, as the provider sent it.
+    Usage(serde_json::Value),
+}
+
+/// Why an upstream call failed. Each variant has a stable [`code`](UpstreamError::code) that
+/// reaches subscribers in the `error` event.
+#[derive(Debug, thiserror::Error)]
+pub enum UpstreamError {
+    #[error("could not connect to the upstream: {0}")]
+    Connect(String),
+    #[error("upstream timed out: {0}")]
+    Timeout(&'static str),
+    #[error("upstream answered HTTP {status}: {message}")]
+    Http { status: u16, message: String },
+    #[error("upstream sent an invalid stream: {0}")]
+    Protocol(String),
+    #[error("upstream reported an error: {0}")]
+    Provider(String),
+    #[error("upstream stream ended early: {0}")]
+    Interrupted(String),
+}
+
+impl UpstreamError {
+    /// The stable machine code for this failure.
+    pub fn code(&self) -> &'static str {
+        match self {
+            Self::Connect(_) => "upstream_connect_error",
+            Self::Timeout(_) => "upstream_timeout",
+            Self::Http { .. } => "upstream_http_error",
+            Self::Protocol(_) => "upstream_protocol_error",
+            Self::Provider(_) => "upstream_error",
+            Self::Interrupted(_) => "upstream_interrupted",
+        }
+    }
+}
