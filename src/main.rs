@@ -36,13 +36,15 @@ enum Command {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
     tracing_subscriber::fmt()
         .with_env_filter(
             EnvFilter::try_from_env("TOKENFAN_LOG").unwrap_or_else(|_| EnvFilter::new("info")),
         )
         .init();
+    raise_open_files_limit();
     let shutdown = tokenfan::signal::shutdown_signal().context("installing signal handlers")?;
-    match Cli::parse().command {
+    match cli.command {
         Some(Command::Serve(config)) => serve(*config, shutdown).await,
         None => serve(Config::defaults(), shutdown).await,
         Some(Command::MockUpstream { listen, mock }) => {
@@ -65,4 +67,13 @@ async fn serve(
         .with_context(|| format!("binding {}", config.listen))?;
     tokenfan::serve(listener, config, shutdown).await?;
     Ok(())
+}
+
+/// Every connection is a file descriptor, and the usual soft limit (1024) would cap the gateway
+/// far below what it can serve: raise it to the hard limit.
+fn raise_open_files_limit() {
+    match rlimit::increase_nofile_limit(u64::MAX) {
+        Ok(limit) => tracing::info!(limit, "open files limit"),
+        Err(error) => tracing::warn!(%error, "could not raise the open files limit"),
+    }
 }

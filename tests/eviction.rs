@@ -22,10 +22,11 @@ async fn stalled_subscriber(gateway: &Gateway, id: &str, last_event_id: Option<u
     let socket = TcpSocket::new_v4().unwrap();
     socket.set_recv_buffer_size(4096).unwrap();
     let mut stream = socket.connect(gateway.addr).await.unwrap();
-    let resume = last_event_id.map(|id| format!("Last-Event-ID: {id}\r\n")).unwrap_or_default();
-    let request = format!(
-        "GET /v1/generations/{id}/events HTTP/1.1\r\nHost: tokenfan\r\n{resume}\r\n"
-    );
+    let resume = last_event_id
+        .map(|id| format!("Last-Event-ID: {id}\r\n"))
+        .unwrap_or_default();
+    let request =
+        format!("GET /v1/generations/{id}/events HTTP/1.1\r\nHost: tokenfan\r\n{resume}\r\n");
     stream.write_all(request.as_bytes()).await.unwrap();
     stream
 }
@@ -68,11 +69,21 @@ async fn slow_subscriber_is_evicted_with_reconnect_and_resumes_without_loss() {
     let raw = String::from_utf8_lossy(&read_until_closed(&mut slow).await).into_owned();
     let reconnect = raw.find("event: reconnect").expect("no reconnect event");
     assert!(raw[reconnect..].contains(r#"data: {"reason":"slow_consumer"}"#));
-    assert!(raw[..reconnect].contains("retry: "), "reconnect without retry");
+    assert!(
+        raw[..reconnect].contains("retry: "),
+        "reconnect without retry"
+    );
     let last_id = raw[..reconnect]
         .rmatch_indices("\nid: ")
         .next()
-        .map(|(at, _)| raw[at + 5..].split('\n').next().unwrap().parse::<u64>().unwrap())
+        .map(|(at, _)| {
+            raw[at + 5..]
+                .split('\n')
+                .next()
+                .unwrap()
+                .parse::<u64>()
+                .unwrap()
+        })
         .expect("no token before the reconnect");
     assert!(last_id < 399, "evicted only after the last token");
 
@@ -99,9 +110,23 @@ async fn subscriber_that_stops_reading_has_its_socket_closed() {
     // so reading now ends (reset or EOF) instead of waiting forever.
     let started = std::time::Instant::now();
     let received = read_until_closed(&mut dead).await;
-    assert!(received.len() < 400 * 4000, "the whole generation fit in the socket buffers");
+    assert!(
+        received.len() < 400 * 4000,
+        "the whole generation fit in the socket buffers"
+    );
     assert!(started.elapsed() < Duration::from_secs(5));
-    let metrics = gateway.http.get(gateway.url("/metrics")).send().await.unwrap().text().await.unwrap();
-    assert!(metrics.contains("tokenfan_write_timeouts_total"), "{metrics}");
+    let metrics = gateway
+        .http
+        .get(gateway.url("/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics.contains("tokenfan_write_timeouts_total"),
+        "{metrics}"
+    );
     gateway.shutdown().await;
 }

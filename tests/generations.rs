@@ -57,7 +57,9 @@ async fn idempotency_key_returns_the_same_generation_without_a_second_upstream_c
 #[tokio::test]
 async fn cancel_stops_the_generation_and_ends_every_stream() {
     let gateway = Gateway::start().await;
-    let id = gateway.create(json!({"tokens": 1000, "interval_ms": 20})).await;
+    let id = gateway
+        .create(json!({"tokens": 1000, "interval_ms": 20}))
+        .await;
     let stream = gateway.subscribe(&id, None).await;
     let cancel = gateway
         .http
@@ -99,7 +101,9 @@ async fn unwatched_generation_is_cancelled_when_asked_to() {
     let gateway =
         Gateway::start_with(|c| c.stream.cancel_unwatched_after = Some(Duration::from_millis(200)))
             .await;
-    let id = gateway.create(json!({"tokens": 1000, "interval_ms": 10})).await;
+    let id = gateway
+        .create(json!({"tokens": 1000, "interval_ms": 10}))
+        .await;
     let snapshot = gateway.wait_finished(&id).await;
     assert_eq!(snapshot["status"], "failed");
     assert_eq!(snapshot["error"]["code"], "unwatched");
@@ -111,16 +115,81 @@ async fn bad_requests_get_a_clear_error_code() {
     let gateway = Gateway::start().await;
     let url = gateway.url("/v1/generations");
     let cases: Vec<(reqwest::RequestBuilder, u16, &str)> = vec![
-        (gateway.http.post(&url).header("content-type", "application/json").body("{oops"), 400, "invalid_json"),
-        (gateway.http.post(&url).json(&json!([1, 2])), 400, "invalid_request"),
-        (gateway.http.post(&url).json(&json!({"model": "m"})), 400, "invalid_request"),
-        (gateway.http.post(&url).json(&json!({"model": "m", "messages": "hi"})), 400, "invalid_request"),
-        (gateway.http.post(&url).json(&json!({"model": 3, "messages": [{}]})), 400, "invalid_request"),
-        (gateway.http.post(&url).json(&json!({"model": "m", "messages": [{}], "n": 2})), 400, "invalid_request"),
-        (gateway.http.post(&url).header("content-type", "text/plain").body("{}"), 415, "unsupported_media_type"),
-        (gateway.http.post(&url).header("content-type", "application/json").body(vec![b' '; 5 << 20]), 413, "body_too_large"),
-        (gateway.http.post(&url).header("idempotency-key", "").json(&chat_request(json!({}))), 400, "invalid_idempotency_key"),
-        (gateway.http.get(gateway.url("/v1/nothing")), 404, "not_found"),
+        (
+            gateway
+                .http
+                .post(&url)
+                .header("content-type", "application/json")
+                .body("{oops"),
+            400,
+            "invalid_json",
+        ),
+        (
+            gateway.http.post(&url).json(&json!([1, 2])),
+            400,
+            "invalid_request",
+        ),
+        (
+            gateway.http.post(&url).json(&json!({"model": "m"})),
+            400,
+            "invalid_request",
+        ),
+        (
+            gateway
+                .http
+                .post(&url)
+                .json(&json!({"model": "m", "messages": "hi"})),
+            400,
+            "invalid_request",
+        ),
+        (
+            gateway
+                .http
+                .post(&url)
+                .json(&json!({"model": 3, "messages": [{}]})),
+            400,
+            "invalid_request",
+        ),
+        (
+            gateway
+                .http
+                .post(&url)
+                .json(&json!({"model": "m", "messages": [{}], "n": 2})),
+            400,
+            "invalid_request",
+        ),
+        (
+            gateway
+                .http
+                .post(&url)
+                .header("content-type", "text/plain")
+                .body("{}"),
+            415,
+            "unsupported_media_type",
+        ),
+        (
+            gateway
+                .http
+                .post(&url)
+                .header("content-type", "application/json")
+                .body(vec![b' '; 5 << 20]),
+            413,
+            "body_too_large",
+        ),
+        (
+            gateway
+                .http
+                .post(&url)
+                .header("idempotency-key", "")
+                .json(&chat_request(json!({}))),
+            400,
+            "invalid_idempotency_key",
+        ),
+        (
+            gateway.http.get(gateway.url("/v1/nothing")),
+            404,
+            "not_found",
+        ),
         (gateway.http.put(&url), 405, "method_not_allowed"),
     ];
     for (request, status, code) in cases {
@@ -128,7 +197,9 @@ async fn bad_requests_get_a_clear_error_code() {
         assert_eq!(response.status(), status, "expected {code}");
         let body: Value = response.json().await.unwrap();
         assert_eq!(body["error"]["code"], code);
-        assert!(body["error"]["message"].as_str().is_some_and(|m| !m.is_empty()));
+        assert!(body["error"]["message"]
+            .as_str()
+            .is_some_and(|m| !m.is_empty()));
     }
     gateway.shutdown().await;
 }
@@ -137,9 +208,15 @@ async fn bad_requests_get_a_clear_error_code() {
 async fn keepalive_comments_flow_on_an_idle_stream() {
     let gateway =
         Gateway::start_with(|c| c.stream.keepalive_interval = Duration::from_millis(50)).await;
-    let id = gateway.create(json!({"tokens": 1, "first_token_ms": 60_000})).await;
+    let id = gateway
+        .create(json!({"tokens": 1, "first_token_ms": 60_000}))
+        .await;
     let mut stream = gateway.subscribe(&id, None).await;
-    let chunk = tokio::time::timeout(common::WAIT, stream.chunk()).await.unwrap().unwrap().unwrap();
+    let chunk = tokio::time::timeout(common::WAIT, stream.chunk())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
     assert_eq!(&chunk[..], b":\n\n");
     gateway.shutdown().await;
 }

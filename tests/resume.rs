@@ -10,10 +10,16 @@ use serde_json::json;
 #[tokio::test]
 async fn late_joiner_replays_history_then_goes_live() {
     let gateway = Gateway::start().await;
-    let id = gateway.create(json!({"tokens": 60, "interval_ms": 20})).await;
+    let id = gateway
+        .create(json!({"tokens": 60, "interval_ms": 20}))
+        .await;
     // Join once part of the generation is logged.
     tokio::time::timeout(common::WAIT, async {
-        while gateway.snapshot(&id).await.1["token_count"].as_u64().unwrap() < 20 {
+        while gateway.snapshot(&id).await.1["token_count"]
+            .as_u64()
+            .unwrap()
+            < 20
+        {
             tokio::time::sleep(std::time::Duration::from_millis(10)).await;
         }
     })
@@ -21,7 +27,10 @@ async fn late_joiner_replays_history_then_goes_live() {
     .unwrap();
     let events = gateway.events(&id, None).await;
     let (_, snapshot) = gateway.snapshot(&id).await;
-    assert_eq!(snapshot["status"], "completed", "the stream ended before the generation");
+    assert_eq!(
+        snapshot["status"], "completed",
+        "the stream ended before the generation"
+    );
     assert_eq!(token_texts(&events, 0).concat(), snapshot["text"]);
     assert_eq!(events.last().unwrap().event, "done");
     gateway.shutdown().await;
@@ -30,18 +39,32 @@ async fn late_joiner_replays_history_then_goes_live() {
 #[tokio::test]
 async fn last_event_id_resumes_mid_stream() {
     let gateway = Gateway::start().await;
-    let id = gateway.create(json!({"tokens": 40, "interval_ms": [1, 5]})).await;
+    let id = gateway
+        .create(json!({"tokens": 40, "interval_ms": [1, 5]}))
+        .await;
 
     // A viewer reads the first ten tokens and drops its connection.
     let response = gateway.subscribe(&id, None).await;
     let mut body = response.bytes_stream();
     let mut seen = String::new();
-    while common::parse_events(&seen).iter().filter(|e| e.event == "token").count() < 10 {
+    while common::parse_events(&seen)
+        .iter()
+        .filter(|e| e.event == "token")
+        .count()
+        < 10
+    {
         seen.push_str(std::str::from_utf8(&body.next().await.unwrap().unwrap()).unwrap());
     }
     drop(body);
     let first_part: Vec<_> = common::parse_events(&seen).into_iter().take(10).collect();
-    let last_id: u64 = first_part.last().unwrap().id.as_ref().unwrap().parse().unwrap();
+    let last_id: u64 = first_part
+        .last()
+        .unwrap()
+        .id
+        .as_ref()
+        .unwrap()
+        .parse()
+        .unwrap();
     assert_eq!(last_id, 9);
 
     // It comes back with Last-Event-ID and gets exactly the rest.
@@ -88,7 +111,11 @@ async fn resume_after_the_terminal_event_is_204_and_beyond_is_400() {
 #[tokio::test]
 async fn unknown_generation_is_404() {
     let gateway = Gateway::start().await;
-    for id in ["gen_00000000000000000000000000000000", "nope", "..%2F..%2Fetc"] {
+    for id in [
+        "gen_00000000000000000000000000000000",
+        "nope",
+        "..%2F..%2Fetc",
+    ] {
         let response = gateway.subscribe(id, None).await;
         assert_eq!(response.status(), 404, "{id}");
         let body: serde_json::Value = response.json().await.unwrap();

@@ -42,9 +42,7 @@ async fn upstream_drop_mid_stream_ends_with_an_error_event() {
 #[tokio::test]
 async fn upstream_client_error_fails_the_generation_without_retry() {
     let gateway = Gateway::start().await;
-    let id = gateway
-        .create(json!({"status": 400, "key": "bad"}))
-        .await;
+    let id = gateway.create(json!({"status": 400, "key": "bad"})).await;
     let events = gateway.events(&id, None).await;
     assert_eq!(events.len(), 1);
     assert_eq!(events[0].event, "error");

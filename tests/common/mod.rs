@@ -80,7 +80,12 @@ impl Gateway {
     }
 
     pub async fn snapshot(&self, id: &str) -> (u16, Value) {
-        let response = self.http.get(self.url(&format!("/v1/generations/{id}"))).send().await.unwrap();
+        let response = self
+            .http
+            .get(self.url(&format!("/v1/generations/{id}")))
+            .send()
+            .await
+            .unwrap();
         let status = response.status().as_u16();
         (status, response.json().await.unwrap_or(Value::Null))
     }
@@ -113,7 +118,9 @@ impl Gateway {
 
     /// Opens the event stream of a generation.
     pub async fn subscribe(&self, id: &str, last_event_id: Option<u64>) -> reqwest::Response {
-        let mut request = self.http.get(self.url(&format!("/v1/generations/{id}/events")));
+        let mut request = self
+            .http
+            .get(self.url(&format!("/v1/generations/{id}/events")));
         if let Some(last) = last_event_id {
             request = request.header("last-event-id", last.to_string());
         }
@@ -179,9 +186,17 @@ pub async fn read_events(response: reqwest::Response) -> Vec<Event> {
 pub fn parse_events(text: &str) -> Vec<Event> {
     text.split("\n\n")
         .filter_map(|block| {
-            let mut event = Event { id: None, event: "message".into(), data: String::new(), retry: None };
+            let mut event = Event {
+                id: None,
+                event: "message".into(),
+                data: String::new(),
+                retry: None,
+            };
             let mut has_field = false;
-            for line in block.lines().filter(|l| !l.starts_with(':') && !l.is_empty()) {
+            for line in block
+                .lines()
+                .filter(|l| !l.starts_with(':') && !l.is_empty())
+            {
                 let (field, value) = line.split_once(": ").unwrap_or((line, ""));
                 has_field = true;
                 match field {
@@ -205,7 +220,11 @@ pub fn token_texts(events: &[Event], first: u64) -> Vec<String> {
         .enumerate()
         .map(|(i, e)| {
             let expected = first + i as u64;
-            assert_eq!(e.id.as_deref(), Some(expected.to_string().as_str()), "ids out of order");
+            assert_eq!(
+                e.id.as_deref(),
+                Some(expected.to_string().as_str()),
+                "ids out of order"
+            );
             assert_eq!(e.json()["index"], expected);
             e.json()["text"].as_str().unwrap().to_owned()
         })
