@@ -86,7 +86,7 @@ pub fn find(app: &App, id: &str) -> Result<Arc<Generation>, ApiError> {
         .ok_or(ApiError::GenerationNotFound)
 }
 
-fn idempotency_key(headers: &HeaderMap) -> Result<Option<String>, ApiError> {
+pub(crate) fn idempotency_key(headers: &HeaderMap) -> Result<Option<String>, ApiError> {
     let Some(value) = headers.get(IDEMPOTENCY_KEY) else {
         return Ok(None);
     };
@@ -102,7 +102,7 @@ fn idempotency_key(headers: &HeaderMap) -> Result<Option<String>, ApiError> {
 
 /// Reads and checks an OpenAI chat-completions request. Everything but the few fields tokenfan
 /// relies on is passed to the provider untouched.
-async fn chat_request(
+pub(crate) async fn chat_request(
     headers: &HeaderMap,
     body: Body,
     limit: usize,

@@ -1,10 +1,14 @@
 //! The HTTP API: thin handlers that parse, call the hub, and map the result.
 //!
 //! - [`generations`]: the backend API (create, snapshot, cancel).
+//! - [`chat`]: the OpenAI-compatible `POST /v1/chat/completions`, run as a generation.
+//! - [`demo`]: the demo page at `/` and its assets.
 //! - [`events`]: the subscriber SSE stream.
 //! - [`ops`]: `/livez`, `/readyz`, `/metrics`.
 //! - [`error`]: the one error type and its HTTP mapping.
 
+pub mod chat;
+pub mod demo;
 pub mod error;
 pub mod events;
 pub mod generations;
@@ -39,6 +43,9 @@ pub fn router(app: Arc<App>) -> Router {
             get(generations::snapshot).delete(generations::cancel),
         )
         .route("/v1/generations/{id}/events", get(events::subscribe))
+        .route("/v1/chat/completions", post(chat::completions))
+        .route("/", get(demo::page))
+        .route("/demo/{asset}", get(demo::asset))
         .route("/livez", get(ops::livez))
         .route("/readyz", get(ops::readyz))
         .route("/metrics", get(ops::metrics))
