@@ -1,8 +1,8 @@
 //! The OpenAI-compatible chat-completions client: one streaming request per generation.
 //!
-//! A call has two phases. [`open`] sends the request and retries connect errors, 429 and 5xx
-//! until a 2xx `text/event-stream` answers; no token exists yet, so a retry cannot duplicate
-//! one. [`Reader`] then decodes the body into [`UpstreamEvent`]s and never retries. Every
+//! A call has two phases. [`open`] sends the request and retries failures without a response
+//! (connect errors, resets), 429 and 5xx until a 2xx `text/event-stream` answers; no token
+//! exists yet, so a retry cannot duplicate one. [`Reader`] then decodes the body into [`UpstreamEvent`]s and never retries. Every
 //! deadline (first token, idle gap, total) is enforced here with tokio timers; reqwest only
 //! gets the connect and per-read timeouts, never a whole-request `timeout()`, which would cut
 //! long streams.
@@ -104,8 +104,8 @@ impl Upstream {
     ) -> impl Stream<Item = Result<UpstreamEvent, UpstreamError>> + Send + 'static {
         let now = Instant::now();
         let deadlines = Deadlines {
-            first_token: now + self.inner.first_token_timeout,
-            total: now + self.inner.total_timeout,
+            first_token: deadline_after(now, self.inner.first_token_timeout),
+            total: deadline_after(now, self.inner.total_timeout),
         };
         let start = Phase::Open(self.inner.clone(), request, deadlines);
         futures_util::stream::unfold(start, |phase| async move {
@@ -153,6 +153,12 @@ impl Deadlines {
             (self.total, "total")
         }
     }
+}
+
+/// `now + timeout`, where an absurd configured timeout means "never" rather than a panic.
+fn deadline_after(now: Instant, timeout: Duration) -> Instant {
+    const CENTURY: Duration = Duration::from_secs(100 * 365 * 24 * 3600);
+    now + timeout.min(CENTURY)
 }
 
 /// `Accept`, `Content-Type`, the configured extra headers and the bearer key.
@@ -225,8 +231,8 @@ struct Failure {
     retry_after: Option<Duration>,
 }
 
-/// Sends the request until a 2xx event stream answers, retrying connect errors, 429 and 5xx
-/// with jittered exponential backoff. Gives up early when the wait would outlast the
+/// Sends the request until a 2xx event stream answers, retrying failures without a response,
+/// 429 and 5xx with jittered exponential backoff. Gives up early when the wait would outlast the
 /// first-token deadline: the provider's own error says more than a timeout would.
 async fn open(
     inner: &Inner,
@@ -245,7 +251,10 @@ async fn open(
         let delay = failure
             .retry_after
             .unwrap_or_else(|| backoff(inner.retry_backoff, attempt));
-        if !failure.retryable || attempt >= inner.max_retries || Instant::now() + delay >= deadline
+        let retry_at = Instant::now().checked_add(delay);
+        if !failure.retryable
+            || attempt >= inner.max_retries
+            || retry_at.is_none_or(|at| at >= deadline)
         {
             return Err(failure.error);
         }
@@ -465,7 +474,7 @@ impl Reader {
     /// The next body chunk (`None` at the end), within the idle, first-token and total deadlines.
     async fn read_chunk(&mut self) -> Result<Option<Bytes>, UpstreamError> {
         let (mut deadline, mut which) = self.deadlines.earliest(self.token_seen);
-        let idle = Instant::now() + self.idle_timeout;
+        let idle = deadline_after(Instant::now(), self.idle_timeout);
         if idle < deadline {
             (deadline, which) = (idle, "idle");
         }
@@ -895,6 +904,19 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn connection_closed_before_any_response_is_retried() {
+        let hang_up = vec![];
+        let mut provider = provider(vec![hang_up, ok_stream()]).await;
+
+        let (events, error) = run(config(), &provider.base_url).await;
+
+        assert!(error.is_none(), "{error:?}");
+        assert_eq!(events, hi_stop());
+        provider.requests.recv().await.unwrap();
+        provider.requests.recv().await.unwrap();
+    }
+
+    #[tokio::test]
     async fn too_many_requests_waits_for_retry_after() {
         let limited = http_error("429 Too Many Requests", "retry-after: 1\r\n", "{}");
         let provider = provider(vec![vec![Step::Write(limited)], ok_stream()]).await;
@@ -912,7 +934,7 @@ mod tests {
     async fn retry_after_past_the_first_token_deadline_fails_at_once() {
         let limited = http_error(
             "429 Too Many Requests",
-            "retry-after: 60\r\n",
+            "retry-after: 18446744073709551615\r\n", // u64::MAX seconds: must not overflow
             r#"{"error":{"message":"Rate limit reached","type":"requests"}}"#,
         );
         let provider = provider(vec![vec![Step::Write(limited)]]).await;
