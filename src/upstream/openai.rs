@@ -524,7 +524,7 @@ impl ChunkEvents {
 }
 
 /// A `chat.completion.chunk`, borrowing from the event data: parsing a token chunk allocates
-/// nothing but the token's text (and not even that unless it is kept).
+/// nothing but the token's text.
 #[derive(Deserialize)]
 struct Chunk<'a> {
     #[serde(borrow, default)]
