@@ -46,10 +46,14 @@ class Viewer {
     this.source = source;
     this.setState('connecting');
     this.setToggle('Drop', false);
+    let opens = 0;
     source.addEventListener('open', () => {
-      // Every open after the first token is a resume: the reopen button's, or EventSource's own
-      // reconnect, which sends the last `id:` it saw as the Last-Event-ID header.
-      if (this.next > 0) this.noteResume(this.next - 1);
+      // Every open after the first token is a resume: the first open of a source is the reopen
+      // button's; a later one is EventSource's own reconnect, which sends the last `id:` it saw
+      // as the Last-Event-ID header.
+      opens += 1;
+      const how = opens === 1 ? 'reopened' : 'reconnected by itself';
+      if (this.next > 0) this.noteResume(this.next - 1, how);
       this.setState('live');
     });
     source.addEventListener('token', (event) => this.onToken(JSON.parse(event.data)));
@@ -113,8 +117,8 @@ class Viewer {
     this.source = null;
   }
 
-  noteResume(afterId) {
-    $('.resumed', this.root).textContent = `· resumed after id ${afterId}`;
+  noteResume(afterId, how) {
+    $('.resumed', this.root).textContent = `· ${how}, resumed after id ${afterId}`;
   }
 
   setState(state, detail) {
