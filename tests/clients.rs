@@ -177,6 +177,16 @@ async fn demo_page_in_chromium_resumes_after_a_cut_and_stops_after_done() {
     assert_eq!(requests.len(), 7, "{requests:#?}");
     assert_eq!(report["requestsAtDone"], 7);
 
+    // The guide's browser snippet, run in the page on a second generation.
+    let snippet = &report["snippet"];
+    let snippet_snapshot = gateway.wait_finished(snippet["id"].as_str().unwrap()).await;
+    assert_eq!(snippet["text"], snippet_snapshot["text"], "{snippet}");
+    assert_eq!(snippet["status"], "completed");
+    assert_eq!(
+        snippet["indices"],
+        serde_json::json!((0..20).collect::<Vec<_>>())
+    );
+
     assert!(
         report["figures"]["started"]
             .as_str()
@@ -248,6 +258,30 @@ async fn httpx_sse_resumes_with_last_event_id() {
     assert_eq!(text, snapshot["text"]);
     assert_eq!(snapshot["token_count"], 40);
     assert_eq!(report["after_end"], serde_json::json!([]));
+    gateway.shutdown().await;
+}
+
+/// The guide's fetch-based snippet in Node.js: follows a whole stream, resumes after an id,
+/// and gets 204 (nothing) after the terminal event.
+#[tokio::test]
+async fn fetch_snippet_in_node_follows_and_resumes() {
+    let gateway = Gateway::start().await;
+    let report = run(&which("node"), &["fetch_client.mjs", &gateway.url("")]).await;
+    let snapshot = gateway.wait_finished(report["id"].as_str().unwrap()).await;
+    assert_eq!(
+        report["indices"],
+        serde_json::json!((0..30).collect::<Vec<_>>())
+    );
+    assert_eq!(report["whole"]["text"], snapshot["text"]);
+    assert_eq!(report["whole"]["status"], "completed");
+    assert_eq!(report["whole"]["token_count"], 30);
+    let text = snapshot["text"].as_str().unwrap();
+    let resumed = report["resumed"]["text"].as_str().unwrap();
+    assert!(
+        text.ends_with(resumed) && resumed.len() < text.len(),
+        "{report:#}"
+    );
+    assert_eq!(report["afterEnd"], serde_json::json!({"text": ""}));
     gateway.shutdown().await;
 }
 

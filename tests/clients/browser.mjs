@@ -7,6 +7,7 @@
 // which only the browser's own EventSource logic (reconnect, Last-Event-ID) can recover. The
 // proxy also records each request head as it crossed the wire, which is how the test sees the
 // Last-Event-ID headers and counts reconnects.
+import { readFile } from 'node:fs/promises';
 import net from 'node:net';
 import { chromium } from 'playwright-core';
 
@@ -155,8 +156,28 @@ async function main() {
       (await viewerState(page)).every((v) => v.state === 'done'),
     );
     report.doneAt = Date.now();
-    report.requestsAtDone = proxy.requests.filter((r) => r.path.includes('/events')).length;
+    const demoEvents = (r) => r.path.startsWith(`/v1/generations/${report.generationId}/events`);
+    report.requestsAtDone = proxy.requests.filter(demoEvents).length;
     await page.screenshot({ path: screenshotPath, fullPage: true });
+
+    // Meanwhile, the guide's browser snippet (watch.js) follows a second, short generation.
+    const snippet = await readFile(new URL('./watch.js', import.meta.url), 'utf8');
+    report.snippet = await page.evaluate(`${snippet}
+      (async () => {
+        const response = await fetch('/v1/generations', {
+          method: 'POST',
+          headers: { 'content-type': 'application/json' },
+          body: JSON.stringify({
+            model: 'tokenfan-mock',
+            messages: [{ role: 'user', content: 'Hello' }],
+            mock: { tokens: 20, interval_ms: 5 },
+          }),
+        });
+        const { id } = await response.json();
+        const indices = [];
+        const result = await watchGeneration(id, (token) => indices.push(token.index));
+        return { id, indices, ...result };
+      })()`);
 
     // After `done` the page has closed its EventSources: nothing may come back, not even after
     // the browser's reconnection time.
@@ -166,7 +187,7 @@ async function main() {
       Object.fromEntries(figures.map((f) => [f.dataset.figure, f.textContent])),
     );
     report.eventRequests = proxy.requests
-      .filter((r) => r.path.includes('/events'))
+      .filter(demoEvents)
       .map(({ path, lastEventId, at }) => ({ path, lastEventId, afterCutMs: at - report.cutAt }));
   } finally {
     await browser.close();
