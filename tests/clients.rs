@@ -285,6 +285,64 @@ async fn fetch_snippet_in_node_follows_and_resumes() {
     gateway.shutdown().await;
 }
 
+/// docs/clients.md quotes the client code between `docs: NAME` and `end docs` markers in
+/// tests/clients/ verbatim, so the guide shows exactly what the tests above run.
+#[test]
+fn guide_snippets_are_the_code_the_tests_run() {
+    let guide_path = Path::new(env!("CARGO_MANIFEST_DIR")).join("docs/clients.md");
+    let guide = std::fs::read_to_string(&guide_path).unwrap();
+    let mut quoted = Vec::new();
+    for entry in std::fs::read_dir(clients_dir()).unwrap() {
+        let path = entry.unwrap().path();
+        let is_code = path
+            .extension()
+            .is_some_and(|ext| ext == "py" || ext == "js" || ext == "mjs");
+        if !is_code {
+            continue;
+        }
+        let source = std::fs::read_to_string(&path).unwrap();
+        for (name, snippet) in marked_snippets(&source) {
+            assert!(
+                guide.contains(&snippet),
+                "docs/clients.md does not quote `{name}` from {} verbatim",
+                path.display()
+            );
+            quoted.push(name);
+        }
+    }
+    quoted.sort();
+    assert_eq!(
+        quoted,
+        [
+            "browser",
+            "fetch",
+            "httpx-sse",
+            "openai-sdk",
+            "openai-sdk-errors"
+        ]
+    );
+}
+
+/// (name, text) of each `# docs: NAME` / `// docs: NAME` … `end docs` block.
+fn marked_snippets(source: &str) -> Vec<(String, String)> {
+    let mut snippets = Vec::new();
+    let mut open: Option<(String, Vec<&str>)> = None;
+    for line in source.lines() {
+        let marker = line.trim_start().trim_start_matches(['#', '/']).trim();
+        match (&mut open, marker.strip_prefix("docs: ")) {
+            (None, Some(name)) => open = Some((name.to_owned(), Vec::new())),
+            (Some(_), _) if marker == "end docs" => {
+                let (name, lines) = open.take().unwrap();
+                snippets.push((name, lines.join("\n")));
+            }
+            (Some((_, lines)), _) => lines.push(line),
+            (None, None) => {}
+        }
+    }
+    assert!(open.is_none(), "a `docs:` block without `end docs`");
+    snippets
+}
+
 /// The first `name` on PATH, or a failure naming the install script.
 fn which(name: &str) -> PathBuf {
     std::env::var_os("PATH")

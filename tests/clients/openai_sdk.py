@@ -10,12 +10,14 @@ import sys
 import openai
 
 TOKENFAN_URL = sys.argv[1]
-# The mock LLM's knobs ride along in the request body, as any provider-specific field would.
-MOCK = {"mock": {"tokens": 12, "interval_ms": 2}}
 report = {}
 
 # docs: openai-sdk
 from openai import OpenAI
+
+# Only for tokenfan's embedded mock LLM: its knobs ride along in the body like any
+# provider-specific field. Leave it out with a real provider.
+MOCK = {"mock": {"tokens": 12, "interval_ms": 2}}
 
 client = OpenAI(base_url=f"{TOKENFAN_URL}/v1", api_key="unused-tokenfan-holds-the-key")
 
