@@ -15,7 +15,11 @@ use std::{
 
 use common::Gateway;
 use serde_json::Value;
+use tokenfan::config::Secret;
 use tokio::process::Command;
+
+/// The key of the gateways started with API keys.
+const API_KEY: &str = "sk-tokenfan-test";
 
 /// Upper bound for one client script; each takes a few seconds.
 const SCRIPT_TIMEOUT: Duration = Duration::from_secs(45);
@@ -91,6 +95,9 @@ async fn demo_page_in_chromium_resumes_after_a_cut_and_stops_after_done() {
         c.upstream.url = None;
         c.mock.tokens = 120;
         c.mock.interval = "50ms".parse().unwrap();
+        // With keys, as in production: the page sends the key on backend calls only, and its
+        // viewers use the generation's subscribe token.
+        c.access.api_keys = vec![Secret::new(API_KEY)];
     })
     .await;
     let artifacts = Path::new(env!("CARGO_TARGET_TMPDIR"))
@@ -106,6 +113,7 @@ async fn demo_page_in_chromium_resumes_after_a_cut_and_stops_after_done() {
         &[
             "browser.mjs",
             &gateway.url(""),
+            API_KEY,
             screenshot.to_str().unwrap(),
         ],
     )
@@ -114,7 +122,7 @@ async fn demo_page_in_chromium_resumes_after_a_cut_and_stops_after_done() {
     assert_eq!(report["pageErrors"], serde_json::json!([]), "{report:#}");
     assert_eq!(report["title"], "tokenfan demo");
     let id = report["generationId"].as_str().unwrap();
-    let snapshot = gateway.wait_finished(id).await;
+    let snapshot = finished_with_key(&gateway, id).await;
     assert_eq!(snapshot["status"], "completed");
     assert_eq!(snapshot["token_count"], 120);
 
@@ -156,8 +164,9 @@ async fn demo_page_in_chromium_resumes_after_a_cut_and_stops_after_done() {
     let requests = report["eventRequests"].as_array().unwrap();
     assert_eq!(requests.len(), 7, "{requests:#?}");
     assert_eq!(report["requestsAtDone"], 7);
-    let events_path = format!("/v1/generations/{id}/events");
-    let reopen_path = format!("{events_path}?last_event_id={}", report["manualDropAfter"]);
+    let token = report["subscribeToken"].as_str().unwrap();
+    let events_path = format!("/v1/generations/{id}/events?token={token}");
+    let reopen_path = format!("{events_path}&last_event_id={}", report["manualDropAfter"]);
     for request in &requests[..3] {
         assert_eq!(request["path"], events_path.as_str(), "{request}");
         assert!(request["lastEventId"].is_null(), "{request}");
@@ -182,7 +191,7 @@ async fn demo_page_in_chromium_resumes_after_a_cut_and_stops_after_done() {
 
     // The guide's browser snippet, run in the page on a second generation.
     let snippet = &report["snippet"];
-    let snippet_snapshot = gateway.wait_finished(snippet["id"].as_str().unwrap()).await;
+    let snippet_snapshot = finished_with_key(&gateway, snippet["id"].as_str().unwrap()).await;
     assert_eq!(snippet["text"], snippet_snapshot["text"], "{snippet}");
     assert_eq!(snippet["status"], "completed");
     assert_eq!(
@@ -268,9 +277,13 @@ async fn httpx_sse_resumes_with_last_event_id() {
 /// and gets 204 (nothing) after the terminal event.
 #[tokio::test]
 async fn fetch_snippet_in_node_follows_and_resumes() {
-    let gateway = Gateway::start().await;
-    let report = run(&which("node"), &["fetch_client.mjs", &gateway.url("")]).await;
-    let snapshot = gateway.wait_finished(report["id"].as_str().unwrap()).await;
+    let gateway = Gateway::start_with(|c| c.access.api_keys = vec![Secret::new(API_KEY)]).await;
+    let report = run(
+        &which("node"),
+        &["fetch_client.mjs", &gateway.url(""), API_KEY],
+    )
+    .await;
+    let snapshot = finished_with_key(&gateway, report["id"].as_str().unwrap()).await;
     assert_eq!(
         report["indices"],
         serde_json::json!((0..30).collect::<Vec<_>>())
@@ -344,6 +357,23 @@ fn marked_snippets(source: &str) -> Vec<(String, String)> {
     }
     assert!(open.is_none(), "a `docs:` block without `end docs`");
     snippets
+}
+
+/// The snapshot of a finished generation, read with [`API_KEY`].
+async fn finished_with_key(gateway: &Gateway, id: &str) -> Value {
+    let url = gateway.url(&format!("/v1/generations/{id}"));
+    tokio::time::timeout(common::WAIT, async {
+        loop {
+            let response = gateway.http.get(&url).bearer_auth(API_KEY).send().await;
+            let snapshot: Value = response.unwrap().json().await.unwrap();
+            if snapshot["status"] != "running" {
+                return snapshot;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await
+    .expect("generation did not finish in time")
 }
 
 /// The first `name` on PATH, or a failure naming the install script.

@@ -390,3 +390,44 @@ fn dechunk(mut body: &str) -> String {
         body = &rest[size + 2..];
     }
 }
+
+/// With API keys configured, the endpoint is part of the backend API: a key is required (the
+/// refusal in OpenAI's shape, as the SDKs expect), and the response hands out a subscribe token
+/// so that a viewer without a key can attach to the generation.
+#[tokio::test]
+async fn with_api_keys_a_key_is_required_and_viewers_get_a_subscribe_token() {
+    let gateway = Gateway::start_with(|c| {
+        c.access.api_keys = vec![tokenfan::config::Secret::new("sk-tokenfan")];
+    })
+    .await;
+    let body = chat(
+        json!({"tokens": 4, "interval_ms": 1}),
+        json!({"stream": true}),
+    );
+    let missing = post_chat(&gateway, &body, &[]).await;
+    assert_eq!(missing.headers()["www-authenticate"], "Bearer");
+    openai_error(missing, 401, "invalid_request_error", "missing_credentials").await;
+
+    let response = post_chat(&gateway, &body, &[("authorization", "Bearer sk-tokenfan")]).await;
+    assert_eq!(response.status(), 200);
+    let id = generation_id(&response);
+    let token = response.headers()["x-tokenfan-subscribe-token"]
+        .to_str()
+        .unwrap()
+        .to_owned();
+    let text = content(&chunks(&read_events(response).await));
+
+    let events_url = gateway.url(&format!("/v1/generations/{id}/events"));
+    let refused = gateway.http.get(&events_url).send().await.unwrap();
+    assert_eq!(refused.status(), 401);
+    let viewer = gateway
+        .http
+        .get(&events_url)
+        .query(&[("token", &token)])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(viewer.status(), 200);
+    assert_eq!(token_texts(&read_events(viewer).await, 0).concat(), text);
+    gateway.shutdown().await;
+}

@@ -25,10 +25,11 @@ class Viewer {
     this.source = null;
   }
 
-  /** Starts watching a generation from its first token. */
-  watch(generationId) {
+  /** Starts watching a generation from its first token; `token` is its subscribe token. */
+  watch(generationId, token) {
     this.close();
     this.generationId = generationId;
+    this.token = token;
     this.next = 0; // the first token id this viewer lacks
     this.output.textContent = '';
     $('.resumed', this.root).textContent = '';
@@ -37,12 +38,15 @@ class Viewer {
     this.connect();
   }
 
-  /** Opens an EventSource; `?last_event_id=` resumes after the last token shown. */
+  /**
+   * Opens an EventSource; `last_event_id` resumes after the last token shown. EventSource
+   * cannot set headers, so the subscribe token rides in the query too.
+   */
   connect() {
-    let url = `/v1/generations/${encodeURIComponent(this.generationId)}/events`;
-    const resumingAfter = this.next > 0 ? this.next - 1 : null;
-    if (resumingAfter !== null) url += `?last_event_id=${resumingAfter}`;
-    const source = new EventSource(url);
+    const query = new URLSearchParams({ token: this.token });
+    if (this.next > 0) query.set('last_event_id', String(this.next - 1));
+    const path = `/v1/generations/${encodeURIComponent(this.generationId)}/events`;
+    const source = new EventSource(`${path}?${query}`);
     this.source = source;
     this.setState('connecting');
     this.setToggle('Drop', false);
@@ -190,6 +194,12 @@ function startPage() {
   const generate = $('#generate');
   const stop = $('#stop');
   let generationId = null;
+  // The API key, when the gateway has keys, goes on backend calls only; viewers use the
+  // generation's subscribe token.
+  const backendHeaders = (extra = {}) => {
+    const key = $('#api-key').value.trim();
+    return key ? { ...extra, authorization: `Bearer ${key}` } : extra;
+  };
 
   const showGeneration = (text, id) => {
     status.textContent = text;
@@ -218,7 +228,7 @@ function startPage() {
     try {
       const response = await fetch('/v1/generations', {
         method: 'POST',
-        headers: { 'content-type': 'application/json' },
+        headers: backendHeaders({ 'content-type': 'application/json' }),
         body: JSON.stringify({
           model: $('#model').value,
           messages: [{ role: 'user', content: $('#prompt').value }],
@@ -229,7 +239,7 @@ function startPage() {
       generationId = body.id;
       showGeneration(`Generation ${generationId} running`, generationId);
       stop.disabled = false;
-      for (const viewer of viewers) viewer.watch(generationId);
+      for (const viewer of viewers) viewer.watch(generationId, body.subscribe_token);
     } catch (error) {
       showGeneration(`Could not start a generation: ${error.message}`);
     } finally {
@@ -247,7 +257,7 @@ function startPage() {
 
   stop.addEventListener('click', async () => {
     stop.disabled = true;
-    await fetch(`/v1/generations/${generationId}`, { method: 'DELETE' });
+    await fetch(`/v1/generations/${generationId}`, { method: 'DELETE', headers: backendHeaders() });
   });
 
   startFigures();

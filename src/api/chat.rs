@@ -18,10 +18,11 @@ use std::{
 
 use axum::{
     body::Body,
-    extract::State,
+    extract::{Request, State},
     http::{header, HeaderMap, HeaderValue, StatusCode},
+    middleware::Next,
     response::{IntoResponse, Response},
-    Json,
+    Extension, Json,
 };
 use bytes::{BufMut, Bytes, BytesMut};
 use futures_util::Stream;
@@ -30,19 +31,35 @@ use serde_json::{json, Map, Value};
 use tokio::sync::mpsc;
 
 use super::{
+    auth,
     error::ApiError,
     generations::{chat_request, idempotency_key},
     App,
 };
-use crate::hub::{frame, Attach, Generation, HubError, Outbound, Snapshot, Status};
+use crate::{
+    access::KeyId,
+    hub::{frame, Attach, Generation, HubError, Outbound, Snapshot, Status},
+};
 
 /// The response header naming the generation behind a completion.
 pub const GENERATION_ID_HEADER: &str = "x-tokenfan-generation-id";
+/// The response header with a token that lets a viewer without an API key subscribe to it.
+pub const SUBSCRIBE_TOKEN_HEADER: &str = "x-tokenfan-subscribe-token";
+
+/// The backend API's key check, answered in OpenAI's error shape.
+pub async fn require_api_key(
+    State(app): State<Arc<App>>,
+    request: Request,
+    next: Next,
+) -> Result<Response, OpenAiError> {
+    Ok(auth::require_api_key(State(app), request, next).await?)
+}
 
 /// `POST /v1/chat/completions`: streams `chat.completion.chunk`s with `"stream": true`, else
 /// waits for the generation and answers one `chat.completion`.
 pub async fn completions(
     State(app): State<Arc<App>>,
+    key: Option<Extension<KeyId>>,
     headers: HeaderMap,
     body: Body,
 ) -> Result<Response, OpenAiError> {
@@ -52,6 +69,9 @@ pub async fn completions(
     let idempotency_key = idempotency_key(&headers)?;
     let request = chat_request(&headers, body, app.max_request_body).await?;
     let options = Options::of(&request)?;
+    app.access
+        .take_creation(key.map(|Extension(key)| key))
+        .map_err(ApiError::RateLimited)?;
     let created = app.hub.create(request, idempotency_key)?;
     let generation = created.generation;
     let meta = Meta {
@@ -63,13 +83,23 @@ pub async fn completions(
         include_usage: options.include_usage,
     };
     let mut response = if options.stream {
-        stream_response(app, generation.clone(), meta)
+        // A viewer like any other, within the same per-generation limit (repeated requests
+        // with one Idempotency-Key each stream the same generation).
+        if !generation.join_viewer(app.max_subscribers_per_generation) {
+            return Err(ApiError::TooManySubscribers.into());
+        }
+        stream_response(app.clone(), generation.clone(), meta)
     } else {
         completion_response(&generation, &meta).await
     };
     let headers = response.headers_mut();
     if let Ok(id) = HeaderValue::from_str(generation.id()) {
         headers.insert(GENERATION_ID_HEADER, id);
+    }
+    if app.access.keys_required() {
+        if let Ok(token) = HeaderValue::from_str(&app.access.subscribe_token(generation.id())) {
+            headers.insert(SUBSCRIBE_TOKEN_HEADER, token);
+        }
     }
     if !created.is_new {
         headers.insert("idempotent-replayed", HeaderValue::from_static("true"));
@@ -295,6 +325,7 @@ enum Phase {
 }
 
 impl CompletionStream {
+    /// Takes over the viewer slot the handler reserved on `generation`.
     fn new(app: Arc<App>, generation: Arc<Generation>, meta: Meta) -> Self {
         // Counted as a subscriber, so that a drain waits for it like for any other.
         app.hub.subscriber_opened();
@@ -380,6 +411,7 @@ impl Stream for CompletionStream {
 
 impl Drop for CompletionStream {
     fn drop(&mut self) {
+        self.generation.leave_viewer();
         self.app.hub.subscriber_closed();
     }
 }

@@ -1,5 +1,5 @@
 // Headless Chromium on the demo page, driven by tests/clients.rs:
-//   node browser.mjs <gateway base URL> <screenshot path>
+//   node browser.mjs <gateway base URL> <API key> <screenshot path>
 // Prints one JSON report on stdout; progress goes to stderr.
 //
 // The page is loaded through a TCP proxy in this script, so that the test can cut the
@@ -11,7 +11,7 @@ import { readFile } from 'node:fs/promises';
 import net from 'node:net';
 import { chromium } from 'playwright-core';
 
-const [gateway, screenshotPath] = process.argv.slice(2);
+const [gateway, apiKey, screenshotPath] = process.argv.slice(2);
 const target = new URL(gateway);
 const log = (...args) => console.error('[browser]', ...args);
 
@@ -122,12 +122,19 @@ async function main() {
 
     // Create a generation from the page, with the keyboard as a user would.
     await page.getByRole('textbox', { name: 'Prompt' }).fill('Tell me a story about a river.');
+    await page.getByLabel('API key').fill(apiKey);
     await page.getByRole('button', { name: 'Generate' }).focus();
     await page.keyboard.press('Enter');
     report.generationId = await waitFor('the generation id', () =>
       page.$eval('#generation', (e) => /gen_[0-9a-f]{32}/.exec(e.textContent)?.[0]),
     );
     log('generation', report.generationId);
+    // The subscribe token the page received, as its viewers use it (URL-encoded by the page).
+    report.subscribeToken = await waitFor('the viewers to open', () =>
+      proxy.requests
+        .map((r) => /[?&]token=([^&]+)/.exec(r.path)?.[1])
+        .find((token) => token !== undefined),
+    );
 
     // Viewer 3 is dropped and reopened with the page's button: it resumes with ?last_event_id=.
     await waitFor('five tokens in viewer 3', async () => (await viewerState(page))[2].next >= 5);
@@ -169,16 +176,16 @@ async function main() {
       (async () => {
         const response = await fetch('/v1/generations', {
           method: 'POST',
-          headers: { 'content-type': 'application/json' },
+          headers: { 'content-type': 'application/json', authorization: 'Bearer ${apiKey}' },
           body: JSON.stringify({
             model: 'tokenfan-mock',
             messages: [{ role: 'user', content: 'Hello' }],
             mock: { tokens: 20, interval_ms: 5 },
           }),
         });
-        const { id } = await response.json();
+        const { id, subscribe_token: token } = await response.json();
         const indices = [];
-        const result = await watchGeneration(id, (token) => indices.push(token.index));
+        const result = await watchGeneration(id, token, (t) => indices.push(t.index));
         return { id, indices, ...result };
       })()`);
 

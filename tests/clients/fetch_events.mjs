@@ -4,15 +4,17 @@
 // docs: fetch
 /**
  * Follows a generation's events with fetch, for clients without EventSource or that need
- * their own headers. Resumes after `lastEventId` and after every dropped connection.
+ * their own headers. `token`: the generation's `subscribe_token` (or an API key). Resumes
+ * after `lastEventId` and after every dropped connection.
  */
-export async function followGeneration(baseUrl, id, { lastEventId = null, onToken = () => {} } = {}) {
+export async function followGeneration(baseUrl, id, { token, lastEventId = null, onToken = () => {} } = {}) {
   const url = `${baseUrl}/v1/generations/${encodeURIComponent(id)}/events`;
   let text = '';
   for (;;) {
     let retryMs = 1000;
     try {
-      const headers = lastEventId === null ? {} : { 'Last-Event-ID': String(lastEventId) };
+      const headers = { authorization: `Bearer ${token}` };
+      if (lastEventId !== null) headers['last-event-id'] = String(lastEventId);
       const response = await fetch(url, { headers });
       if (response.status === 204) return { text }; // nothing after lastEventId
       if (!response.ok) throw new Error(`HTTP ${response.status}`); // 404: unknown or expired

@@ -2,10 +2,15 @@
 // quoted verbatim in the guide; a test checks that).
 
 // docs: browser
-/** Watches a generation with the browser's EventSource; resolves with its text once done. */
-function watchGeneration(id, onToken = () => {}) {
+/**
+ * Watches a generation with the browser's EventSource; resolves with its text once done.
+ * `token` is the `subscribe_token` from the creation response (EventSource cannot set an
+ * Authorization header, so it rides in the query).
+ */
+function watchGeneration(id, token, onToken = () => {}) {
   return new Promise((resolve, reject) => {
-    const source = new EventSource(`/v1/generations/${encodeURIComponent(id)}/events`);
+    const query = new URLSearchParams({ token });
+    const source = new EventSource(`/v1/generations/${encodeURIComponent(id)}/events?${query}`);
     let text = '';
     source.addEventListener('token', (event) => {
       const token = JSON.parse(event.data); // {index, text}; event.lastEventId === String(index)
