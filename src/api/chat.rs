@@ -92,7 +92,12 @@ pub async fn completions(
     } else {
         completion_response(&generation, &meta).await
     };
-    let headers = response.headers_mut();
+    name_generation(response.headers_mut(), &app, &generation, created.is_new);
+    Ok(response)
+}
+
+/// The headers that let other viewers find the generation behind a completion.
+fn name_generation(headers: &mut HeaderMap, app: &App, generation: &Generation, is_new: bool) {
     if let Ok(id) = HeaderValue::from_str(generation.id()) {
         headers.insert(GENERATION_ID_HEADER, id);
     }
@@ -101,10 +106,9 @@ pub async fn completions(
             headers.insert(SUBSCRIBE_TOKEN_HEADER, token);
         }
     }
-    if !created.is_new {
+    if !is_new {
         headers.insert("idempotent-replayed", HeaderValue::from_static("true"));
     }
-    Ok(response)
 }
 
 /// What tokenfan itself reads from an (already validated) chat request.

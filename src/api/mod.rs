@@ -113,6 +113,8 @@ pub fn cors_layer(origins: &[String]) -> Result<Option<CorsLayer>, InvalidOrigin
             .expose_headers([
                 header::LOCATION,
                 HeaderName::from_static("idempotent-replayed"),
+                HeaderName::from_static(chat::GENERATION_ID_HEADER),
+                HeaderName::from_static(chat::SUBSCRIBE_TOKEN_HEADER),
             ])
             .max_age(std::time::Duration::from_secs(3600)),
     ))
