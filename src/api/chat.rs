@@ -101,10 +101,8 @@ fn name_generation(headers: &mut HeaderMap, app: &App, generation: &Generation, 
     if let Ok(id) = HeaderValue::from_str(generation.id()) {
         headers.insert(GENERATION_ID_HEADER, id);
     }
-    if app.access.keys_required() {
-        if let Ok(token) = HeaderValue::from_str(&app.access.subscribe_token(generation.id())) {
-            headers.insert(SUBSCRIBE_TOKEN_HEADER, token);
-        }
+    if let Ok(token) = HeaderValue::from_str(&app.access.subscribe_token(generation.id())) {
+        headers.insert(SUBSCRIBE_TOKEN_HEADER, token);
     }
     if !is_new {
         headers.insert("idempotent-replayed", HeaderValue::from_static("true"));
