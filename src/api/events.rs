@@ -15,7 +15,10 @@ use std::{
 
 use axum::{
     body::Body,
-    extract::{rejection::QueryRejection, Path, Query, State},
+    extract::{
+        rejection::{PathRejection, QueryRejection},
+        Path, Query, State,
+    },
     http::{header, HeaderMap, HeaderValue, StatusCode},
     response::{IntoResponse, Response},
 };
@@ -41,7 +44,7 @@ pub struct EventsQuery {
 
 pub async fn subscribe(
     State(app): State<Arc<App>>,
-    Path(id): Path<String>,
+    id: Result<Path<String>, PathRejection>,
     query: Result<Query<EventsQuery>, QueryRejection>,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
@@ -54,6 +57,7 @@ pub async fn subscribe(
         ))));
     }
     let Query(query) = query?;
+    let Path(id) = id?;
     authorize_subscriber(&app, &headers, query.token.as_deref(), &id)?;
     let generation = find(&app, &id)?;
     let cursor = resume_cursor(&headers, query.last_event_id.as_deref())?;
