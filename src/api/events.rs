@@ -25,10 +25,9 @@ use axum::{
 use bytes::Bytes;
 use futures_util::Stream;
 use serde::Deserialize;
-use tokio::sync::mpsc;
 
 use super::{auth::authorize_subscriber, error::ApiError, generations::find, App};
-use crate::hub::{frame, Attach, Generation, Outbound, Resume};
+use crate::hub::{frame, queue, Attach, Generation, Outbound, Resume};
 
 /// A `Last-Event-ID` longer than this cannot be a token id (u64 has 20 digits).
 const MAX_EVENT_ID_LEN: usize = 20;
@@ -125,7 +124,7 @@ struct SubscriberStream {
 enum Phase {
     /// Reading the log from this token id on.
     CatchUp(u64),
-    Live(mpsc::Receiver<Outbound>),
+    Live(queue::Receiver<Outbound>),
     Finished,
 }
 
