@@ -6,7 +6,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::{parse_events, read_events, token_texts, Event, Gateway, WAIT};
+use common::{get_text, parse_events, read_events, token_texts, Event, Gateway, WAIT};
 use serde_json::{json, Value};
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
@@ -361,16 +361,8 @@ async fn slow_chat_reader_is_dropped_from_fan_out_and_still_gets_every_token_onc
 }
 
 async fn evictions(gateway: &Gateway) -> u64 {
-    let metrics = gateway
-        .http
-        .get(gateway.url("/metrics"))
-        .send()
+    get_text(&gateway.http, &gateway.url("/metrics"))
         .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
-    metrics
         .lines()
         .filter(|line| line.starts_with("tokenfan_evictions_total"))
         .filter_map(|line| line.rsplit(' ').next()?.parse::<u64>().ok())

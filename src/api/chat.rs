@@ -28,7 +28,6 @@ use bytes::{BufMut, Bytes, BytesMut};
 use futures_util::Stream;
 use serde::Serialize;
 use serde_json::{json, Map, Value};
-use tokio::sync::mpsc;
 
 use super::{
     auth,
@@ -38,7 +37,7 @@ use super::{
 };
 use crate::{
     access::KeyId,
-    hub::{frame, Attach, Generation, HubError, Outbound, Snapshot, Status},
+    hub::{frame, queue, Attach, Generation, HubError, Outbound, Snapshot, Status},
 };
 
 /// The response header naming the generation behind a completion.
@@ -320,7 +319,7 @@ enum Phase {
     CatchUp(u64),
     /// Registered for live delivery; the next token message is this token id.
     Live {
-        rx: mpsc::Receiver<Outbound>,
+        rx: queue::Receiver<Outbound>,
         next: u64,
     },
     Finished,
