@@ -37,7 +37,7 @@ use super::{
 };
 use crate::{
     access::KeyId,
-    hub::{frame, queue, Attach, Generation, HubError, Outbound, Snapshot, Status},
+    hub::{frame, Delivery, Generation, HubError, Snapshot, Status, Subscription},
 };
 
 /// The response header naming the generation behind a completion.
@@ -83,11 +83,16 @@ pub async fn completions(
     };
     let mut response = if options.stream {
         // A viewer like any other, within the same per-generation limit (repeated requests
-        // with one Idempotency-Key each stream the same generation).
-        if !generation.join_viewer(app.max_subscribers_per_generation) {
-            return Err(ApiError::TooManySubscribers.into());
-        }
-        stream_response(app.clone(), generation.clone(), meta)
+        // with one Idempotency-Key each stream the same generation), and counted as a
+        // subscriber, so that a drain waits for it.
+        let subscription = Subscription::open(
+            app.hub.clone(),
+            generation.clone(),
+            0,
+            app.max_subscribers_per_generation,
+        )
+        .ok_or(ApiError::TooManySubscribers)?;
+        stream_response(subscription, meta)
     } else {
         completion_response(&generation, &meta).await
     };
@@ -290,8 +295,12 @@ async fn completion_response(generation: &Generation, meta: &Meta) -> Response {
     .into_response()
 }
 
-fn stream_response(app: Arc<App>, generation: Arc<Generation>, meta: Meta) -> Response {
-    let stream = CompletionStream::new(app, generation, meta);
+fn stream_response(subscription: Subscription, meta: Meta) -> Response {
+    let stream = CompletionStream {
+        subscription,
+        meta,
+        phase: Phase::Start,
+    };
     let mut response = Response::new(Body::from_stream(stream));
     let headers = response.headers_mut();
     headers.insert(
@@ -303,11 +312,10 @@ fn stream_response(app: Arc<App>, generation: Arc<Generation>, meta: Meta) -> Re
     response
 }
 
-/// The body of one streaming completion: a reader of the generation's log that re-encodes each
-/// token as a chunk.
+/// The body of one streaming completion: a subscription to the generation that re-encodes
+/// each token as a chunk.
 struct CompletionStream {
-    app: Arc<App>,
-    generation: Arc<Generation>,
+    subscription: Subscription,
     meta: Meta,
     phase: Phase,
 }
@@ -315,32 +323,14 @@ struct CompletionStream {
 enum Phase {
     /// The role chunk is due.
     Start,
-    /// Reading the log from this token id on.
-    CatchUp(u64),
-    /// Registered for live delivery; the next token message is this token id.
-    Live {
-        rx: queue::Receiver<Outbound>,
-        next: u64,
-    },
+    Streaming,
     Finished,
 }
 
 impl CompletionStream {
-    /// Takes over the viewer slot the handler reserved on `generation`.
-    fn new(app: Arc<App>, generation: Arc<Generation>, meta: Meta) -> Self {
-        // Counted as a subscriber, so that a drain waits for it like for any other.
-        app.hub.subscriber_opened();
-        Self {
-            app,
-            generation,
-            meta,
-            phase: Phase::Start,
-        }
-    }
-
     fn tokens(&self, from: u64, to: u64) -> Bytes {
         let mut out = BytesMut::new();
-        for text in self.generation.token_texts(from, to) {
+        for text in self.subscription.generation().token_texts(from, to) {
             let delta = Delta {
                 role: None,
                 content: Some(&text),
@@ -350,9 +340,14 @@ impl CompletionStream {
         out.freeze()
     }
 
-    fn finish(&mut self) -> Bytes {
-        self.phase = Phase::Finished;
-        self.meta.ending(&self.generation.snapshot())
+    fn role(&self) -> Bytes {
+        let mut out = BytesMut::new();
+        let role = Delta {
+            role: Some("assistant"),
+            content: Some(""),
+        };
+        self.meta.write_choice(&mut out, role, None);
+        out.freeze()
     }
 }
 
@@ -362,44 +357,23 @@ impl Stream for CompletionStream {
     fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
         let this = &mut *self;
         loop {
-            let bytes = match &mut this.phase {
+            let bytes = match this.phase {
                 Phase::Start => {
-                    this.phase = Phase::CatchUp(0);
-                    let mut out = BytesMut::new();
-                    let role = Delta {
-                        role: Some("assistant"),
-                        content: Some(""),
-                    };
-                    this.meta.write_choice(&mut out, role, None);
-                    out.freeze()
+                    this.phase = Phase::Streaming;
+                    this.role()
                 }
-                Phase::CatchUp(cursor) => {
-                    let from = *cursor;
-                    let capacity = this.app.hub.settings().channel_capacity;
-                    match this.generation.attach(from, capacity) {
-                        Attach::Replay { next, .. } => {
-                            *cursor = next;
-                            this.tokens(from, next)
-                        }
-                        Attach::Live(rx) => {
-                            this.phase = Phase::Live { rx, next: from };
-                            continue;
-                        }
-                        Attach::Ended(_) => this.finish(),
+                Phase::Streaming => match ready!(this.subscription.poll_delivery(cx)) {
+                    Some(Delivery::Replayed { from, to, .. }) => this.tokens(from, to),
+                    Some(Delivery::Token { index, .. }) => this.tokens(index, index + 1),
+                    Some(Delivery::KeepAlive) => frame::KEEPALIVE,
+                    Some(Delivery::Ended(_)) | None => {
+                        this.phase = Phase::Finished;
+                        this.meta.ending(&this.subscription.generation().snapshot())
                     }
-                }
-                Phase::Live { rx, next } => match ready!(rx.poll_recv(cx)) {
-                    Some(Outbound::Token(_)) => {
-                        let index = *next;
-                        *next += 1;
-                        this.tokens(index, index + 1)
-                    }
-                    Some(Outbound::KeepAlive) => frame::KEEPALIVE,
-                    Some(Outbound::Terminal(_)) => this.finish(),
                     // Dropped from fan-out (too slow, or a drain deadline): an OpenAI client
-                    // cannot resume, so re-attach at the cursor; nothing is lost or repeated.
-                    None => {
-                        this.phase = Phase::CatchUp(*next);
+                    // cannot resume, so catch up from the log; nothing is lost or repeated.
+                    Some(Delivery::Dropped) => {
+                        this.subscription.resume();
                         continue;
                     }
                 },
@@ -407,13 +381,6 @@ impl Stream for CompletionStream {
             };
             return Poll::Ready(Some(Ok(bytes)));
         }
-    }
-}
-
-impl Drop for CompletionStream {
-    fn drop(&mut self) {
-        self.generation.leave_viewer();
-        self.app.hub.subscriber_closed();
     }
 }
 
