@@ -29,12 +29,7 @@ use futures_util::Stream;
 use serde::Serialize;
 use serde_json::{json, Map, Value};
 
-use super::{
-    auth,
-    error::ApiError,
-    generations::{chat_request, idempotency_key},
-    App,
-};
+use super::{auth, error::ApiError, generations::start, App};
 use crate::{
     access::KeyId,
     hub::{frame, Delivery, Generation, HubError, Snapshot, Status, Subscription},
@@ -62,16 +57,7 @@ pub async fn completions(
     headers: HeaderMap,
     body: Body,
 ) -> Result<Response, OpenAiError> {
-    if app.drain.is_draining() {
-        return Err(ApiError::Draining.into());
-    }
-    let idempotency_key = idempotency_key(&headers)?;
-    let request = chat_request(&headers, body, app.max_request_body).await?;
-    let options = Options::of(&request)?;
-    app.access
-        .take_creation(key.map(|Extension(key)| key))
-        .map_err(ApiError::RateLimited)?;
-    let created = app.hub.create(request, idempotency_key)?;
+    let (created, options) = start(&app, key, &headers, body, Options::of).await?;
     let generation = created.generation;
     let meta = Meta {
         id: format!("chatcmpl-{}", generation.id()),
