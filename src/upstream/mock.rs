@@ -29,7 +29,7 @@ use std::{
 use axum::{
     body::Bytes,
     extract::State,
-    http::{header, HeaderValue},
+    http::{header, HeaderValue, StatusCode},
     response::{IntoResponse, Response},
     routing::{get, post},
     serve::ListenerExt,
@@ -204,17 +204,33 @@ async fn chat_completions(State(mock): State<Arc<Mock>>, body: Bytes) -> Respons
         Err(error) => return error.into_response(),
     };
     let nth = request.key.as_deref().map(|key| mock.stats.count_key(key));
+    let stopping = mock.stopping.clone();
+    // `headers_ms`: a provider that accepted the request and does not answer yet.
+    if !request.headers_delay.is_zero()
+        && tokio::time::timeout(request.headers_delay, stopping.cancelled())
+            .await
+            .is_ok()
+    {
+        return shutting_down();
+    }
     if let Some(injected) = request.injected.filter(|injected| injected.strikes(nth)) {
         return injected_error(injected);
     }
     let meta = Meta::new(request.model.unwrap_or_else(|| MODEL.to_owned()));
-    let stopping = mock.stopping.clone();
     if request.stream {
-        let usage = request.include_usage.then_some(request.prompt_tokens);
-        wire::streaming_response(request.script, meta, usage, stopping)
+        wire::streaming_response(request.script, meta, request.sse, stopping)
     } else {
         wire::complete(request.script, meta, request.prompt_tokens, stopping).await
     }
+}
+
+fn shutting_down() -> Response {
+    wire::error_response(
+        StatusCode::SERVICE_UNAVAILABLE,
+        "the mock is shutting down",
+        "server_error",
+        "mock_shutdown",
+    )
 }
 
 fn injected_error(injected: InjectedStatus) -> Response {

@@ -147,15 +147,35 @@ fn apply_line(line: &[u8], data: &mut String) -> Result<bool, SseError> {
         None => (line, &[][..]),
     };
     if field == b"data" {
-        let value = value.strip_prefix(b" ").unwrap_or(value);
-        if data.len() + value.len() >= MAX_EVENT_BYTES {
-            return Err(SseError::EventTooLarge);
-        }
-        // The spec decodes the stream with replacement characters; valid UTF-8 borrows.
-        data.push_str(&String::from_utf8_lossy(value));
-        data.push('\n');
+        push_data_line(data, value.strip_prefix(b" ").unwrap_or(value))?;
     }
     Ok(false)
+}
+
+/// Appends a data line's value and its LF, decoded as the spec says (a replacement character
+/// for each invalid sequence; valid UTF-8 is copied as is), keeping the data buffer within
+/// [`MAX_EVENT_BYTES`]. The limit counts decoded bytes: counting the raw value would let invalid
+/// input triple the data held, since one invalid byte decodes to three.
+fn push_data_line(data: &mut String, value: &[u8]) -> Result<(), SseError> {
+    // Checked before each append, so the buffer never outgrows the limit; `+ 1` is the LF.
+    let fits = |data: &String, more: usize| data.len() + more <= MAX_EVENT_BYTES;
+    for chunk in value.utf8_chunks() {
+        let replacement = if chunk.invalid().is_empty() {
+            ""
+        } else {
+            "\u{FFFD}"
+        };
+        if !fits(data, chunk.valid().len() + replacement.len() + 1) {
+            return Err(SseError::EventTooLarge);
+        }
+        data.push_str(chunk.valid());
+        data.push_str(replacement);
+    }
+    if !fits(data, 1) {
+        return Err(SseError::EventTooLarge);
+    }
+    data.push('\n');
+    Ok(())
 }
 
 #[cfg(test)]
@@ -291,6 +311,22 @@ mod tests {
             }
         };
         assert_eq!(result, Err(SseError::LineTooLong));
+    }
+
+    /// Found by the `sse_decoder` fuzz target: the limit counted raw bytes while the data held
+    /// their decoding, three times larger for invalid UTF-8.
+    #[test]
+    fn event_limit_counts_decoded_bytes() {
+        let mut line = b"data: ".to_vec();
+        line.extend(std::iter::repeat_n(0xFF, MAX_EVENT_BYTES / 2));
+        line.extend_from_slice(b"\n\n");
+        assert_eq!(decode(&[&line]), Err(SseError::EventTooLarge));
+
+        let decoded_just_under = "\u{FFFD}".repeat((MAX_EVENT_BYTES - 1) / 3);
+        let mut line = b"data: ".to_vec();
+        line.extend(std::iter::repeat_n(0xFF, (MAX_EVENT_BYTES - 1) / 3));
+        line.extend_from_slice(b"\n\n");
+        assert_eq!(decode(&[&line]), Ok(vec![decoded_just_under]));
     }
 
     #[test]

@@ -15,7 +15,8 @@ use serde_json::{Map, Value};
 
 use super::{
     script::{Fault, Fnv1a, Script, Spec},
-    wire, Interval, MockConfig,
+    wire::{self, SseOptions},
+    Interval, MockConfig,
 };
 
 /// Padding beyond this is a mistake, not a load profile, and would exhaust memory.
@@ -28,8 +29,11 @@ const MAX_DELAY_MS: u64 = 3_600_000;
 pub(super) struct MockRequest {
     /// The request's `model`, echoed in the response like a provider does.
     pub model: Option<String>,
+    /// Answer with an SSE stream: the request asked for one and `body` did not refuse it.
     pub stream: bool,
-    pub include_usage: bool,
+    pub sse: SseOptions,
+    /// `headers_ms`: how long the response headers are held back.
+    pub headers_delay: Duration,
     /// An estimate: one token per four bytes of the serialized `messages`.
     pub prompt_tokens: u32,
     pub key: Option<String>,
@@ -101,7 +105,7 @@ pub(super) enum KnobError {
         value: u64,
         limit: u64,
     },
-    #[error("use at most one of fail_after, error_after and hang_after")]
+    #[error("use at most one of {}", FAULT_KNOBS.join(", "))]
     ManyFaults,
     #[error("status {0} is not an HTTP error status (400-599)")]
     NotAnErrorStatus(u16),
@@ -128,7 +132,7 @@ struct StreamOptions {
     include_usage: Option<bool>,
 }
 
-/// The `"mock"` object, as sent. The table in CONTRACT.md documents each knob.
+/// The `"mock"` object, as sent. The mock's table in README.md documents each knob.
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields, expecting = "an object of mock knobs")]
 struct Knobs {
@@ -142,10 +146,37 @@ struct Knobs {
     fail_after: Option<u32>,
     error_after: Option<u32>,
     hang_after: Option<u32>,
+    end_after: Option<u32>,
+    invalid_json_after: Option<u32>,
+    no_choices_after: Option<u32>,
     status: Option<u16>,
     status_times: Option<u64>,
     key: Option<String>,
     retry_after: Option<u64>,
+    body: Option<BodyKind>,
+    done: Option<bool>,
+    headers_ms: Option<u64>,
+    trickle_ms: Option<u64>,
+}
+
+/// The knobs of [`Knobs::fault`], of which a request may set one.
+const FAULT_KNOBS: [&str; 6] = [
+    "fail_after",
+    "error_after",
+    "hang_after",
+    "end_after",
+    "invalid_json_after",
+    "no_choices_after",
+];
+
+/// The `body` knob: what a streaming request is answered with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+enum BodyKind {
+    /// The SSE stream asked for.
+    Sse,
+    /// One `application/json` completion, as a provider that ignores `stream: true` sends.
+    Json,
 }
 
 #[derive(Debug, Clone, Copy, Deserialize)]
@@ -194,14 +225,26 @@ pub(super) fn parse(body: &[u8], defaults: &MockConfig) -> Result<MockRequest, R
         token_bytes: knobs.token_bytes()?,
         fault: knobs.fault()?,
     };
+    let prompt_tokens = u32::try_from(prompt.bytes().div_ceil(4)).unwrap_or(u32::MAX);
+    let include_usage = request
+        .stream_options
+        .and_then(|options| options.include_usage)
+        .unwrap_or(false);
+    let stream = request.stream.unwrap_or(false) && knobs.body != Some(BodyKind::Json);
     Ok(MockRequest {
         model: request.model,
-        stream: request.stream.unwrap_or(false),
-        include_usage: request
-            .stream_options
-            .and_then(|options| options.include_usage)
-            .unwrap_or(false),
-        prompt_tokens: u32::try_from(prompt.bytes().div_ceil(4)).unwrap_or(u32::MAX),
+        stream,
+        sse: SseOptions {
+            usage_prompt_tokens: include_usage.then_some(prompt_tokens),
+            done: knobs.done.unwrap_or(true),
+            trickle: knobs.trickle(stream)?,
+        },
+        headers_delay: Duration::from_millis(at_most(
+            "headers_ms",
+            knobs.headers_ms.unwrap_or(0),
+            MAX_DELAY_MS,
+        )?),
+        prompt_tokens,
         injected: knobs.injected_status()?,
         key: knobs.key,
         script: Script::new(spec),
@@ -237,11 +280,29 @@ impl Knobs {
         Ok(usize::try_from(bytes).unwrap_or(usize::MAX))
     }
 
+    fn trickle(&self, stream: bool) -> Result<Option<Duration>, KnobError> {
+        let Some(ms) = self.trickle_ms else {
+            return Ok(None);
+        };
+        if !stream {
+            return Err(needs("trickle_ms", "a streaming request with an SSE body"));
+        }
+        Ok(Some(Duration::from_millis(at_most(
+            "trickle_ms",
+            ms,
+            MAX_DELAY_MS,
+        )?)))
+    }
+
     fn fault(&self) -> Result<Option<(Fault, u32)>, KnobError> {
+        // In the order of FAULT_KNOBS.
         let faults = [
             (Fault::Fail, self.fail_after),
             (Fault::Error, self.error_after),
             (Fault::Hang, self.hang_after),
+            (Fault::End, self.end_after),
+            (Fault::InvalidJson, self.invalid_json_after),
+            (Fault::NoChoices, self.no_choices_after),
         ];
         let mut set = faults
             .into_iter()

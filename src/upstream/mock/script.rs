@@ -137,7 +137,8 @@ impl Prose {
     }
 }
 
-/// How a script ends early, instead of finishing.
+/// A broken provider's behaviour, struck after a number of tokens. Most end the script early;
+/// an injected chunk is sent once and the script goes on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(super) enum Fault {
     /// Drop the connection.
@@ -146,6 +147,19 @@ pub(super) enum Fault {
     Error,
     /// Send nothing more until the server shuts down.
     Hang,
+    /// End the body cleanly, with neither a finish_reason nor `[DONE]`.
+    End,
+    /// Inject a chunk that is not valid JSON, then go on.
+    InvalidJson,
+    /// Inject a chunk without `choices` (nor usage, nor error), then go on.
+    NoChoices,
+}
+
+impl Fault {
+    /// An injected chunk does not end the script.
+    fn goes_on(self) -> bool {
+        matches!(self, Self::InvalidJson | Self::NoChoices)
+    }
 }
 
 /// Everything a script needs, already validated and resolved against the server defaults.
@@ -178,6 +192,12 @@ pub(super) enum Beat<'a> {
     Fail,
     /// A `hang_after` stream was released by shutdown.
     Released,
+    /// `end_after`: the body ends here, cleanly.
+    End,
+    /// `invalid_json_after`: a chunk that is not JSON.
+    InvalidJson,
+    /// `no_choices_after`: a chunk without choices.
+    NoChoices,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -250,6 +270,9 @@ impl Script {
                 stopping.cancelled().await;
                 Beat::Released
             }
+            Step::Fault(Fault::End) => Beat::End,
+            Step::Fault(Fault::InvalidJson) => Beat::InvalidJson,
+            Step::Fault(Fault::NoChoices) => Beat::NoChoices,
         })
     }
 
@@ -272,14 +295,19 @@ impl Script {
             self.phase = Phase::Done;
             return Some((Duration::ZERO, Step::Finish));
         }
-        let delay = self.next_delay();
         Some(match fault_now {
+            // Sent at once and only once; the role chunk or the next token follows.
+            Some(fault) if fault.goes_on() => {
+                self.spec.fault = None;
+                (Duration::ZERO, Step::Fault(fault))
+            }
             Some(fault) => {
                 self.phase = Phase::Done;
-                (delay, Step::Fault(fault))
+                (self.next_delay(), Step::Fault(fault))
             }
             None => {
                 self.phase = Phase::Body;
+                let delay = self.next_delay();
                 self.sent += 1;
                 (delay, Step::Token)
             }

@@ -126,6 +126,42 @@ fn now_micros() -> u128 {
         .as_micros()
 }
 
+/// Sends `body` over a raw socket and reads a chunked response until its terminating chunk;
+/// returns it and how many reads it took.
+async fn raw_stream(addr: SocketAddr, body: &Value) -> (String, usize) {
+    let body = body.to_string();
+    let mut socket = TcpStream::connect(addr).await.unwrap();
+    let request = format!(
+        "POST /v1/chat/completions HTTP/1.1\r\nhost: mock\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    socket.write_all(request.as_bytes()).await.unwrap();
+    let (mut received, mut reads) = (Vec::new(), 0);
+    let mut buf = [0; 4096];
+    while !received.ends_with(b"\r\n0\r\n\r\n") {
+        let read = timeout(Duration::from_secs(5), socket.read(&mut buf)).await;
+        let n = read.expect("the stream did not end").unwrap();
+        assert!(n > 0, "closed before the terminating chunk");
+        received.extend_from_slice(&buf[..n]);
+        reads += 1;
+    }
+    (String::from_utf8(received).unwrap(), reads)
+}
+
+/// The chunks of a chunked body, without their framing.
+fn dechunk(mut body: &str) -> Vec<&str> {
+    let mut chunks = Vec::new();
+    loop {
+        let (size, rest) = body.split_once("\r\n").unwrap();
+        let size = usize::from_str_radix(size, 16).unwrap();
+        if size == 0 {
+            return chunks;
+        }
+        chunks.push(&rest[..size]);
+        body = &rest[size + 2..];
+    }
+}
+
 /// Sends `body` over a raw socket and returns everything until the server closes it.
 async fn raw_exchange(addr: SocketAddr, body: &Value) -> String {
     let body = body.to_string();
@@ -290,6 +326,106 @@ async fn error_after_sends_the_error_object_and_ends() {
 }
 
 #[tokio::test]
+async fn end_after_ends_the_body_cleanly_without_finish_or_done() {
+    let mock = Running::start().await;
+    let body = request(json!({"tokens": 5, "end_after": 2}), true);
+    let (raw, _) = raw_stream(mock.addr, &body).await;
+    assert_eq!(
+        raw.matches("\"content\":\"").count(),
+        1 + 2,
+        "role + 2 tokens: {raw}"
+    );
+    assert!(
+        !raw.contains("finish_reason\":\"stop") && !raw.contains("[DONE]"),
+        "{raw}"
+    );
+    mock.stop().await;
+}
+
+#[tokio::test]
+async fn done_false_ends_after_the_finish_and_usage_chunks() {
+    let mock = Running::start().await;
+    let mut body = request(json!({"tokens": 2, "done": false}), true);
+    body["stream_options"] = json!({"include_usage": true});
+    let response = mock.post(body).await;
+    let data = data_lines(&response.text().await.unwrap());
+    assert_eq!(tokens(&data).len(), 2);
+    assert_eq!(parse(&data[3])["choices"][0]["finish_reason"], "stop");
+    assert!(parse(&data[4])["usage"].is_object(), "{data:?}");
+    assert_eq!(data.len(), 5, "no [DONE]: {data:?}");
+    mock.stop().await;
+}
+
+#[tokio::test]
+async fn injected_chunks_come_once_and_the_stream_goes_on() {
+    let mock = Running::start().await;
+    let data = mock
+        .stream(json!({"tokens": 3, "invalid_json_after": 1}))
+        .await;
+    assert!(serde_json::from_str::<Value>(&data[2]).is_err(), "{data:?}");
+    let valid: Vec<String> = data.iter().filter(|d| *d != &data[2]).cloned().collect();
+    assert_eq!(tokens(&valid).len(), 3);
+    assert_eq!(data.last().unwrap(), "[DONE]");
+
+    let data = mock
+        .stream(json!({"tokens": 3, "no_choices_after": 0}))
+        .await;
+    let first = parse(&data[0]);
+    assert_eq!(first["object"], "chat.completion.chunk");
+    assert!(
+        first.get("choices").is_none() && first.get("usage").is_none(),
+        "{first}"
+    );
+    assert_eq!(tokens(&data).len(), 3);
+    assert_eq!(data.last().unwrap(), "[DONE]");
+    mock.stop().await;
+}
+
+#[tokio::test]
+async fn body_json_answers_a_streaming_request_with_one_completion() {
+    let mock = Running::start().await;
+    let response = mock
+        .post(request(json!({"tokens": 2, "body": "json"}), true))
+        .await;
+    assert_eq!(response.status(), 200);
+    assert_eq!(response.headers()["content-type"], "application/json");
+    let completion: Value = response.json().await.unwrap();
+    assert_eq!(completion["object"], "chat.completion");
+    mock.stop().await;
+}
+
+#[tokio::test]
+async fn headers_ms_holds_the_response_back() {
+    let mock = Running::start().await;
+    let started = std::time::Instant::now();
+    let response = mock
+        .post(request(json!({"tokens": 1, "headers_ms": 150}), true))
+        .await;
+    assert!(started.elapsed() >= Duration::from_millis(150));
+    assert_eq!(response.status(), 200);
+    mock.stop().await;
+}
+
+/// Each byte is its own write: a reader sees the stream arrive in one-byte reads.
+#[tokio::test]
+async fn trickle_writes_the_stream_one_byte_at_a_time() {
+    let mock = Running::start().await;
+    let body = request(json!({"tokens": 1, "trickle_ms": 1}), true);
+    let (raw, reads) = raw_stream(mock.addr, &body).await;
+    let chunks = dechunk(raw.split_once("\r\n\r\n").unwrap().1);
+    assert!(chunks.iter().all(|chunk| chunk.len() == 1), "{chunks:?}");
+    assert!(chunks.concat().ends_with("data: [DONE]\n\n"), "{chunks:?}");
+    assert!(chunks.len() > 300, "{} bytes", chunks.len());
+    // Reads may merge a few writes, but nothing near one read per frame.
+    assert!(
+        reads > chunks.len() / 4,
+        "{reads} reads for {} bytes",
+        chunks.len()
+    );
+    mock.stop().await;
+}
+
+#[tokio::test]
 async fn status_fails_only_the_first_times_requests_with_a_key() {
     let mock = Running::start().await;
     let knobs =
@@ -383,6 +519,26 @@ async fn invalid_requests_are_refused_with_openai_errors() {
             request(json!({"status": 200}), true),
             "invalid_mock_knob",
             "status 200",
+        ),
+        (
+            request(json!({"end_after": 1, "no_choices_after": 1}), true),
+            "invalid_mock_knob",
+            "at most one",
+        ),
+        (
+            request(json!({"body": "xml"}), true),
+            "invalid_mock_knob",
+            "unknown variant",
+        ),
+        (
+            request(json!({"trickle_ms": 1}), false),
+            "invalid_mock_knob",
+            "trickle_ms needs a streaming request",
+        ),
+        (
+            request(json!({"trickle_ms": 1, "body": "json"}), true),
+            "invalid_mock_knob",
+            "trickle_ms needs a streaming request",
         ),
         (
             json!({"model": "m", "stream": true}),

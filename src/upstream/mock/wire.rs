@@ -4,7 +4,7 @@
 //! Streaming is the hot path of the load test (thousands of streams at 20 tokens/s each): one
 //! timer and one `Vec` → `Bytes` per token, nothing else.
 
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use axum::{
     body::Body,
@@ -13,7 +13,7 @@ use axum::{
     Json,
 };
 use bytes::Bytes;
-use futures_util::{stream, Stream};
+use futures_util::{stream, Stream, StreamExt};
 use serde::Serialize;
 use tokio_util::sync::CancellationToken;
 
@@ -115,6 +115,21 @@ const MOCK_FAILURE: ErrorBody<'static> = ErrorBody {
     },
 };
 
+/// What `invalid_json_after` injects: a chunk cut short, as a broken proxy would pass it on.
+const INVALID_JSON_FRAME: &[u8] =
+    b"data: {\"id\":\"chatcmpl-mock\",\"choices\":[{\"index\":0,\"delta\":{\"content\":\"cut\n\n";
+
+/// How a stream is written, beyond its script.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct SseOptions {
+    /// Set when the client asked for the usage chunk: the prompt's token count.
+    pub usage_prompt_tokens: Option<u32>,
+    /// End with `data: [DONE]` (`done` knob).
+    pub done: bool,
+    /// Write the stream one byte at a time, waiting this long before each (`trickle_ms`).
+    pub trickle: Option<Duration>,
+}
+
 /// Why a response body is cut off; hyper then aborts the connection without a last chunk.
 #[derive(Debug, thiserror::Error)]
 pub(super) enum Abort {
@@ -147,10 +162,14 @@ pub(super) fn error_response(
 pub(super) fn streaming_response(
     script: Script,
     meta: Meta,
-    usage_prompt_tokens: Option<u32>,
+    options: SseOptions,
     stopping: CancellationToken,
 ) -> Response {
-    let body = Body::from_stream(sse_frames(script, meta, usage_prompt_tokens, stopping));
+    let frames = sse_frames(script, meta, options, stopping);
+    let body = match options.trickle {
+        Some(every) => Body::from_stream(trickle(frames, every)),
+        None => Body::from_stream(frames),
+    };
     let headers = [
         (
             header::CONTENT_TYPE,
@@ -161,11 +180,11 @@ pub(super) fn streaming_response(
     (headers, body).into_response()
 }
 
-/// One SSE frame per beat. `usage_prompt_tokens` is set when the client asked for the usage chunk.
+/// One SSE frame per beat.
 fn sse_frames(
     script: Script,
     meta: Meta,
-    usage_prompt_tokens: Option<u32>,
+    options: SseOptions,
     stopping: CancellationToken,
 ) -> impl Stream<Item = Result<Bytes, Abort>> + Send + 'static {
     let state = (script, meta, stopping);
@@ -184,13 +203,43 @@ fn sse_frames(
                 completion_tokens,
             } => meta.end_frame(
                 reason,
-                usage_prompt_tokens.map(|prompt| Usage::new(prompt, completion_tokens)),
+                options
+                    .usage_prompt_tokens
+                    .map(|prompt| Usage::new(prompt, completion_tokens)),
+                options.done,
             ),
             Beat::Error => data_frame(&MOCK_FAILURE),
             Beat::Fail => Err(Abort::Injected),
             Beat::Released => Err(Abort::Shutdown),
+            Beat::End => return None,
+            Beat::InvalidJson => Ok(Bytes::from_static(INVALID_JSON_FRAME)),
+            Beat::NoChoices => meta.no_choices_frame(),
         };
         Some((frame, (script, meta, stopping)))
+    })
+}
+
+/// Splits `frames` into one-byte frames, each sent after `every` (a yield when zero), so that
+/// each byte is its own write on the socket: a provider that trickles.
+fn trickle(
+    frames: impl Stream<Item = Result<Bytes, Abort>> + Send + 'static,
+    every: Duration,
+) -> impl Stream<Item = Result<Bytes, Abort>> + Send + 'static {
+    let state = (Box::pin(frames), Bytes::new());
+    stream::unfold(state, move |(mut frames, mut pending)| async move {
+        while pending.is_empty() {
+            match frames.next().await? {
+                Ok(frame) => pending = frame,
+                Err(abort) => return Some((Err(abort), (frames, pending))),
+            }
+        }
+        if every.is_zero() {
+            tokio::task::yield_now().await;
+        } else {
+            tokio::time::sleep(every).await;
+        }
+        let byte = pending.split_to(1);
+        Some((Ok(byte), (frames, pending)))
     })
 }
 
@@ -204,7 +253,8 @@ pub(super) async fn complete(
     let mut text = String::new();
     let abort = loop {
         match script.advance(&stopping).await {
-            Some(Beat::Role) => {}
+            // Injected chunks exist only on the wire of a stream.
+            Some(Beat::Role | Beat::InvalidJson | Beat::NoChoices) => {}
             Some(Beat::Token(token)) => text.push_str(token),
             Some(Beat::Finish {
                 reason,
@@ -216,7 +266,7 @@ pub(super) async fn complete(
             Some(Beat::Error) | None => {
                 return (StatusCode::INTERNAL_SERVER_ERROR, Json(MOCK_FAILURE)).into_response()
             }
-            Some(Beat::Fail) => break Abort::Injected,
+            Some(Beat::Fail | Beat::End) => break Abort::Injected,
             Some(Beat::Released) => break Abort::Shutdown,
         }
     };
@@ -255,15 +305,34 @@ impl Meta {
         Ok(buf.into())
     }
 
-    /// The finish chunk, the usage chunk if asked for, and `[DONE]`, in one write.
-    fn end_frame(&self, reason: &'static str, usage: Option<Usage>) -> Result<Bytes, Abort> {
+    /// The finish chunk, the usage chunk if asked for, and `[DONE]` unless `done` is off, in
+    /// one write.
+    fn end_frame(
+        &self,
+        reason: &'static str,
+        usage: Option<Usage>,
+        done: bool,
+    ) -> Result<Bytes, Abort> {
         let mut buf = Vec::with_capacity(512);
         self.write_choice(&mut buf, Delta::default(), Some(reason))?;
         if let Some(usage) = usage {
             write_data(&mut buf, &self.chunk(&[], Some(usage)))?;
         }
-        buf.extend_from_slice(b"data: [DONE]\n\n");
+        if done {
+            buf.extend_from_slice(b"data: [DONE]\n\n");
+        }
         Ok(buf.into())
+    }
+
+    /// A chunk with the completion's identity and nothing else, like Azure's content-filter
+    /// chunks.
+    fn no_choices_frame(&self) -> Result<Bytes, Abort> {
+        data_frame(&serde_json::json!({
+            "id": self.id,
+            "object": "chat.completion.chunk",
+            "created": self.created,
+            "model": self.model,
+        }))
     }
 
     fn write_choice(
