@@ -63,6 +63,10 @@ pub struct Config {
 
     #[command(flatten)]
     pub connection: ConnectionConfig,
+
+    /// Defaults of the embedded mock LLM, used when no upstream URL is set.
+    #[command(flatten)]
+    pub mock: crate::upstream::mock::MockConfig,
 }
 
 /// The OpenAI-compatible provider the generations are streamed from.
@@ -74,12 +78,21 @@ pub struct UpstreamConfig {
     pub url: Option<String>,
 
     /// Bearer key sent to the upstream. Never logged.
-    #[arg(long = "upstream-api-key", env = "TOKENFAN_UPSTREAM_API_KEY", hide_env_values = true)]
+    #[arg(
+        long = "upstream-api-key",
+        env = "TOKENFAN_UPSTREAM_API_KEY",
+        hide_env_values = true
+    )]
     pub api_key: Option<Secret>,
 
     /// Extra header sent to the upstream, `Name: value`; repeat the flag (or separate with `;`
     /// in the variable) for several.
-    #[arg(long = "upstream-header", env = "TOKENFAN_UPSTREAM_HEADERS", value_delimiter = ';', hide_env_values = true)]
+    #[arg(
+        long = "upstream-header",
+        env = "TOKENFAN_UPSTREAM_HEADERS",
+        value_delimiter = ';',
+        hide_env_values = true
+    )]
     pub headers: Vec<String>,
 
     /// Deadline for opening the TCP/TLS connection to the upstream.
@@ -99,7 +112,11 @@ pub struct UpstreamConfig {
     pub total_timeout: Duration,
 
     /// Retries on connect errors, 429 and 5xx; only before the first token.
-    #[arg(long = "upstream-max-retries", env = "TOKENFAN_UPSTREAM_MAX_RETRIES", default_value_t = 3)]
+    #[arg(
+        long = "upstream-max-retries",
+        env = "TOKENFAN_UPSTREAM_MAX_RETRIES",
+        default_value_t = 3
+    )]
     pub max_retries: u32,
 
     /// First retry delay; doubled on each retry, with jitter, unless `Retry-After` says otherwise.
@@ -153,6 +170,10 @@ pub struct ConnectionConfig {
     /// A connection whose peer accepts no bytes for this long is closed, freeing its socket.
     #[arg(long, env = "TOKENFAN_WRITE_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
     pub write_timeout: Duration,
+
+    /// Largest request body accepted, in bytes.
+    #[arg(long, env = "TOKENFAN_MAX_REQUEST_BODY", default_value_t = 4 * 1024 * 1024)]
+    pub max_request_body: usize,
 
     /// Deadline for receiving a request's headers (slowloris protection).
     #[arg(long, env = "TOKENFAN_HEADER_READ_TIMEOUT", default_value = "10s", value_parser = parse_duration)]

@@ -1,4 +1,126 @@
 //! tokenfan: a gateway that streams LLM tokens to many clients over Server-Sent Events.
+//!
+//! [`serve`] is what `main` and every test call: it takes a bound listener, the configuration
+//! and a shutdown future, runs until the shutdown future resolves, then drains.
+//! See ARCHITECTURE.md for the module map and the path of a token.
 
+pub mod api;
 pub mod config;
+pub mod drain;
+pub mod hub;
+pub mod metrics;
+pub mod server;
+pub mod signal;
 pub mod upstream;
+
+use std::{future::Future, sync::Arc, time::Duration};
+
+use tokio::net::TcpListener;
+use tokio_util::{sync::CancellationToken, task::TaskTracker};
+use tracing::info;
+
+pub use config::Config;
+pub use server::bind;
+
+use crate::{
+    api::App,
+    drain::Drain,
+    hub::{frame, Hub, HubSettings},
+    server::Server,
+    upstream::{mock, Upstream, UpstreamError},
+};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    #[error("invalid upstream configuration: {0}")]
+    Upstream(#[from] UpstreamError),
+    #[error("could not start the embedded mock LLM: {0}")]
+    Mock(std::io::Error),
+}
+
+/// Serves the gateway on `listener` until `shutdown` resolves, then drains and returns.
+pub async fn serve(
+    listener: TcpListener,
+    config: Config,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), ServeError> {
+    let prometheus = metrics::install();
+    let mock_shutdown = CancellationToken::new();
+    let base_url = match &config.upstream.url {
+        Some(url) => url.clone(),
+        None => start_embedded_mock(&config, mock_shutdown.clone()).await?,
+    };
+    let hub = Hub::new(
+        HubSettings {
+            channel_capacity: config.stream.channel_capacity as usize,
+            keepalive_interval: config.stream.keepalive_interval,
+            retention: config.stream.retention,
+            cancel_unwatched_after: config.stream.cancel_unwatched_after,
+        },
+        Upstream::new(&config.upstream, &base_url)?,
+    );
+    let drain = Drain::new(config.drain.reconnect_spread);
+    let slow_retry_ms =
+        u64::try_from(config.stream.slow_consumer_retry.as_millis()).unwrap_or(u64::MAX);
+    let app = Arc::new(App {
+        hub: hub.clone(),
+        drain: drain.clone(),
+        prometheus,
+        max_request_body: config.connection.max_request_body,
+        slow_consumer_frame: frame::reconnect(slow_retry_ms, "slow_consumer"),
+    });
+    let connections = TaskTracker::new();
+    if let Ok(addr) = listener.local_addr() {
+        info!("listening on {addr}");
+    }
+    let server = Server {
+        listener,
+        router: api::router(app),
+        config: config.connection.clone(),
+        drain: drain.clone(),
+        connections: connections.clone(),
+    };
+    let accept_loop = tokio::spawn(server.run());
+    let keepalive = tokio::spawn(keepalive_ticker(
+        hub.clone(),
+        config.stream.keepalive_interval,
+    ));
+
+    shutdown.await;
+    drain::run(&drain, &hub, &connections, config.drain.drain_deadline).await;
+    keepalive.abort();
+    let _ = accept_loop.await;
+    mock_shutdown.cancel();
+    Ok(())
+}
+
+/// One ticker for the whole process sends keep-alives, rather than a timer per connection.
+async fn keepalive_ticker(hub: Arc<Hub>, every: Duration) {
+    let mut tick = tokio::time::interval(every);
+    tick.tick().await;
+    loop {
+        tick.tick().await;
+        hub.keepalive();
+    }
+}
+
+/// Starts the mock LLM on a loopback port and returns its base URL; the gateway then reaches it
+/// through the same HTTP client path as a real provider.
+async fn start_embedded_mock(
+    config: &Config,
+    shutdown: CancellationToken,
+) -> Result<String, ServeError> {
+    let listener = TcpListener::bind("127.0.0.1:0")
+        .await
+        .map_err(ServeError::Mock)?;
+    let addr = listener.local_addr().map_err(ServeError::Mock)?;
+    let mock_config = config.mock.clone();
+    tokio::spawn(async move {
+        if let Err(error) = mock::serve(listener, mock_config, shutdown.cancelled_owned()).await {
+            tracing::error!(%error, "embedded mock LLM stopped");
+        }
+    });
+    let url = format!("http://{addr}/v1");
+    info!("no upstream configured (--upstream-url / TOKENFAN_UPSTREAM_URL): using the embedded mock LLM at {url}");
+    Ok(url)
+}

@@ -1,1 +1,273 @@
-//! The embedded mock LLM (stub: to be written).
+//! The embedded mock LLM: an OpenAI-compatible chat-completions server.
+//!
+//! It is what `tokenfan serve` streams from when no `--upstream-url` is given, what
+//! `tokenfan mock-upstream` runs alone, and the token source of the load test. Its text is
+//! deterministic for a seed and its behaviour is steered per request by a `"mock"` object in the
+//! body (token count, pacing, latency stamps, injected failures; see CONTRACT.md).
+//!
+//! This file holds the HTTP side (routes, request counters, injected statuses). `knobs` reads a
+//! request, `script` decides what is said and when, `wire` encodes it as OpenAI JSON and SSE.
+
+mod knobs;
+mod script;
+#[cfg(test)]
+mod tests;
+mod wire;
+
+use std::{
+    collections::BTreeMap,
+    fmt,
+    future::Future,
+    str::FromStr,
+    sync::{
+        atomic::{AtomicU64, Ordering},
+        Arc, Mutex, PoisonError,
+    },
+    time::{Duration, SystemTime, UNIX_EPOCH},
+};
+
+use axum::{
+    body::Bytes,
+    extract::State,
+    http::{header, HeaderValue},
+    response::{IntoResponse, Response},
+    routing::{get, post},
+    serve::ListenerExt,
+    Json, Router,
+};
+use clap::Args;
+use serde_json::json;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::parse_duration;
+use knobs::{InjectedStatus, MockRequest};
+use wire::Meta;
+
+/// The one model the mock serves; a request's own `model` is echoed back instead when given.
+const MODEL: &str = "tokenfan-mock";
+
+const DEFAULT_TOKENS: u32 = 60;
+const DEFAULT_INTERVAL: Interval = Interval {
+    min: Duration::from_millis(20),
+    max: Duration::from_millis(80),
+};
+
+/// Server-wide defaults of the mock; each request may override them with its `"mock"` knobs.
+#[derive(Debug, Clone, PartialEq, Eq, Args)]
+pub struct MockConfig {
+    /// Content tokens per completion.
+    #[arg(long = "mock-tokens", env = "TOKENFAN_MOCK_TOKENS", default_value_t = DEFAULT_TOKENS)]
+    pub tokens: u32,
+
+    /// Delay before each token after the first: `MIN..MAX` drawn uniformly (from the request's
+    /// seed, so timing is reproducible too), or one fixed duration.
+    #[arg(long = "mock-interval", env = "TOKENFAN_MOCK_INTERVAL", default_value_t = DEFAULT_INTERVAL)]
+    pub interval: Interval,
+
+    /// Delay between the response headers and the first token.
+    #[arg(long = "mock-first-token", env = "TOKENFAN_MOCK_FIRST_TOKEN", default_value = "0ms", value_parser = parse_duration)]
+    pub first_token: Duration,
+}
+
+impl Default for MockConfig {
+    /// The flag defaults (a test checks that the two agree).
+    fn default() -> Self {
+        Self {
+            tokens: DEFAULT_TOKENS,
+            interval: DEFAULT_INTERVAL,
+            first_token: Duration::ZERO,
+        }
+    }
+}
+
+/// A range of delays, written `20ms..80ms`, or `50ms` for a fixed delay.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Interval {
+    pub min: Duration,
+    pub max: Duration,
+}
+
+/// Why an `--mock-interval` value was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum IntervalError {
+    #[error(transparent)]
+    Duration(#[from] humantime::DurationError),
+    #[error("the minimum is above the maximum")]
+    Order,
+}
+
+impl FromStr for Interval {
+    type Err = IntervalError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let (min, max) = s.split_once("..").unwrap_or((s, s));
+        let (min, max) = (parse_duration(min.trim())?, parse_duration(max.trim())?);
+        if min > max {
+            return Err(IntervalError::Order);
+        }
+        Ok(Self { min, max })
+    }
+}
+
+impl fmt::Display for Interval {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let min = humantime::format_duration(self.min);
+        if self.min == self.max {
+            return write!(f, "{min}");
+        }
+        write!(f, "{min}..{}", humantime::format_duration(self.max))
+    }
+}
+
+/// Serves the mock on `listener` until `shutdown` completes, then lets the running streams end.
+/// Streams held open by `hang_after` are cut at shutdown, so this returns promptly.
+pub async fn serve(
+    listener: TcpListener,
+    config: MockConfig,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    let stopping = CancellationToken::new();
+    let app = app(config, stopping.clone());
+    // Tokens are small writes: without TCP_NODELAY, Nagle would delay them and skew latency.
+    let listener = listener.tap_io(|stream| {
+        if let Err(error) = stream.set_nodelay(true) {
+            tracing::debug!(%error, "mock: could not set TCP_NODELAY");
+        }
+    });
+    axum::serve(listener, app)
+        .with_graceful_shutdown(async move {
+            shutdown.await;
+            stopping.cancel();
+        })
+        .await
+}
+
+/// The mock's routes, to mount in another server. Streams held open by `hang_after` end only
+/// when their client leaves; [`serve`] also ends them at shutdown.
+pub fn router(config: MockConfig) -> Router {
+    app(config, CancellationToken::new())
+}
+
+fn app(config: MockConfig, stopping: CancellationToken) -> Router {
+    let state = Arc::new(Mock {
+        config,
+        stopping,
+        stats: Stats::default(),
+    });
+    Router::new()
+        .route("/v1/chat/completions", post(chat_completions))
+        .route("/v1/models", get(models))
+        .route("/mock/stats", get(stats))
+        .with_state(state)
+}
+
+#[derive(Debug)]
+struct Mock {
+    config: MockConfig,
+    /// Cancelled when [`serve`] shuts down: releases `hang_after` streams.
+    stopping: CancellationToken,
+    stats: Stats,
+}
+
+/// What `GET /mock/stats` reports, and what `status_times` counts against.
+#[derive(Debug, Default)]
+struct Stats {
+    requests: AtomicU64,
+    keys: Mutex<BTreeMap<String, u64>>,
+}
+
+impl Stats {
+    /// Counts one request with `key` and returns how many have carried it so far.
+    fn count_key(&self, key: &str) -> u64 {
+        // A poisoned counter map is still a valid map.
+        let mut keys = self.keys.lock().unwrap_or_else(PoisonError::into_inner);
+        match keys.get_mut(key) {
+            Some(count) => {
+                *count += 1;
+                *count
+            }
+            None => {
+                keys.insert(key.to_owned(), 1);
+                1
+            }
+        }
+    }
+}
+
+async fn chat_completions(State(mock): State<Arc<Mock>>, body: Bytes) -> Response {
+    mock.stats.requests.fetch_add(1, Ordering::Relaxed);
+    let request = match knobs::parse(&body, &mock.config) {
+        Ok(request) => request,
+        Err(error) => return error.into_response(),
+    };
+    let nth = request.key.as_deref().map(|key| mock.stats.count_key(key));
+    if let Some(injected) = request.injected {
+        if injected
+            .times
+            .is_none_or(|times| nth.is_some_and(|nth| nth <= times))
+        {
+            return injected_error(injected);
+        }
+    }
+    let MockRequest {
+        model,
+        stream,
+        include_usage,
+        prompt_tokens,
+        script,
+        ..
+    } = request;
+    let meta = Meta {
+        id: format!("chatcmpl-mock{:016x}", rand::random::<u64>()),
+        created: SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_secs(),
+        model: model.unwrap_or_else(|| MODEL.to_owned()),
+    };
+    let stopping = mock.stopping.clone();
+    if stream {
+        let usage = include_usage.then_some(prompt_tokens);
+        wire::streaming_response(script, meta, usage, stopping)
+    } else {
+        wire::complete(script, meta, prompt_tokens, stopping).await
+    }
+}
+
+fn injected_error(injected: InjectedStatus) -> Response {
+    let status = injected.status;
+    let kind = if status.is_server_error() {
+        "server_error"
+    } else {
+        "invalid_request_error"
+    };
+    let message = format!("mock status {}", status.as_u16());
+    let mut response = wire::error_response(status, &message, kind, "mock_status");
+    if let Some(seconds) = injected.retry_after {
+        response
+            .headers_mut()
+            .insert(header::RETRY_AFTER, HeaderValue::from(seconds));
+    }
+    response
+}
+
+async fn models() -> Json<serde_json::Value> {
+    Json(json!({
+        "object": "list",
+        "data": [{"id": MODEL, "object": "model", "created": 0, "owned_by": "tokenfan"}],
+    }))
+}
+
+async fn stats(State(mock): State<Arc<Mock>>) -> Json<serde_json::Value> {
+    let keys = mock
+        .stats
+        .keys
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner)
+        .clone();
+    Json(json!({
+        "requests": mock.stats.requests.load(Ordering::Relaxed),
+        "keys": keys,
+    }))
+}

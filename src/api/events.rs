@@ -1,0 +1,220 @@
+//! The subscriber stream: `GET /v1/generations/{id}/events`.
+//!
+//! A subscriber first catches up from the generation's log (replay never goes through the
+//! bounded channel, so a late joiner to a long generation is not "slow"), then goes live on its
+//! own bounded channel. The stream ends after the terminal event, or with `event: reconnect`
+//! when the hub dropped it for being slow or the gateway is shutting down; the client then
+//! resumes with `Last-Event-ID` and loses nothing.
+
+use std::{
+    convert::Infallible,
+    pin::Pin,
+    sync::Arc,
+    task::{ready, Context, Poll},
+};
+
+use axum::{
+    body::Body,
+    extract::{rejection::QueryRejection, Path, Query, State},
+    http::{header, HeaderMap, HeaderValue, StatusCode},
+    response::{IntoResponse, Response},
+};
+use bytes::Bytes;
+use futures_util::Stream;
+use serde::Deserialize;
+use tokio::sync::mpsc;
+
+use super::{error::ApiError, generations::find, App};
+use crate::hub::{frame, Attach, Generation, Outbound, Resume};
+
+/// A `Last-Event-ID` longer than this cannot be a token id (u64 has 20 digits).
+const MAX_EVENT_ID_LEN: usize = 20;
+
+#[derive(Deserialize)]
+pub struct EventsQuery {
+    last_event_id: Option<String>,
+}
+
+pub async fn subscribe(
+    State(app): State<Arc<App>>,
+    Path(id): Path<String>,
+    query: Result<Query<EventsQuery>, QueryRejection>,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    if app.drain.is_draining() {
+        // A browser's EventSource gives up for good on a non-200 answer; a reconnect event
+        // sends it to a healthy instance instead.
+        let retry = app.drain.reconnect_retry_ms();
+        return Ok(event_stream(Body::from(frame::reconnect(
+            retry, "shutdown",
+        ))));
+    }
+    let Query(query) = query?;
+    let generation = find(&app, &id)?;
+    let cursor = resume_cursor(&headers, query.last_event_id.as_deref())?;
+    match generation.resume(cursor) {
+        Resume::Stream => {}
+        Resume::NothingLeft => return Ok(StatusCode::NO_CONTENT.into_response()),
+        Resume::BeyondEnd => return Err(ApiError::InvalidLastEventId),
+    }
+    ::metrics::counter!(crate::metrics::SUBSCRIPTIONS).increment(1);
+    let stream = SubscriberStream::new(app, generation, cursor);
+    Ok(event_stream(Body::from_stream(stream)))
+}
+
+fn event_stream(body: Body) -> Response {
+    let mut response = Response::new(body);
+    let headers = response.headers_mut();
+    headers.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/event-stream"),
+    );
+    headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+    // Tells nginx-style proxies not to buffer the stream.
+    headers.insert("x-accel-buffering", HeaderValue::from_static("no"));
+    response
+}
+
+/// The first token id the client lacks: the `Last-Event-ID` header (what a reconnecting
+/// `EventSource` sends) wins over the `last_event_id` query parameter (what a page can set).
+fn resume_cursor(headers: &HeaderMap, query: Option<&str>) -> Result<u64, ApiError> {
+    let header = headers
+        .get("last-event-id")
+        .map(|value| value.to_str().map_err(|_| ApiError::InvalidLastEventId))
+        .transpose()?;
+    match header.or(query).map(str::trim) {
+        None | Some("") => Ok(0),
+        Some(id) => parse_event_id(id)
+            .and_then(|id| id.checked_add(1))
+            .ok_or(ApiError::InvalidLastEventId),
+    }
+}
+
+fn parse_event_id(id: &str) -> Option<u64> {
+    let digits_only = id.len() <= MAX_EVENT_ID_LEN && id.bytes().all(|b| b.is_ascii_digit());
+    digits_only.then(|| id.parse().ok()).flatten()
+}
+
+/// The body of one subscription. Small on purpose: it exists once per connected client.
+struct SubscriberStream {
+    app: Arc<App>,
+    generation: Arc<Generation>,
+    phase: Phase,
+}
+
+enum Phase {
+    /// Reading the log from this token id on.
+    CatchUp(u64),
+    Live(mpsc::Receiver<Outbound>),
+    Finished,
+}
+
+impl SubscriberStream {
+    fn new(app: Arc<App>, generation: Arc<Generation>, cursor: u64) -> Self {
+        app.hub.subscriber_opened();
+        Self {
+            app,
+            generation,
+            phase: Phase::CatchUp(cursor),
+        }
+    }
+
+    /// The last event of a stream the hub closed before its end: come back and resume.
+    fn reconnect_frame(&self) -> Bytes {
+        if self.app.drain.is_draining() {
+            frame::reconnect(self.app.drain.reconnect_retry_ms(), "shutdown")
+        } else {
+            self.app.slow_consumer_frame.clone()
+        }
+    }
+}
+
+impl Stream for SubscriberStream {
+    type Item = Result<Bytes, Infallible>;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        let this = &mut *self;
+        loop {
+            let frame = match &mut this.phase {
+                Phase::CatchUp(cursor) => {
+                    match this
+                        .generation
+                        .attach(*cursor, this.app.hub.settings().channel_capacity)
+                    {
+                        Attach::Replay { frames, next } => {
+                            *cursor = next;
+                            frames
+                        }
+                        Attach::Live(rx) => {
+                            this.phase = Phase::Live(rx);
+                            continue;
+                        }
+                        Attach::Ended(terminal) => {
+                            this.phase = Phase::Finished;
+                            terminal
+                        }
+                    }
+                }
+                Phase::Live(rx) => match ready!(rx.poll_recv(cx)) {
+                    Some(Outbound::Token(frame)) => frame,
+                    Some(Outbound::KeepAlive) => frame::KEEPALIVE,
+                    Some(Outbound::Terminal(frame)) => {
+                        this.phase = Phase::Finished;
+                        frame
+                    }
+                    None => {
+                        this.phase = Phase::Finished;
+                        this.reconnect_frame()
+                    }
+                },
+                Phase::Finished => return Poll::Ready(None),
+            };
+            return Poll::Ready(Some(Ok(frame)));
+        }
+    }
+}
+
+impl Drop for SubscriberStream {
+    fn drop(&mut self) {
+        self.app.hub.subscriber_closed();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn headers(last_event_id: &str) -> HeaderMap {
+        let mut headers = HeaderMap::new();
+        headers.insert(
+            "last-event-id",
+            HeaderValue::from_str(last_event_id).unwrap(),
+        );
+        headers
+    }
+
+    #[test]
+    fn header_wins_over_query_and_cursor_is_the_next_id() {
+        assert_eq!(resume_cursor(&headers("41"), Some("3")).unwrap(), 42);
+        assert_eq!(resume_cursor(&HeaderMap::new(), Some("3")).unwrap(), 4);
+        assert_eq!(resume_cursor(&HeaderMap::new(), None).unwrap(), 0);
+        assert_eq!(resume_cursor(&headers(""), None).unwrap(), 0);
+    }
+
+    #[test]
+    fn malformed_event_ids_are_rejected() {
+        for bad in [
+            "-1",
+            "1.5",
+            "abc",
+            "0x10",
+            "18446744073709551615",
+            &"9".repeat(21),
+        ] {
+            assert!(
+                resume_cursor(&headers(bad), None).is_err(),
+                "{bad} accepted"
+            );
+        }
+    }
+}

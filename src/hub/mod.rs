@@ -1,0 +1,15 @@
+//! The generation hub: where tokens are kept and fanned out.
+//!
+//! - [`registry`]: id → generation, idempotency keys, one upstream task per generation,
+//!   retention.
+//! - [`generation`]: the token log, the subscriber set, fan-out with `try_send`.
+//! - [`frame`]: SSE frames, encoded once per token and shared by every subscriber.
+//!
+//! Nothing here knows about HTTP.
+
+pub mod frame;
+pub mod generation;
+pub mod registry;
+
+pub use generation::{Attach, Generation, Outbound, Outcome, Resume, Snapshot, Status};
+pub use registry::{Created, Hub, HubError, HubSettings};

@@ -1,0 +1,103 @@
+//! Every metric tokenfan exports, with its meaning, and the Prometheus recorder.
+//!
+//! Names are constants so that a grep finds every place a metric is touched. Hot-path counters
+//! are updated once per token (with the number of subscribers reached), never once per
+//! subscriber.
+
+use std::sync::OnceLock;
+
+use metrics::{counter, describe_counter, describe_gauge, describe_histogram, Unit};
+use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
+
+use crate::hub::generation::FanOut;
+
+/// Gauge: client TCP connections open now.
+pub const CONNECTIONS_OPEN: &str = "tokenfan_connections_open";
+/// Counter: client TCP connections accepted.
+pub const CONNECTIONS_ACCEPTED: &str = "tokenfan_connections_accepted_total";
+/// Counter: connections closed because the peer accepted no bytes for the write timeout.
+pub const WRITE_TIMEOUTS: &str = "tokenfan_write_timeouts_total";
+/// Gauge: SSE subscriber streams open now (replaying or live).
+pub const SUBSCRIBERS_OPEN: &str = "tokenfan_subscribers_open";
+/// Counter: SSE subscriptions answered with a stream.
+pub const SUBSCRIPTIONS: &str = "tokenfan_subscriptions_total";
+/// Counter: subscribers dropped from fan-out because their channel was full (label `reason`).
+pub const EVICTIONS: &str = "tokenfan_evictions_total";
+/// Gauge: generations whose upstream call is running.
+pub const GENERATIONS_RUNNING: &str = "tokenfan_generations_running";
+/// Counter: generations started.
+pub const GENERATIONS_STARTED: &str = "tokenfan_generations_started_total";
+/// Counter: generations ended, by final `status`.
+pub const GENERATIONS_FINISHED: &str = "tokenfan_generations_finished_total";
+/// Counter: tokens received from the upstream.
+pub const TOKENS: &str = "tokenfan_tokens_total";
+/// Counter: token events queued to live subscribers (replays not included).
+pub const EVENTS_DELIVERED: &str = "tokenfan_events_delivered_total";
+/// Counter: times a drain began.
+pub const DRAIN_STARTED: &str = "tokenfan_drain_started_total";
+/// Counter: subscribers told to reconnect because of a shutdown.
+pub const DRAIN_RECONNECTS: &str = "tokenfan_drain_reconnects_total";
+/// Counter: generations interrupted at the drain deadline.
+pub const DRAIN_INTERRUPTED: &str = "tokenfan_drain_generations_interrupted_total";
+/// Histogram: seconds from the shutdown signal to the end of the drain.
+pub const DRAIN_DURATION: &str = "tokenfan_drain_duration_seconds";
+
+/// Installs the process-wide Prometheus recorder once and returns its handle. Every server in
+/// the process (tests start several) shares it.
+pub fn install() -> PrometheusHandle {
+    static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
+    HANDLE
+        .get_or_init(|| {
+            let recorder = PrometheusBuilder::new().build_recorder();
+            let handle = recorder.handle();
+            // Fails only if another recorder is installed, e.g. by an embedding program; then
+            // that one receives the metrics and ours renders what it has.
+            let _ = metrics::set_global_recorder(recorder);
+            describe();
+            handle
+        })
+        .clone()
+}
+
+fn describe() {
+    describe_gauge!(CONNECTIONS_OPEN, "Client TCP connections open now");
+    describe_counter!(CONNECTIONS_ACCEPTED, "Client TCP connections accepted");
+    describe_counter!(
+        WRITE_TIMEOUTS,
+        "Connections closed because the peer stopped reading"
+    );
+    describe_gauge!(SUBSCRIBERS_OPEN, "SSE subscriber streams open now");
+    describe_counter!(SUBSCRIPTIONS, "SSE subscriptions answered with a stream");
+    describe_counter!(EVICTIONS, "Subscribers evicted from fan-out, by reason");
+    describe_gauge!(
+        GENERATIONS_RUNNING,
+        "Generations whose upstream call is running"
+    );
+    describe_counter!(GENERATIONS_STARTED, "Generations started");
+    describe_counter!(GENERATIONS_FINISHED, "Generations ended, by status");
+    describe_counter!(TOKENS, "Tokens received from the upstream");
+    describe_counter!(EVENTS_DELIVERED, "Token events queued to live subscribers");
+    describe_counter!(DRAIN_STARTED, "Drains begun");
+    describe_counter!(
+        DRAIN_RECONNECTS,
+        "Subscribers told to reconnect at shutdown"
+    );
+    describe_counter!(
+        DRAIN_INTERRUPTED,
+        "Generations interrupted at the drain deadline"
+    );
+    describe_histogram!(
+        DRAIN_DURATION,
+        Unit::Seconds,
+        "Time from shutdown signal to drain end"
+    );
+}
+
+/// Counts one token's fan-out: one update per token, whatever the number of subscribers.
+pub fn record_fan_out(fan_out: FanOut) {
+    counter!(TOKENS).increment(1);
+    counter!(EVENTS_DELIVERED).increment(fan_out.delivered);
+    if fan_out.evicted > 0 {
+        counter!(EVICTIONS, "reason" => "slow_consumer").increment(fan_out.evicted);
+    }
+}

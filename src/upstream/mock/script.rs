@@ -1,0 +1,314 @@
+//! What the mock says, and when: a seeded, reproducible script for one completion.
+//!
+//! A [`Script`] knows nothing of HTTP or JSON. It yields [`Beat`]s (role, token, finish, fault)
+//! after the right delay; `wire` encodes them as SSE chunks or one completion object.
+
+use std::{
+    fmt::Write as _,
+    io,
+    time::{Duration, SystemTime, UNIX_EPOCH},
+};
+
+use tokio_util::sync::CancellationToken;
+
+use super::Interval;
+
+/// splitmix64. Tiny, fast, and — unlike rand's `SmallRng`/`StdRng`, whose algorithms may change
+/// between releases — its output is fixed forever, so a seed names the same text in every build.
+#[derive(Debug, Clone)]
+struct SplitMix64(u64);
+
+impl SplitMix64 {
+    fn next_u64(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+
+    /// Uniform in `0..n` by multiply-shift: no division, bias far below anything observable.
+    fn below(&mut self, n: u64) -> u64 {
+        ((u128::from(self.next_u64()) * u128::from(n)) >> 64) as u64
+    }
+}
+
+/// FNV-1a over everything written to it. Unlike std's `RandomState` it is the same in every
+/// process, so the default seed of a prompt (the hash of its `messages`) is stable across runs.
+#[derive(Debug)]
+pub(super) struct Fnv1a {
+    hash: u64,
+    bytes: u64,
+}
+
+impl Default for Fnv1a {
+    fn default() -> Self {
+        Self {
+            hash: 0xCBF2_9CE4_8422_2325,
+            bytes: 0,
+        }
+    }
+}
+
+impl Fnv1a {
+    pub(super) fn hash(&self) -> u64 {
+        self.hash
+    }
+
+    /// How many bytes were hashed.
+    pub(super) fn bytes(&self) -> u64 {
+        self.bytes
+    }
+}
+
+impl io::Write for Fnv1a {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        for &byte in buf {
+            self.hash = (self.hash ^ u64::from(byte)).wrapping_mul(0x0100_0000_01B3);
+        }
+        self.bytes += buf.len() as u64;
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+/// Common English words: enough variety for the text to look like prose in a demo.
+const WORDS: &[&str] = &[
+    "the", "a", "stream", "token", "model", "answer", "question", "river", "light", "signal",
+    "network", "every", "small", "quiet", "bright", "clear", "simple", "careful", "long", "new",
+    "server", "client", "message", "story", "world", "hello", "window", "garden", "morning",
+    "evening", "city", "voice", "letter", "number", "idea", "reason", "moment", "place", "way",
+    "flows", "waits", "sends", "reads", "writes", "finds", "keeps", "brings", "turns", "holds",
+    "moves", "and", "but", "so", "then", "of", "to", "in", "on", "with", "from", "over", "under",
+    "through", "between", "after", "before", "again", "always", "never", "often", "here", "there",
+    "we", "you", "it", "they", "is", "was", "will", "can",
+];
+
+/// Turns a seeded generator into English-looking tokens: `"Hello"`, `" world"`, `","`, `"."`.
+#[derive(Debug)]
+struct Prose {
+    rng: SplitMix64,
+    words_in_sentence: u32,
+    after_comma: bool,
+    started: bool,
+}
+
+impl Prose {
+    fn new(seed: u64) -> Self {
+        Self {
+            rng: SplitMix64(seed),
+            words_in_sentence: 0,
+            after_comma: false,
+            started: false,
+        }
+    }
+
+    fn push_next(&mut self, out: &mut String) {
+        let words = self.words_in_sentence;
+        if words >= 14 || (words >= 4 && self.rng.below(6) == 0) {
+            out.push('.');
+            self.words_in_sentence = 0;
+        } else if words >= 2 && !self.after_comma && self.rng.below(8) == 0 {
+            out.push(',');
+            self.after_comma = true;
+        } else {
+            self.push_word(out);
+        }
+    }
+
+    fn push_word(&mut self, out: &mut String) {
+        let word = WORDS[self.rng.below(WORDS.len() as u64) as usize];
+        if self.started {
+            out.push(' ');
+        }
+        let mut chars = word.chars();
+        if let (0, Some(first)) = (self.words_in_sentence, chars.next()) {
+            out.push(first.to_ascii_uppercase());
+            out.push_str(chars.as_str());
+        } else {
+            out.push_str(word);
+        }
+        self.started = true;
+        self.after_comma = false;
+        self.words_in_sentence += 1;
+    }
+}
+
+/// How a script ends early, instead of finishing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Fault {
+    /// Drop the connection.
+    Fail,
+    /// Send an error object and end.
+    Error,
+    /// Send nothing more until the server shuts down.
+    Hang,
+}
+
+/// Everything a script needs, already validated and resolved against the server defaults.
+#[derive(Debug)]
+pub(super) struct Spec {
+    pub seed: u64,
+    pub tokens: u32,
+    pub finish_reason: &'static str,
+    pub interval: Interval,
+    pub first_token: Duration,
+    pub stamp: bool,
+    pub token_bytes: usize,
+    /// The fault and after how many content tokens it strikes.
+    pub fault: Option<(Fault, u32)>,
+}
+
+/// One step of a completion, produced when it is due.
+#[derive(Debug)]
+pub(super) enum Beat<'a> {
+    /// The opening chunk that names the assistant role.
+    Role,
+    Token(&'a str),
+    Finish {
+        reason: &'static str,
+        completion_tokens: u32,
+    },
+    /// `error_after`: an error object ends the stream.
+    Error,
+    /// `fail_after`: the connection must be dropped now.
+    Fail,
+    /// A `hang_after` stream was released by shutdown.
+    Released,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Phase {
+    Start,
+    Body,
+    Done,
+}
+
+#[derive(Debug, Clone, Copy)]
+enum Step {
+    Role,
+    Token,
+    Finish,
+    Fault(Fault),
+}
+
+/// The plan of one completion, played one [`Beat`] at a time by [`Script::advance`].
+#[derive(Debug)]
+pub(super) struct Script {
+    prose: Prose,
+    /// A separate stream for delays, so the text for a seed does not depend on timing knobs.
+    timing: SplitMix64,
+    spec: Spec,
+    sent: u32,
+    phase: Phase,
+    /// The current token, reused so a token costs no allocation of its own.
+    text: String,
+}
+
+impl Script {
+    pub(super) fn new(mut spec: Spec) -> Self {
+        // A fault set beyond the last token replaces the normal ending.
+        spec.fault = spec.fault.map(|(fault, at)| (fault, at.min(spec.tokens)));
+        Self {
+            prose: Prose::new(spec.seed),
+            timing: SplitMix64(spec.seed ^ 0x5449_4D49_4E47_0000),
+            spec,
+            sent: 0,
+            phase: Phase::Start,
+            text: String::new(),
+        }
+    }
+
+    /// Waits until the next beat is due and returns it; `None` once the script has ended.
+    /// `stopping` releases a hanging script.
+    pub(super) async fn advance(&mut self, stopping: &CancellationToken) -> Option<Beat<'_>> {
+        let (delay, step) = self.next_step()?;
+        if !delay.is_zero() {
+            tokio::time::sleep(delay).await;
+        }
+        Some(match step {
+            Step::Role => Beat::Role,
+            Step::Token => {
+                self.write_token();
+                Beat::Token(&self.text)
+            }
+            Step::Finish => Beat::Finish {
+                reason: self.spec.finish_reason,
+                completion_tokens: self.sent,
+            },
+            Step::Fault(Fault::Error) => Beat::Error,
+            Step::Fault(Fault::Fail) => {
+                // Let hyper flush what was sent before the connection is dropped: the fault
+                // must cut the stream after token N, not swallow it.
+                tokio::task::yield_now().await;
+                Beat::Fail
+            }
+            Step::Fault(Fault::Hang) => {
+                stopping.cancelled().await;
+                Beat::Released
+            }
+        })
+    }
+
+    fn next_step(&mut self) -> Option<(Duration, Step)> {
+        let fault_now = self
+            .spec
+            .fault
+            .filter(|&(_, at)| at == self.sent)
+            .map(|(fault, _)| fault);
+        match self.phase {
+            Phase::Done => return None,
+            // A fault at 0 strikes right after the headers, before even the role chunk.
+            Phase::Start if fault_now.is_none() => {
+                self.phase = Phase::Body;
+                return Some((Duration::ZERO, Step::Role));
+            }
+            Phase::Start | Phase::Body => {}
+        }
+        if fault_now.is_none() && self.sent == self.spec.tokens {
+            self.phase = Phase::Done;
+            return Some((Duration::ZERO, Step::Finish));
+        }
+        let delay = self.next_delay();
+        Some(match fault_now {
+            Some(fault) => {
+                self.phase = Phase::Done;
+                (delay, Step::Fault(fault))
+            }
+            None => {
+                self.phase = Phase::Body;
+                self.sent += 1;
+                (delay, Step::Token)
+            }
+        })
+    }
+
+    fn next_delay(&mut self) -> Duration {
+        if self.sent == 0 {
+            return self.spec.first_token;
+        }
+        let Interval { min, max } = self.spec.interval;
+        let span = u64::try_from(max.saturating_sub(min).as_micros()).unwrap_or(u64::MAX);
+        min.saturating_add(Duration::from_micros(
+            self.timing.below(span.saturating_add(1)),
+        ))
+    }
+
+    fn write_token(&mut self) {
+        self.text.clear();
+        if self.spec.stamp {
+            let micros = SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .unwrap_or_default()
+                .as_micros();
+            // Writing into a String cannot fail.
+            let _ = write!(self.text, "{micros} ");
+        }
+        self.prose.push_next(&mut self.text);
+        let padding = self.spec.token_bytes.saturating_sub(self.text.len());
+        self.text.extend(std::iter::repeat_n(' ', padding));
+    }
+}

@@ -1,0 +1,306 @@
+//! The OpenAI wire format: a played [`Script`] as an SSE stream of `chat.completion.chunk`s, or
+//! as one `chat.completion` object; and the OpenAI error body.
+//!
+//! Streaming is the hot path of the load test (thousands of streams at 20 tokens/s each): one
+//! timer and one `Vec` → `Bytes` per token, nothing else.
+
+use axum::{
+    body::Body,
+    http::{header, HeaderValue, StatusCode},
+    response::{IntoResponse, Response},
+    Json,
+};
+use bytes::Bytes;
+use futures_util::{stream, Stream};
+use serde::Serialize;
+use tokio_util::sync::CancellationToken;
+
+use super::script::{Beat, Script};
+
+/// Who a completion is: the fields every chunk repeats.
+#[derive(Debug)]
+pub(super) struct Meta {
+    pub id: String,
+    pub created: u64,
+    pub model: String,
+}
+
+#[derive(Debug, Clone, Copy, Serialize)]
+pub(super) struct Usage {
+    prompt_tokens: u32,
+    completion_tokens: u32,
+    total_tokens: u32,
+}
+
+impl Usage {
+    pub(super) fn new(prompt_tokens: u32, completion_tokens: u32) -> Self {
+        Self {
+            prompt_tokens,
+            completion_tokens,
+            total_tokens: prompt_tokens.saturating_add(completion_tokens),
+        }
+    }
+}
+
+#[derive(Serialize)]
+struct Chunk<'a> {
+    id: &'a str,
+    object: &'static str,
+    created: u64,
+    model: &'a str,
+    choices: &'a [ChunkChoice<'a>],
+    #[serde(skip_serializing_if = "Option::is_none")]
+    usage: Option<Usage>,
+}
+
+#[derive(Serialize)]
+struct ChunkChoice<'a> {
+    index: u32,
+    delta: Delta<'a>,
+    finish_reason: Option<&'static str>,
+}
+
+#[derive(Default, Serialize)]
+struct Delta<'a> {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    role: Option<&'static str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    content: Option<&'a str>,
+}
+
+#[derive(Serialize)]
+struct Completion<'a> {
+    id: &'a str,
+    object: &'static str,
+    created: u64,
+    model: &'a str,
+    choices: [CompletionChoice<'a>; 1],
+    usage: Usage,
+}
+
+#[derive(Serialize)]
+struct CompletionChoice<'a> {
+    index: u32,
+    message: Message<'a>,
+    finish_reason: &'static str,
+}
+
+#[derive(Serialize)]
+struct Message<'a> {
+    role: &'static str,
+    content: &'a str,
+}
+
+#[derive(Serialize)]
+struct ErrorBody<'a> {
+    error: ErrorDetail<'a>,
+}
+
+#[derive(Serialize)]
+struct ErrorDetail<'a> {
+    message: &'a str,
+    #[serde(rename = "type")]
+    kind: &'a str,
+    code: &'a str,
+}
+
+/// What `error_after` sends, streaming or not.
+const MOCK_FAILURE: ErrorBody<'static> = ErrorBody {
+    error: ErrorDetail {
+        message: "mock failure",
+        kind: "server_error",
+        code: "mock_error",
+    },
+};
+
+/// Why a response body is cut off; hyper then aborts the connection without a last chunk.
+#[derive(Debug, thiserror::Error)]
+pub(super) enum Abort {
+    #[error("fail_after: the mock drops the connection")]
+    Injected,
+    #[error("the mock is shutting down")]
+    Shutdown,
+    #[error("could not encode a chunk: {0}")]
+    Encode(#[from] serde_json::Error),
+}
+
+/// An OpenAI-shaped error response.
+pub(super) fn error_response(
+    status: StatusCode,
+    message: &str,
+    kind: &str,
+    code: &str,
+) -> Response {
+    let body = ErrorBody {
+        error: ErrorDetail {
+            message,
+            kind,
+            code,
+        },
+    };
+    (status, Json(body)).into_response()
+}
+
+/// Plays `script` as a `text/event-stream` response.
+pub(super) fn streaming_response(
+    script: Script,
+    meta: Meta,
+    usage_prompt_tokens: Option<u32>,
+    stopping: CancellationToken,
+) -> Response {
+    let body = Body::from_stream(sse_frames(script, meta, usage_prompt_tokens, stopping));
+    let headers = [
+        (
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("text/event-stream"),
+        ),
+        (header::CACHE_CONTROL, HeaderValue::from_static("no-cache")),
+    ];
+    (headers, body).into_response()
+}
+
+/// One SSE frame per beat. `usage_prompt_tokens` is set when the client asked for the usage chunk.
+fn sse_frames(
+    script: Script,
+    meta: Meta,
+    usage_prompt_tokens: Option<u32>,
+    stopping: CancellationToken,
+) -> impl Stream<Item = Result<Bytes, Abort>> + Send + 'static {
+    let state = (script, meta, stopping);
+    stream::unfold(state, move |(mut script, meta, stopping)| async move {
+        let frame = match script.advance(&stopping).await? {
+            Beat::Role => meta.frame(
+                Delta {
+                    role: Some("assistant"),
+                    content: Some(""),
+                },
+                None,
+            ),
+            Beat::Token(text) => meta.frame(
+                Delta {
+                    role: None,
+                    content: Some(text),
+                },
+                None,
+            ),
+            Beat::Finish {
+                reason,
+                completion_tokens,
+            } => meta.end_frame(
+                reason,
+                usage_prompt_tokens.map(|prompt| Usage::new(prompt, completion_tokens)),
+            ),
+            Beat::Error => data_frame(&MOCK_FAILURE),
+            Beat::Fail => Err(Abort::Injected),
+            Beat::Released => Err(Abort::Shutdown),
+        };
+        Some((frame, (script, meta, stopping)))
+    })
+}
+
+/// Plays `script` to its end and answers the whole text as one `chat.completion`.
+pub(super) async fn complete(
+    mut script: Script,
+    meta: Meta,
+    prompt_tokens: u32,
+    stopping: CancellationToken,
+) -> Response {
+    let mut text = String::new();
+    let abort = loop {
+        match script.advance(&stopping).await {
+            Some(Beat::Role) => {}
+            Some(Beat::Token(token)) => text.push_str(token),
+            Some(Beat::Finish {
+                reason,
+                completion_tokens,
+            }) => {
+                return meta.completion(&text, reason, Usage::new(prompt_tokens, completion_tokens))
+            }
+            // Every script ends with a finish or a fault, so `None` is never seen here.
+            Some(Beat::Error) | None => {
+                return (StatusCode::INTERNAL_SERVER_ERROR, Json(MOCK_FAILURE)).into_response()
+            }
+            Some(Beat::Fail) => break Abort::Injected,
+            Some(Beat::Released) => break Abort::Shutdown,
+        }
+    };
+    // Headers go out, then the connection drops: the client sees a truncated response.
+    Body::from_stream(stream::once(async move { Err::<Bytes, _>(abort) })).into_response()
+}
+
+impl Meta {
+    fn chunk<'a>(&'a self, choices: &'a [ChunkChoice<'a>], usage: Option<Usage>) -> Chunk<'a> {
+        Chunk {
+            id: &self.id,
+            object: "chat.completion.chunk",
+            created: self.created,
+            model: &self.model,
+            choices,
+            usage,
+        }
+    }
+
+    fn frame(&self, delta: Delta<'_>, finish_reason: Option<&'static str>) -> Result<Bytes, Abort> {
+        let content = delta.content.map_or(0, str::len);
+        let mut buf = Vec::with_capacity(self.id.len() + self.model.len() + content + 160);
+        self.write_choice(&mut buf, delta, finish_reason)?;
+        Ok(buf.into())
+    }
+
+    /// The finish chunk, the usage chunk if asked for, and `[DONE]`, in one write.
+    fn end_frame(&self, reason: &'static str, usage: Option<Usage>) -> Result<Bytes, Abort> {
+        let mut buf = Vec::with_capacity(512);
+        self.write_choice(&mut buf, Delta::default(), Some(reason))?;
+        if let Some(usage) = usage {
+            write_data(&mut buf, &self.chunk(&[], Some(usage)))?;
+        }
+        buf.extend_from_slice(b"data: [DONE]\n\n");
+        Ok(buf.into())
+    }
+
+    fn write_choice(
+        &self,
+        buf: &mut Vec<u8>,
+        delta: Delta<'_>,
+        finish_reason: Option<&'static str>,
+    ) -> Result<(), Abort> {
+        let choices = [ChunkChoice {
+            index: 0,
+            delta,
+            finish_reason,
+        }];
+        write_data(buf, &self.chunk(&choices, None))
+    }
+
+    fn completion(&self, text: &str, finish_reason: &'static str, usage: Usage) -> Response {
+        Json(Completion {
+            id: &self.id,
+            object: "chat.completion",
+            created: self.created,
+            model: &self.model,
+            choices: [CompletionChoice {
+                index: 0,
+                message: Message {
+                    role: "assistant",
+                    content: text,
+                },
+                finish_reason,
+            }],
+            usage,
+        })
+        .into_response()
+    }
+}
+
+fn data_frame(value: &impl Serialize) -> Result<Bytes, Abort> {
+    let mut buf = Vec::with_capacity(128);
+    write_data(&mut buf, value)?;
+    Ok(buf.into())
+}
+
+fn write_data(buf: &mut Vec<u8>, value: &impl Serialize) -> Result<(), Abort> {
+    buf.extend_from_slice(b"data: ");
+    serde_json::to_writer(&mut *buf, value)?;
+    buf.extend_from_slice(b"\n\n");
+    Ok(())
+}
