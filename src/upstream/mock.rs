@@ -23,7 +23,7 @@ use std::{
         atomic::{AtomicU64, Ordering},
         Arc, Mutex, PoisonError,
     },
-    time::{Duration, SystemTime, UNIX_EPOCH},
+    time::Duration,
 };
 
 use axum::{
@@ -41,7 +41,7 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::parse_duration;
-use knobs::{InjectedStatus, MockRequest};
+use knobs::InjectedStatus;
 use wire::Meta;
 
 /// The one model the mock serves; a request's own `model` is echoed back instead when given.
@@ -170,7 +170,9 @@ struct Mock {
     stats: Stats,
 }
 
-/// What `GET /mock/stats` reports, and what `status_times` counts against.
+/// What `GET /mock/stats` reports, and what `status_times` counts against. `requests` counts
+/// every chat request, refused ones included (a client's retries show up there); `keys` counts the
+/// valid requests carrying each key.
 #[derive(Debug, Default)]
 struct Stats {
     requests: AtomicU64,
@@ -202,36 +204,16 @@ async fn chat_completions(State(mock): State<Arc<Mock>>, body: Bytes) -> Respons
         Err(error) => return error.into_response(),
     };
     let nth = request.key.as_deref().map(|key| mock.stats.count_key(key));
-    if let Some(injected) = request.injected {
-        if injected
-            .times
-            .is_none_or(|times| nth.is_some_and(|nth| nth <= times))
-        {
-            return injected_error(injected);
-        }
+    if let Some(injected) = request.injected.filter(|injected| injected.strikes(nth)) {
+        return injected_error(injected);
     }
-    let MockRequest {
-        model,
-        stream,
-        include_usage,
-        prompt_tokens,
-        script,
-        ..
-    } = request;
-    let meta = Meta {
-        id: format!("chatcmpl-mock{:016x}", rand::random::<u64>()),
-        created: SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .unwrap_or_default()
-            .as_secs(),
-        model: model.unwrap_or_else(|| MODEL.to_owned()),
-    };
+    let meta = Meta::new(request.model.unwrap_or_else(|| MODEL.to_owned()));
     let stopping = mock.stopping.clone();
-    if stream {
-        let usage = include_usage.then_some(prompt_tokens);
-        wire::streaming_response(script, meta, usage, stopping)
+    if request.stream {
+        let usage = request.include_usage.then_some(request.prompt_tokens);
+        wire::streaming_response(request.script, meta, usage, stopping)
     } else {
-        wire::complete(script, meta, prompt_tokens, stopping).await
+        wire::complete(request.script, meta, request.prompt_tokens, stopping).await
     }
 }
 

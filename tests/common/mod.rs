@@ -2,6 +2,8 @@
 //! SSE client over real sockets.
 #![allow(dead_code)] // each test file uses a different part of the harness
 
+pub mod process;
+
 use std::{net::SocketAddr, time::Duration};
 
 use futures_util::StreamExt;

@@ -46,6 +46,14 @@ pub(super) struct InjectedStatus {
     pub retry_after: Option<u64>,
 }
 
+impl InjectedStatus {
+    /// Whether it fails this request, the `nth` to carry its key (`None`: no key).
+    pub(super) fn strikes(&self, nth: Option<u64>) -> bool {
+        self.times
+            .is_none_or(|times| nth.is_some_and(|nth| nth <= times))
+    }
+}
+
 /// Why a request was refused with 400. Each variant has a stable `code`.
 #[derive(Debug, thiserror::Error)]
 pub(super) enum RequestError {

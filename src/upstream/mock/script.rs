@@ -312,3 +312,39 @@ impl Script {
         self.text.extend(std::iter::repeat_n(' ', padding));
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn token_delays(seed: u64) -> Vec<Duration> {
+        let mut script = Script::new(Spec {
+            seed,
+            tokens: 50,
+            finish_reason: "stop",
+            interval: Interval {
+                min: Duration::from_millis(20),
+                max: Duration::from_millis(80),
+            },
+            first_token: Duration::from_millis(5),
+            stamp: false,
+            token_bytes: 0,
+            fault: None,
+        });
+        std::iter::from_fn(|| script.next_step())
+            .filter(|(_, step)| matches!(step, Step::Token))
+            .map(|(delay, _)| delay)
+            .collect()
+    }
+
+    #[test]
+    fn pacing_is_reproducible_for_a_seed_and_within_the_interval() {
+        let delays = token_delays(1);
+        assert_eq!(delays.len(), 50);
+        assert_eq!(delays[0], Duration::from_millis(5), "first token delay");
+        let range = Duration::from_millis(20)..=Duration::from_millis(80);
+        assert!(delays[1..].iter().all(|delay| range.contains(delay)));
+        assert_eq!(delays, token_delays(1));
+        assert_ne!(delays, token_delays(2));
+    }
+}

@@ -4,6 +4,8 @@
 //! Streaming is the hot path of the load test (thousands of streams at 20 tokens/s each): one
 //! timer and one `Vec` → `Bytes` per token, nothing else.
 
+use std::time::{SystemTime, UNIX_EPOCH};
+
 use axum::{
     body::Body,
     http::{header, HeaderValue, StatusCode},
@@ -20,9 +22,9 @@ use super::script::{Beat, Script};
 /// Who a completion is: the fields every chunk repeats.
 #[derive(Debug)]
 pub(super) struct Meta {
-    pub id: String,
-    pub created: u64,
-    pub model: String,
+    id: String,
+    created: u64,
+    model: String,
 }
 
 #[derive(Debug, Clone, Copy, Serialize)]
@@ -169,20 +171,14 @@ fn sse_frames(
     let state = (script, meta, stopping);
     stream::unfold(state, move |(mut script, meta, stopping)| async move {
         let frame = match script.advance(&stopping).await? {
-            Beat::Role => meta.frame(
-                Delta {
-                    role: Some("assistant"),
-                    content: Some(""),
-                },
-                None,
-            ),
-            Beat::Token(text) => meta.frame(
-                Delta {
-                    role: None,
-                    content: Some(text),
-                },
-                None,
-            ),
+            Beat::Role => meta.frame(Delta {
+                role: Some("assistant"),
+                content: Some(""),
+            }),
+            Beat::Token(text) => meta.frame(Delta {
+                role: None,
+                content: Some(text),
+            }),
             Beat::Finish {
                 reason,
                 completion_tokens,
@@ -229,6 +225,18 @@ pub(super) async fn complete(
 }
 
 impl Meta {
+    /// A fresh completion id and creation time.
+    pub(super) fn new(model: String) -> Self {
+        Self {
+            id: format!("chatcmpl-mock{:016x}", rand::random::<u64>()),
+            created: SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .unwrap_or_default()
+                .as_secs(),
+            model,
+        }
+    }
+
     fn chunk<'a>(&'a self, choices: &'a [ChunkChoice<'a>], usage: Option<Usage>) -> Chunk<'a> {
         Chunk {
             id: &self.id,
@@ -240,10 +248,10 @@ impl Meta {
         }
     }
 
-    fn frame(&self, delta: Delta<'_>, finish_reason: Option<&'static str>) -> Result<Bytes, Abort> {
+    fn frame(&self, delta: Delta<'_>) -> Result<Bytes, Abort> {
         let content = delta.content.map_or(0, str::len);
         let mut buf = Vec::with_capacity(self.id.len() + self.model.len() + content + 160);
-        self.write_choice(&mut buf, delta, finish_reason)?;
+        self.write_choice(&mut buf, delta, None)?;
         Ok(buf.into())
     }
 
