@@ -302,6 +302,11 @@ async fn measure(
     );
     let ids = create_generations(addr, scenario, plan, stream_at).await?;
     let specs = worker_specs(scenario, plan, &ids, addr, workers);
+    let before = gateway
+        .info
+        .pid
+        .map(|pid| Snapshot::take(pid, t0.elapsed().as_secs_f64(), 0))
+        .transpose()?;
     let mut monitor = Monitor {
         fleet: Fleet::spawn(&specs).await?,
         pid: gateway.info.pid,
@@ -316,7 +321,6 @@ async fn measure(
         exit: None,
         sigterm_at: None,
     };
-    let before = monitor.snapshot();
     let mut warnings = Vec::new();
 
     let ramp_start = Instant::now();
@@ -337,11 +341,7 @@ async fn measure(
         rate_per_s: ramp_totals.connected.max(0) as f64 / ramp_duration,
     });
     let window_start = (Instant::now(), monitor.cpu(), ramp_totals.tokens);
-
-    let settle_until = Instant::now() + SETTLE;
-    monitor
-        .wait("settle", settle_until, |_, _| false, gateway)
-        .await;
+    // Memory with everyone connected; `idle` takes it again after its hold.
     let mut steady = monitor.snapshot();
     let mut drain = None;
     let window_end;
