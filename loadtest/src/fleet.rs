@@ -11,6 +11,7 @@ use tokio::sync::mpsc;
 
 use crate::client::stats::Counters;
 use crate::metrics::latency::Buckets;
+use crate::metrics::proc::read_cpu_seconds;
 use crate::worker::{WorkerReport, WorkerSpec};
 
 /// A worker line, or `None` when its stdout closed.
@@ -107,6 +108,15 @@ impl Fleet {
                 let _ = pipe.write_all(b"leave\n").await;
             }
         }
+    }
+
+    /// CPU seconds the worker processes have used so far: shows whether the load client,
+    /// which shares the machine with the gateway, was itself the bottleneck.
+    pub fn cpu_seconds(&self) -> f64 {
+        self.children
+            .iter()
+            .filter_map(|child| read_cpu_seconds(child.id()?).ok())
+            .sum()
     }
 
     pub fn finals(&self) -> impl Iterator<Item = &(Counters, Buckets)> {

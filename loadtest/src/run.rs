@@ -13,7 +13,7 @@ use tokio::task::JoinSet;
 
 use crate::client::http::request;
 use crate::client::stats::Counters;
-use crate::client::subscriber::unix_micros;
+use crate::client::subscriber::{unix_micros, MIN_READ_BUFFER};
 use crate::fleet::Fleet;
 use crate::gateway::{Exit, Gateway};
 use crate::metrics::latency::{new_histogram, quantile_curve, LatencySummary};
@@ -178,6 +178,13 @@ struct Outcome {
     warnings: Vec<String>,
 }
 
+struct WindowMark {
+    at: Instant,
+    gateway_cpu_s: Option<f64>,
+    tokens: u64,
+    client_cpu_s: f64,
+}
+
 /// Samples the gateway and prints progress while waiting for a phase to end.
 struct Monitor {
     fleet: Fleet,
@@ -273,8 +280,14 @@ impl Monitor {
             .and_then(|pid| Snapshot::take(pid, at, connected).ok())
     }
 
-    fn cpu(&self) -> Option<f64> {
-        self.pid.and_then(|pid| read_cpu_seconds(pid).ok())
+    /// One end of the CPU window: when, gateway CPU, tokens delivered, client CPU.
+    fn window_mark(&self, tokens: u64) -> WindowMark {
+        WindowMark {
+            at: Instant::now(),
+            gateway_cpu_s: self.pid.and_then(|pid| read_cpu_seconds(pid).ok()),
+            tokens,
+            client_cpu_s: self.fleet.cpu_seconds(),
+        }
     }
 }
 
@@ -340,7 +353,7 @@ async fn measure(
         duration_s: ramp_duration,
         rate_per_s: ramp_totals.connected.max(0) as f64 / ramp_duration,
     });
-    let window_start = (Instant::now(), monitor.cpu(), ramp_totals.tokens);
+    let window_start = monitor.window_mark(ramp_totals.tokens);
     // Memory with everyone connected; `idle` takes it again after its hold.
     let mut steady = monitor.snapshot();
     let mut drain = None;
@@ -352,7 +365,7 @@ async fn measure(
                 .wait("hold", hold_until, |_, _| false, gateway)
                 .await;
             steady = monitor.snapshot();
-            window_end = (Instant::now(), monitor.cpu(), monitor.fleet.totals().tokens);
+            window_end = monitor.window_mark(monitor.fleet.totals().tokens);
             monitor.fleet.leave().await;
             monitor
                 .wait(
@@ -372,14 +385,14 @@ async fn measure(
                     gateway,
                 )
                 .await;
-            window_end = (Instant::now(), monitor.cpu(), monitor.fleet.totals().tokens);
+            window_end = monitor.window_mark(monitor.fleet.totals().tokens);
         }
         Ending::Drain => {
             let sigterm_at = stream_at + Duration::from_secs_f64(scenario.drain_after_s);
             monitor
                 .wait("streaming", sigterm_at, |_, m| m.fleet.all_final(), gateway)
                 .await;
-            window_end = (Instant::now(), monitor.cpu(), monitor.fleet.totals().tokens);
+            window_end = monitor.window_mark(monitor.fleet.totals().tokens);
             let sigterm_unix_us = unix_micros();
             let sigterm_run_s = monitor.at_s();
             gateway.sigterm()?;
@@ -433,11 +446,12 @@ async fn measure(
             monitor.fleet.lost_workers
         ));
     }
-    let cpu = match (window_start.1, window_end.1) {
+    let cpu = match (window_start.gateway_cpu_s, window_end.gateway_cpu_s) {
         (Some(start), Some(end)) => Some(Cpu::new(
-            window_end.0.duration_since(window_start.0).as_secs_f64(),
+            window_end.at.duration_since(window_start.at).as_secs_f64(),
             end - start,
-            window_end.2.saturating_sub(window_start.2),
+            window_end.tokens.saturating_sub(window_start.tokens),
+            window_end.client_cpu_s - window_start.client_cpu_s,
         )),
         _ => None,
     };
@@ -586,6 +600,10 @@ fn worker_specs(
             }),
             resume_after_shutdown: scenario.ending != Ending::Drain,
             max_reconnects: 20,
+            // Room for a couple of padded events per read, without growing idle clients.
+            read_buffer: scenario.token_bytes.map_or(MIN_READ_BUFFER, |b| {
+                (2 * b as usize + 512).clamp(MIN_READ_BUFFER, 64 * 1024)
+            }),
         })
         .collect()
 }

@@ -242,12 +242,15 @@ impl Scenario {
                 start_margin_s: 2.0,
                 ..base
             },
+            // On loopback the kernel lets a stalled reader's send buffer autotune to
+            // net.ipv4.tcp_wmem's max (4 MiB), plus hyper's ~400 KB write buffer: eviction
+            // needs ~5 MB behind. Padded 8 KB tokens at 50/s get there in ~12 s.
             ScenarioName::Slow => Self {
-                shape: Shape::Spread { connections: 2000 },
-                generations: 20,
-                tokens: Range::fixed(600),
-                interval_ms: Range::fixed(50),
-                token_bytes: Some(512),
+                shape: Shape::Spread { connections: 500 },
+                generations: 5,
+                tokens: Range::fixed(1500),
+                interval_ms: Range::fixed(20),
+                token_bytes: Some(8192),
                 stall: Some(StallKnobs {
                     fraction: 0.05,
                     after_tokens: 20,

@@ -47,6 +47,7 @@ pub struct WorkerSpec {
     pub stall: Option<StallSpec>,
     pub resume_after_shutdown: bool,
     pub max_reconnects: u32,
+    pub read_buffer: usize,
 }
 
 /// One stdout line of a worker.
@@ -95,6 +96,7 @@ async fn run() -> Result<()> {
         policy: Policy {
             resume_after_shutdown: spec.resume_after_shutdown,
             max_reconnects: spec.max_reconnects,
+            read_buffer: spec.read_buffer,
             backoff: Duration::from_secs(1),
         },
     });

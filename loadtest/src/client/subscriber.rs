@@ -23,9 +23,9 @@ use super::payload::{contains, emit_stamp_us, u64_member};
 use super::sse::{EventKind, SseEvent, SseParser};
 use super::stats::Counters;
 
-/// Read buffer per subscriber. Token events are ~100 bytes; a small buffer keeps 20K clients
-/// in ~40 MB and a burst is simply read in several calls.
-const READ_BUFFER: usize = 2048;
+/// Smallest read buffer per subscriber. Token events are ~100 bytes; a small buffer keeps 20K
+/// clients in ~40 MB and a burst is simply read in several calls.
+pub const MIN_READ_BUFFER: usize = 2048;
 
 /// What every subscriber of a worker shares.
 pub struct Shared {
@@ -44,6 +44,8 @@ pub struct Policy {
     pub resume_after_shutdown: bool,
     /// Reconnections one client may make before it gives up.
     pub max_reconnects: u32,
+    /// Read buffer per subscriber: `MIN_READ_BUFFER`, larger when tokens are padded.
+    pub read_buffer: usize,
     /// Wait before reconnecting after a dropped stream or failed connect (no `retry:` given).
     pub backoff: Duration,
 }
@@ -86,7 +88,7 @@ pub async fn run(plan: Plan, shared: Rc<Shared>) {
         next_id: 0,
         stalled: false,
     };
-    let mut buf = vec![0u8; READ_BUFFER];
+    let mut buf = vec![0u8; shared.policy.read_buffer.max(MIN_READ_BUFFER)];
     let mut attempts = 0u32;
     let left = loop {
         let end = tokio::select! {
@@ -367,4 +369,131 @@ pub fn unix_micros() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_micros() as u64)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::metrics::latency::new_histogram;
+    use tokio::net::TcpListener;
+    use tokio::task::LocalSet;
+
+    fn chunk(payload: &str) -> String {
+        format!("{:x}\r\n{payload}\r\n", payload.len())
+    }
+
+    fn token(id: u64, stamp: u64) -> String {
+        chunk(&format!(
+            "id: {id}\nevent: token\ndata: {{\"index\":{id},\"text\":\"{stamp} w\"}}\n\n"
+        ))
+    }
+
+    const HEAD: &str =
+        "HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n";
+
+    /// Serves one canned response per connection and returns each request's head.
+    async fn serve(responses: Vec<String>) -> (SocketAddr, tokio::task::JoinHandle<Vec<String>>) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let handle = tokio::spawn(async move {
+            let mut requests = Vec::new();
+            for response in responses {
+                let (mut socket, _) = listener.accept().await.unwrap();
+                let mut buf = vec![0u8; 4096];
+                let n = socket.read(&mut buf).await.unwrap();
+                requests.push(String::from_utf8_lossy(&buf[..n]).into_owned());
+                socket.write_all(response.as_bytes()).await.unwrap();
+                // Keep-alive: the body ends with its last chunk, not with a close.
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            requests
+        });
+        (addr, handle)
+    }
+
+    async fn run_one(addr: SocketAddr) -> Counters {
+        let (_leave_tx, leave) = watch::channel(false);
+        let shared = Rc::new(Shared {
+            gateway: addr,
+            counters: RefCell::new(Counters::default()),
+            latency: RefCell::new(new_histogram().unwrap()),
+            leave,
+            policy: Policy {
+                resume_after_shutdown: true,
+                max_reconnects: 3,
+                backoff: Duration::from_millis(10),
+                read_buffer: MIN_READ_BUFFER,
+            },
+        });
+        let plan = Plan {
+            generation: Rc::from("gen_1"),
+            source: Ipv4Addr::new(127, 0, 0, 1),
+            stall: None,
+        };
+        LocalSet::new().run_until(run(plan, shared.clone())).await;
+        let counters = shared.counters.borrow().clone();
+        assert_eq!(shared.latency.borrow().len(), counters.live_tokens);
+        counters
+    }
+
+    #[tokio::test]
+    async fn a_complete_stream_is_verified_and_timed() {
+        let now = unix_micros() + 1_000_000;
+        let body = format!(
+            "{HEAD}{}{}{}{}{}0\r\n\r\n",
+            chunk(": keep-alive\n\n"),
+            token(0, now),
+            token(1, now),
+            token(2, now),
+            chunk("id: 3\nevent: done\ndata: {\"status\":\"completed\",\"token_count\":3}\n\n"),
+        );
+        let (addr, server) = serve(vec![body]).await;
+        let c = run_one(addr).await;
+        assert_eq!((c.tokens, c.live_tokens, c.done, c.ended), (3, 3, 1, 1));
+        assert_eq!((c.delivery_errors(), c.keepalives, c.connected), (0, 1, 0));
+        let requests = server.await.unwrap();
+        assert!(!requests[0].contains("Last-Event-ID"));
+    }
+
+    #[tokio::test]
+    async fn an_evicted_client_resumes_after_its_last_id_and_gaps_are_counted() {
+        let old = unix_micros() - 5_000_000;
+        let first = format!(
+            "{HEAD}{}{}{}0\r\n\r\n",
+            token(0, old),
+            token(1, old),
+            chunk("retry: 20\nevent: reconnect\ndata: {\"reason\":\"slow_consumer\"}\n\n"),
+        );
+        let second = format!(
+            "{HEAD}{}{}0\r\n\r\n",
+            token(3, old),
+            chunk("id: 4\nevent: done\ndata: {\"status\":\"completed\",\"token_count\":4}\n\n"),
+        );
+        let (addr, server) = serve(vec![first, second]).await;
+        let c = run_one(addr).await;
+        assert_eq!((c.evictions, c.reconnects, c.connects), (1, 1, 2));
+        assert_eq!((c.tokens, c.replayed_tokens, c.live_tokens), (3, 3, 0));
+        assert_eq!((c.missing_tokens, c.done, c.done_mismatches), (1, 1, 0));
+        let requests = server.await.unwrap();
+        assert!(
+            requests[1].contains("\r\nLast-Event-ID: 1\r\n"),
+            "{}",
+            requests[1]
+        );
+    }
+
+    #[tokio::test]
+    async fn a_body_that_ends_without_a_terminal_event_is_a_dropped_stream() {
+        let now = unix_micros();
+        let cut = format!("{HEAD}{}0\r\n\r\n", token(0, now));
+        let gone = "HTTP/1.1 204 No Content\r\ncontent-length: 0\r\n\r\n".to_string();
+        let (addr, server) = serve(vec![cut, gone]).await;
+        let c = run_one(addr).await;
+        assert_eq!(
+            (c.dropped_streams, c.reconnects, c.tokens, c.ended),
+            (1, 1, 1, 1)
+        );
+        let requests = server.await.unwrap();
+        assert!(requests[1].contains("Last-Event-ID: 0"));
+    }
 }

@@ -128,10 +128,12 @@ pub struct Cpu {
     pub cpu_s_per_million_events: Option<f64>,
     /// Gateway CPU over the window as a share of one core.
     pub cores_busy: f64,
+    /// CPU seconds of the load-client workers over the same window (same machine).
+    pub client_cpu_s: f64,
 }
 
 impl Cpu {
-    pub fn new(window_s: f64, cpu_s: f64, token_events: u64) -> Self {
+    pub fn new(window_s: f64, cpu_s: f64, token_events: u64, client_cpu_s: f64) -> Self {
         let per_event = (token_events > 0).then(|| cpu_s / token_events as f64);
         Self {
             window_s,
@@ -144,6 +146,7 @@ impl Cpu {
             } else {
                 0.0
             },
+            client_cpu_s,
         }
     }
 }
@@ -370,10 +373,10 @@ mod tests {
 
     #[test]
     fn cpu_per_event() {
-        let cpu = Cpu::new(10.0, 2.0, 1_000_000);
+        let cpu = Cpu::new(10.0, 2.0, 1_000_000, 1.0);
         assert_eq!(cpu.us_per_event, Some(2.0));
         assert_eq!(cpu.cpu_s_per_million_events, Some(2.0));
         assert_eq!(cpu.cores_busy, 0.2);
-        assert_eq!(Cpu::new(1.0, 1.0, 0).us_per_event, None);
+        assert_eq!(Cpu::new(1.0, 1.0, 0, 0.0).us_per_event, None);
     }
 }
