@@ -132,9 +132,9 @@ impl GatewayCapacity {
         format!(
             "requested {requested} connections, but gateway pid {pid} can hold at most {max}: \
              its RLIMIT_NOFILE is {} (hard {}), it already holds {} fds, and {} are kept for \
-             upstream streams plus {GATEWAY_FD_MARGIN} spare. On this machine the hard limit \
-             (20,000) cannot be raised, so one gateway process tops out near 19,500 connections. \
-             Rerun with --connections {max}, or add --cap to cap automatically. Where the limit \
+             upstream streams plus {GATEWAY_FD_MARGIN} spare. Where the hard limit cannot be \
+             raised (20,000 on this project's build machines), one gateway process tops out \
+             near 19,500 connections. Rerun with --connections {max}, or add --cap to cap automatically. Where the limit \
              can be raised: `ulimit -n 1048576` (and fs.nr_open ≥ that) before starting the \
              gateway and this tool.",
             fmt_limit(self.nofile_soft),
