@@ -239,7 +239,7 @@ impl RunResult {
             ),
         );
         row(
-            "connect errors / HTTP errors / dropped streams / gave up",
+            "connect errors / HTTP errors / streams cut without terminal event / gave up",
             format!(
                 "{} / {} / {} / {}",
                 d.connect_errors, d.http_errors, d.dropped_streams, d.gave_up
@@ -283,14 +283,14 @@ impl RunResult {
             row(
                 "gateway CPU over window",
                 format!(
-                    "{:.2} s in {:.1} s ({:.2} cores)",
-                    cpu.cpu_s, cpu.window_s, cpu.cores_busy
+                    "{:.2} s in {:.1} s ({:.2} cores); load client {:.2} s",
+                    cpu.cpu_s, cpu.window_s, cpu.cores_busy, cpu.client_cpu_s
                 ),
             );
             row(
                 "gateway CPU per delivered event",
                 cpu.us_per_event.map_or("–".into(), |us| {
-                    format!("{us:.2} µs ({:.2} s per million)", us)
+                    format!("{us:.2} µs ({us:.2} s per million events)")
                 }),
             );
         }
@@ -307,7 +307,10 @@ impl RunResult {
                     .exit
                     .as_ref()
                     .map_or("did not exit in time".into(), |e| {
-                        format!("after {:.2} s, code {:?}", e.after_s, e.code)
+                        let code = e
+                            .code
+                            .map_or("unknown (signal or attached)".into(), |c| c.to_string());
+                        format!("after {:.2} s, code {code}", e.after_s)
                     }),
             );
             row(
