@@ -171,6 +171,12 @@ pub struct ConnectionConfig {
     #[arg(long, env = "TOKENFAN_WRITE_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
     pub write_timeout: Duration,
 
+    /// Kernel send buffer of each client socket, in bytes (SO_SNDBUF). Unset: the kernel's
+    /// autotuning, which lets one unread socket pin up to net.ipv4.tcp_wmem's maximum (often
+    /// 4 MiB) until the write timeout; a fixed size bounds that.
+    #[arg(long, env = "TOKENFAN_SOCKET_SEND_BUFFER")]
+    pub socket_send_buffer: Option<usize>,
+
     /// Largest request body accepted, in bytes.
     #[arg(long, env = "TOKENFAN_MAX_REQUEST_BODY", default_value_t = 4 * 1024 * 1024)]
     pub max_request_body: usize,

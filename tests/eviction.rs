@@ -31,8 +31,9 @@ async fn stalled_subscriber(gateway: &Gateway, id: &str, last_event_id: Option<u
     stream
 }
 
-/// Reads a raw response until the server closes the connection (EOF or reset).
-async fn read_until_closed(stream: &mut TcpStream) -> Vec<u8> {
+/// Reads a raw response until the server closes the connection (EOF or reset), or until the
+/// chunked body's last chunk when `until_body_end`.
+async fn read_raw(stream: &mut TcpStream, until_body_end: bool) -> Vec<u8> {
     let mut received = Vec::new();
     let mut buf = vec![0; 64 * 1024];
     tokio::time::timeout(WAIT, async {
@@ -41,10 +42,13 @@ async fn read_until_closed(stream: &mut TcpStream) -> Vec<u8> {
                 Ok(0) | Err(_) => break,
                 Ok(n) => received.extend_from_slice(&buf[..n]),
             }
+            if until_body_end && received.ends_with(b"\r\n0\r\n\r\n") {
+                break;
+            }
         }
     })
     .await
-    .expect("the server did not close the connection");
+    .expect("the response did not end");
     received
 }
 
@@ -53,6 +57,7 @@ async fn slow_subscriber_is_evicted_with_reconnect_and_resumes_without_loss() {
     // A long write timeout: this client is slow, not dead, and must see the reconnect event.
     let gateway = Gateway::start_with(|c| {
         c.stream.channel_capacity = 8;
+        c.connection.socket_send_buffer = Some(16 * 1024);
         c.connection.write_timeout = Duration::from_secs(30);
     })
     .await;
@@ -65,8 +70,9 @@ async fn slow_subscriber_is_evicted_with_reconnect_and_resumes_without_loss() {
     assert_eq!(token_texts(&fast, 0).concat(), snapshot["text"]);
     assert_eq!(fast.last().unwrap().event, "done");
 
-    // Now the slow client reads what it was sent: tokens, then the reconnect event, then the end.
-    let raw = String::from_utf8_lossy(&read_until_closed(&mut slow).await).into_owned();
+    // Now the slow client reads what it was sent: tokens, then the reconnect event, then the
+    // end of the body.
+    let raw = String::from_utf8_lossy(&read_raw(&mut slow, true).await).into_owned();
     let reconnect = raw.find("event: reconnect").expect("no reconnect event");
     assert!(raw[reconnect..].contains(r#"data: {"reason":"slow_consumer"}"#));
     assert!(
@@ -99,6 +105,7 @@ async fn slow_subscriber_is_evicted_with_reconnect_and_resumes_without_loss() {
 async fn subscriber_that_stops_reading_has_its_socket_closed() {
     let gateway = Gateway::start_with(|c| {
         c.stream.channel_capacity = 8;
+        c.connection.socket_send_buffer = Some(16 * 1024);
         c.connection.write_timeout = Duration::from_millis(300);
     })
     .await;
@@ -109,7 +116,7 @@ async fn subscriber_that_stops_reading_has_its_socket_closed() {
     // The client never read; the server must have given up on it and reset the connection,
     // so reading now ends (reset or EOF) instead of waiting forever.
     let started = std::time::Instant::now();
-    let received = read_until_closed(&mut dead).await;
+    let received = read_raw(&mut dead, false).await;
     assert!(
         received.len() < 400 * 4000,
         "the whole generation fit in the socket buffers"

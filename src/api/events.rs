@@ -90,7 +90,8 @@ fn resume_cursor(headers: &HeaderMap, query: Option<&str>) -> Result<u64, ApiErr
     }
 }
 
-fn parse_event_id(id: &str) -> Option<u64> {
+/// A `Last-Event-ID` value as a token id: decimal digits only, at most 20 of them.
+pub fn parse_event_id(id: &str) -> Option<u64> {
     let digits_only = id.len() <= MAX_EVENT_ID_LEN && id.bytes().all(|b| b.is_ascii_digit());
     digits_only.then(|| id.parse().ok()).flatten()
 }

@@ -75,6 +75,11 @@ impl Server {
     fn spawn_connection(&self, stream: TcpStream) {
         // SSE events are small and latency matters more than packet count.
         let _ = stream.set_nodelay(true);
+        if let Some(size) = self.config.socket_send_buffer {
+            if let Err(error) = socket2::SockRef::from(&stream).set_send_buffer_size(size) {
+                debug!(%error, "could not set the socket send buffer");
+            }
+        }
         let connection = Connection {
             io: TokioIo::new(WriteTimeout::new(stream, self.config.write_timeout)),
             service: TowerToHyperService::new(self.router.clone()),

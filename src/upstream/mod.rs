@@ -9,7 +9,7 @@
 
 pub mod mock;
 mod openai;
-mod sse;
+pub mod sse;
 
 pub use openai::Upstream;
 

@@ -40,6 +40,8 @@ impl Gateway {
         let mut config = Config::defaults();
         config.upstream.url = Some(format!("http://{mock_addr}/v1"));
         config.upstream.retry_backoff = Duration::from_millis(10);
+        // Tests end with generations still running; do not wait long for them.
+        config.drain.drain_deadline = Duration::from_millis(500);
         tweak(&mut config);
         let listener = tokenfan::bind("127.0.0.1:0".parse().unwrap(), 1024).unwrap();
         let addr = listener.local_addr().unwrap();
