@@ -243,18 +243,20 @@ impl Scenario {
                 ..base
             },
             // On loopback the kernel lets a stalled reader's send buffer autotune to
-            // net.ipv4.tcp_wmem's max (4 MiB), plus hyper's ~400 KB write buffer: eviction
-            // needs ~5 MB behind. Padded 8 KB tokens at 50/s get there in ~12 s.
+            // net.ipv4.tcp_wmem's max (4 MiB): eviction needs megabytes behind. Padded 8 KB
+            // tokens at 50/s get there in ~10 s. Stalled clients resume after 14 s, before
+            // the gateway's 10 s write timeout cuts the evicted socket, so they read the
+            // `event: reconnect` behind the backlog (stall longer to see cut streams instead).
             ScenarioName::Slow => Self {
                 shape: Shape::Spread { connections: 500 },
                 generations: 5,
-                tokens: Range::fixed(1500),
+                tokens: Range::fixed(1000),
                 interval_ms: Range::fixed(20),
                 token_bytes: Some(8192),
                 stall: Some(StallKnobs {
                     fraction: 0.05,
                     after_tokens: 20,
-                    pause_s: 20.0,
+                    pause_s: 14.0,
                     recv_buffer: 4096,
                 }),
                 ..base
