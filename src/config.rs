@@ -64,6 +64,12 @@ pub struct Config {
     #[command(flatten)]
     pub connection: ConnectionConfig,
 
+    #[command(flatten)]
+    pub access: AccessConfig,
+
+    #[command(flatten)]
+    pub limits: LimitsConfig,
+
     /// Defaults of the embedded mock LLM, used when no upstream URL is set.
     #[command(flatten)]
     pub mock: crate::upstream::mock::MockConfig,
@@ -184,6 +190,94 @@ pub struct ConnectionConfig {
     /// Deadline for receiving a request's headers (slowloris protection).
     #[arg(long, env = "TOKENFAN_HEADER_READ_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
     pub header_read_timeout: Duration,
+}
+
+/// Who may do what.
+#[derive(Debug, Clone, Args)]
+pub struct AccessConfig {
+    /// API keys accepted on the backend API (`Authorization: Bearer <key>`); several for
+    /// rotation (comma-separated in the variable). None: the API is open, which tokenfan
+    /// allows only on a loopback address unless `--allow-unauthenticated` is given.
+    #[arg(
+        long = "api-key",
+        env = "TOKENFAN_API_KEYS",
+        value_delimiter = ',',
+        hide_env_values = true
+    )]
+    pub api_keys: Vec<Secret>,
+
+    /// Serve without API keys on a non-loopback address (loudly logged).
+    #[arg(long, env = "TOKENFAN_ALLOW_UNAUTHENTICATED")]
+    pub allow_unauthenticated: bool,
+
+    /// Key that signs subscribe tokens (at least 32 bytes). Several instances behind one load
+    /// balancer need the same key. Unset: a random key at start (one instance only).
+    #[arg(long, env = "TOKENFAN_SUBSCRIBE_TOKEN_KEY", hide_env_values = true)]
+    pub subscribe_token_key: Option<Secret>,
+
+    /// How long a subscribe token stays valid.
+    #[arg(long, env = "TOKENFAN_SUBSCRIBE_TOKEN_TTL", default_value = "1h", value_parser = parse_duration)]
+    pub subscribe_token_ttl: Duration,
+
+    /// Browser origins allowed by CORS (e.g. `https://app.example.com`; comma-separated in
+    /// the variable). None by default.
+    #[arg(
+        long = "cors-origin",
+        env = "TOKENFAN_CORS_ORIGINS",
+        value_delimiter = ','
+    )]
+    pub cors_origins: Vec<String>,
+}
+
+/// Admission control: every limit answers with a clear error and is counted in metrics.
+#[derive(Debug, Clone, Args)]
+pub struct LimitsConfig {
+    /// Client connections served at once. Beyond, new subscribers are told to reconnect later
+    /// and backend calls get 503. Unset: the open-files limit minus a reserve for upstream
+    /// connections.
+    #[arg(long, env = "TOKENFAN_MAX_CONNECTIONS")]
+    pub max_connections: Option<usize>,
+
+    /// Generations running at once; beyond, creation answers 503.
+    #[arg(long, env = "TOKENFAN_MAX_GENERATIONS", default_value_t = 10_000)]
+    pub max_generations: usize,
+
+    /// Subscribers of one generation at once; beyond, 429.
+    #[arg(
+        long,
+        env = "TOKENFAN_MAX_SUBSCRIBERS_PER_GENERATION",
+        default_value_t = 100_000
+    )]
+    pub max_subscribers_per_generation: usize,
+
+    /// Tokens one generation may log; beyond, it ends `failed` with code `too_large`.
+    #[arg(
+        long,
+        env = "TOKENFAN_MAX_GENERATION_TOKENS",
+        default_value_t = 100_000
+    )]
+    pub max_generation_tokens: usize,
+
+    /// Bytes of text one generation may log; beyond, it ends `failed` with code `too_large`.
+    #[arg(long, env = "TOKENFAN_MAX_GENERATION_BYTES", default_value_t = 4 * 1024 * 1024)]
+    pub max_generation_bytes: usize,
+
+    /// Memory all generation logs may use together, in bytes. Beyond, the oldest finished
+    /// generations are forgotten first; if running ones alone exceed it, creation answers 503.
+    #[arg(long, env = "TOKENFAN_LOG_MEMORY_BUDGET", default_value_t = 1024 * 1024 * 1024)]
+    pub log_memory_budget: usize,
+
+    /// Generations each API key may create per second, on average.
+    #[arg(long, env = "TOKENFAN_CREATE_RATE", default_value_t = 50.0)]
+    pub create_rate: f64,
+
+    /// Generations each API key may create in a burst above the rate.
+    #[arg(long, env = "TOKENFAN_CREATE_BURST", default_value_t = 100)]
+    pub create_burst: u32,
+
+    /// Largest request head (request line and headers), in bytes; beyond, 431.
+    #[arg(long, env = "TOKENFAN_MAX_HEADER_BYTES", default_value_t = 16 * 1024, value_parser = clap::value_parser!(u64).range(8192..))]
+    pub max_header_bytes: u64,
 }
 
 impl Config {

@@ -4,6 +4,7 @@
 //! and a shutdown future, runs until the shutdown future resolves, then drains.
 //! See ARCHITECTURE.md for the module map and the path of a token.
 
+pub mod access;
 pub mod api;
 pub mod config;
 pub mod drain;
@@ -36,6 +37,17 @@ pub enum ServeError {
     Upstream(#[from] UpstreamError),
     #[error("could not start the embedded mock LLM: {0}")]
     Mock(std::io::Error),
+    #[error(transparent)]
+    Access(#[from] access::AccessError),
+    #[error(transparent)]
+    Cors(#[from] api::InvalidOrigin),
+    #[error(
+        "refusing to serve {0} without API keys: set TOKENFAN_API_KEYS, listen on a loopback \
+         address, or pass --allow-unauthenticated"
+    )]
+    Unauthenticated(std::net::SocketAddr),
+    #[error("could not read the listener's address: {0}")]
+    Listener(std::io::Error),
 }
 
 /// Serves the gateway on `listener` until `shutdown` resolves, then drains and returns.
@@ -45,6 +57,10 @@ pub async fn serve(
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), ServeError> {
     let prometheus = metrics::install();
+    let access = access::Access::new(&config.access, &config.limits)?;
+    let addr = listener.local_addr().map_err(ServeError::Listener)?;
+    check_exposure(&access, &config, addr)?;
+    let cors = api::cors_layer(&config.access.cors_origins)?;
     let mock_shutdown = CancellationToken::new();
     let base_url = match &config.upstream.url {
         Some(url) => url.clone(),
@@ -56,6 +72,12 @@ pub async fn serve(
             keepalive_interval: config.stream.keepalive_interval,
             retention: config.stream.retention,
             cancel_unwatched_after: config.stream.cancel_unwatched_after,
+            max_generations: config.limits.max_generations,
+            log_limits: hub::LogLimits {
+                max_tokens: config.limits.max_generation_tokens,
+                max_bytes: config.limits.max_generation_bytes,
+            },
+            log_memory_budget: config.limits.log_memory_budget,
         },
         Upstream::new(&config.upstream, &base_url)?,
     );
@@ -64,19 +86,25 @@ pub async fn serve(
         u64::try_from(config.stream.slow_consumer_retry.as_millis()).unwrap_or(u64::MAX);
     let app = Arc::new(App {
         hub: hub.clone(),
+        access,
+        max_subscribers_per_generation: config.limits.max_subscribers_per_generation,
         drain: drain.clone(),
         prometheus,
         max_request_body: config.connection.max_request_body,
         slow_consumer_frame: frame::reconnect(slow_retry_ms, "slow_consumer"),
     });
     let connections = TaskTracker::new();
-    if let Ok(addr) = listener.local_addr() {
-        info!("listening on {addr}");
-    }
+    info!("listening on {addr}");
     let server = Server {
         listener,
-        router: api::router(app),
+        router: api::router(app, cors),
+        over_capacity_router: api::over_capacity_router(),
         config: config.connection.clone(),
+        max_connections: config
+            .limits
+            .max_connections
+            .unwrap_or_else(server::default_max_connections),
+        max_header_bytes: config.limits.max_header_bytes as usize,
         drain: drain.clone(),
         connections: connections.clone(),
     };
@@ -91,6 +119,26 @@ pub async fn serve(
     keepalive.abort();
     let _ = accept_loop.await;
     mock_shutdown.cancel();
+    Ok(())
+}
+
+/// An open API on a non-loopback address is a mistake unless the operator says otherwise.
+fn check_exposure(
+    access: &access::Access,
+    config: &Config,
+    addr: std::net::SocketAddr,
+) -> Result<(), ServeError> {
+    if access.keys_required() || addr.ip().is_loopback() {
+        return Ok(());
+    }
+    if !config.access.allow_unauthenticated {
+        return Err(ServeError::Unauthenticated(addr));
+    }
+    tracing::warn!(
+        %addr,
+        "SERVING WITHOUT AUTHENTICATION on a non-loopback address (--allow-unauthenticated): \
+         anyone who can reach it can start generations on your upstream account"
+    );
     Ok(())
 }
 

@@ -29,6 +29,14 @@ pub const GENERATIONS_RUNNING: &str = "tokenfan_generations_running";
 pub const GENERATIONS_STARTED: &str = "tokenfan_generations_started_total";
 /// Counter: generations ended, by final `status`.
 pub const GENERATIONS_FINISHED: &str = "tokenfan_generations_finished_total";
+/// Counter: finished generations forgotten before their retention to fit the log budget.
+pub const GENERATIONS_EVICTED: &str = "tokenfan_generations_evicted_total";
+/// Counter: requests refused by a limit (label `limit`).
+pub const LIMITED: &str = "tokenfan_limited_total";
+/// Counter: connections answered "over capacity" because `--max-connections` was reached.
+pub const CONNECTIONS_SHED: &str = "tokenfan_connections_shed_total";
+/// Counter: requests refused for missing or bad credentials (label `reason`).
+pub const AUTH_FAILURES: &str = "tokenfan_auth_failures_total";
 /// Counter: tokens received from the upstream.
 pub const TOKENS: &str = "tokenfan_tokens_total";
 /// Counter: token events queued to live subscribers (replays not included).
@@ -75,6 +83,13 @@ fn describe() {
     );
     describe_counter!(GENERATIONS_STARTED, "Generations started");
     describe_counter!(GENERATIONS_FINISHED, "Generations ended, by status");
+    describe_counter!(
+        GENERATIONS_EVICTED,
+        "Finished generations forgotten early for memory"
+    );
+    describe_counter!(LIMITED, "Requests refused by a limit, by limit");
+    describe_counter!(CONNECTIONS_SHED, "Connections answered over capacity");
+    describe_counter!(AUTH_FAILURES, "Requests refused for credentials, by reason");
     describe_counter!(TOKENS, "Tokens received from the upstream");
     describe_counter!(EVENTS_DELIVERED, "Token events queued to live subscribers");
     describe_counter!(DRAIN_STARTED, "Drains begun");

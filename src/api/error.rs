@@ -11,10 +11,12 @@ use axum::{
 };
 use serde_json::json;
 
-use crate::hub::HubError;
+use std::time::Duration;
 
-/// Seconds a client is asked to wait before retrying a request refused during a drain.
-const DRAINING_RETRY_AFTER_SECS: &str = "5";
+use crate::{access::Denied, hub::HubError, metrics};
+
+/// Seconds a client is asked to wait before retrying a request refused for lack of capacity.
+const BUSY_RETRY_AFTER_SECS: u64 = 5;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ApiError {
@@ -44,6 +46,16 @@ pub enum ApiError {
     MethodNotAllowed,
     #[error("the gateway is shutting down; retry on another instance")]
     Draining,
+    #[error("the gateway is at its connection limit; retry later")]
+    OverCapacity,
+    #[error("{0}")]
+    Denied(Denied),
+    #[error("too many generations created with this key; retry after {} s", .0.as_secs().max(1))]
+    RateLimited(Duration),
+    #[error("this generation has as many subscribers as allowed")]
+    TooManySubscribers,
+    #[error("a request may not carry both Content-Length and Transfer-Encoding")]
+    AmbiguousFraming,
 }
 
 impl ApiError {
@@ -54,13 +66,19 @@ impl ApiError {
             | Self::BodyRead(_)
             | Self::InvalidIdempotencyKey
             | Self::InvalidLastEventId
-            | Self::InvalidQuery(_) => StatusCode::BAD_REQUEST,
+            | Self::InvalidQuery(_)
+            | Self::AmbiguousFraming => StatusCode::BAD_REQUEST,
             Self::BodyTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             Self::UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             Self::Hub(HubError::IdempotencyKeyReused) => StatusCode::UNPROCESSABLE_ENTITY,
+            Self::Hub(HubError::TooManyGenerations | HubError::MemoryBudgetExceeded)
+            | Self::Draining
+            | Self::OverCapacity => StatusCode::SERVICE_UNAVAILABLE,
+            Self::Denied(Denied::WrongGeneration) => StatusCode::FORBIDDEN,
+            Self::Denied(_) => StatusCode::UNAUTHORIZED,
+            Self::RateLimited(_) | Self::TooManySubscribers => StatusCode::TOO_MANY_REQUESTS,
             Self::GenerationNotFound | Self::RouteNotFound => StatusCode::NOT_FOUND,
             Self::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
-            Self::Draining => StatusCode::SERVICE_UNAVAILABLE,
         }
     }
 
@@ -74,12 +92,52 @@ impl ApiError {
             Self::UnsupportedMediaType => "unsupported_media_type",
             Self::InvalidIdempotencyKey => "invalid_idempotency_key",
             Self::Hub(HubError::IdempotencyKeyReused) => "idempotency_key_reused",
+            Self::Hub(HubError::TooManyGenerations) => "too_many_generations",
+            Self::Hub(HubError::MemoryBudgetExceeded) => "memory_budget_exceeded",
             Self::InvalidLastEventId => "invalid_last_event_id",
             Self::InvalidQuery(_) => "invalid_query",
             Self::GenerationNotFound => "generation_not_found",
             Self::RouteNotFound => "not_found",
             Self::MethodNotAllowed => "method_not_allowed",
             Self::Draining => "draining",
+            Self::OverCapacity => "over_capacity",
+            Self::Denied(Denied::Missing) => "missing_credentials",
+            Self::Denied(Denied::Invalid) => "invalid_credentials",
+            Self::Denied(Denied::Expired) => "token_expired",
+            Self::Denied(Denied::WrongGeneration) => "token_scope",
+            Self::RateLimited(_) => "rate_limited",
+            Self::TooManySubscribers => "too_many_subscribers",
+            Self::AmbiguousFraming => "ambiguous_framing",
+        }
+    }
+
+    /// Seconds after which a retry may succeed, for errors that are about load, not content.
+    fn retry_after(&self) -> Option<u64> {
+        match self {
+            Self::RateLimited(wait) => Some(wait.as_secs_f64().ceil().max(1.0) as u64),
+            Self::Draining
+            | Self::OverCapacity
+            | Self::Hub(HubError::TooManyGenerations | HubError::MemoryBudgetExceeded) => {
+                Some(BUSY_RETRY_AFTER_SECS)
+            }
+            _ => None,
+        }
+    }
+
+    /// Counts refusals that operators watch: limits and credentials.
+    fn record(&self) {
+        match self {
+            Self::Denied(_) => {
+                ::metrics::counter!(metrics::AUTH_FAILURES, "reason" => self.code()).increment(1)
+            }
+            Self::RateLimited(_)
+            | Self::TooManySubscribers
+            | Self::OverCapacity
+            | Self::BodyTooLarge(_)
+            | Self::Hub(HubError::TooManyGenerations | HubError::MemoryBudgetExceeded) => {
+                ::metrics::counter!(metrics::LIMITED, "limit" => self.code()).increment(1)
+            }
+            _ => {}
         }
     }
 }
@@ -87,12 +145,22 @@ impl ApiError {
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let body = json!({"error": {"code": self.code(), "message": self.to_string()}});
+        self.record();
         let mut response = (self.status(), Json(body)).into_response();
-        if matches!(self, Self::Draining) {
-            response.headers_mut().insert(
-                header::RETRY_AFTER,
-                HeaderValue::from_static(DRAINING_RETRY_AFTER_SECS),
-            );
+        let headers = response.headers_mut();
+        if let Some(seconds) = self.retry_after() {
+            headers.insert(header::RETRY_AFTER, HeaderValue::from(seconds));
+        }
+        match self {
+            Self::Denied(Denied::WrongGeneration) => {}
+            Self::Denied(_) => {
+                headers.insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+            }
+            // The body of such a request cannot be delimited safely: close the connection.
+            Self::AmbiguousFraming => {
+                headers.insert(header::CONNECTION, HeaderValue::from_static("close"));
+            }
+            _ => {}
         }
         response
     }
@@ -110,4 +178,8 @@ pub async fn route_not_found() -> ApiError {
 
 pub async fn method_not_allowed() -> ApiError {
     ApiError::MethodNotAllowed
+}
+
+pub async fn over_capacity() -> ApiError {
+    ApiError::OverCapacity
 }

@@ -24,15 +24,19 @@ use futures_util::Stream;
 use serde::Deserialize;
 use tokio::sync::mpsc;
 
-use super::{error::ApiError, generations::find, App};
+use super::{auth::authorize_subscriber, error::ApiError, generations::find, App};
 use crate::hub::{frame, Attach, Generation, Outbound, Resume};
 
 /// A `Last-Event-ID` longer than this cannot be a token id (u64 has 20 digits).
 const MAX_EVENT_ID_LEN: usize = 20;
+/// `retry:` for a subscriber turned away at the connection limit: long, and spread, so that a
+/// full instance is not hammered (a load balancer may send the retry elsewhere).
+const OVER_CAPACITY_RETRY_MS: std::ops::RangeInclusive<u64> = 10_000..=20_000;
 
 #[derive(Deserialize)]
 pub struct EventsQuery {
     last_event_id: Option<String>,
+    token: Option<String>,
 }
 
 pub async fn subscribe(
@@ -50,6 +54,7 @@ pub async fn subscribe(
         ))));
     }
     let Query(query) = query?;
+    authorize_subscriber(&app, &headers, query.token.as_deref(), &id)?;
     let generation = find(&app, &id)?;
     let cursor = resume_cursor(&headers, query.last_event_id.as_deref())?;
     match generation.resume(cursor) {
@@ -57,9 +62,19 @@ pub async fn subscribe(
         Resume::NothingLeft => return Ok(StatusCode::NO_CONTENT.into_response()),
         Resume::BeyondEnd => return Err(ApiError::InvalidLastEventId),
     }
+    if !generation.join_viewer(app.max_subscribers_per_generation) {
+        return Err(ApiError::TooManySubscribers);
+    }
     ::metrics::counter!(crate::metrics::SUBSCRIPTIONS).increment(1);
     let stream = SubscriberStream::new(app, generation, cursor);
     Ok(event_stream(Body::from_stream(stream)))
+}
+
+/// A subscription on a connection beyond the connection limit: come back later.
+pub async fn over_capacity() -> Response {
+    ::metrics::counter!(crate::metrics::LIMITED, "limit" => "over_capacity").increment(1);
+    let retry = rand::Rng::random_range(&mut rand::rng(), OVER_CAPACITY_RETRY_MS);
+    event_stream(Body::from(frame::reconnect(retry, "over_capacity")))
 }
 
 fn event_stream(body: Body) -> Response {
@@ -111,6 +126,7 @@ enum Phase {
 }
 
 impl SubscriberStream {
+    /// Takes over the viewer slot the handler reserved on `generation`.
     fn new(app: Arc<App>, generation: Arc<Generation>, cursor: u64) -> Self {
         app.hub.subscriber_opened();
         Self {
@@ -177,6 +193,7 @@ impl Stream for SubscriberStream {
 
 impl Drop for SubscriberStream {
     fn drop(&mut self) {
+        self.generation.leave_viewer();
         self.app.hub.subscriber_closed();
     }
 }

@@ -7,13 +7,16 @@ use axum::{
     extract::{Path, State},
     http::{header, HeaderMap, HeaderValue, StatusCode},
     response::{IntoResponse, Response},
-    Json,
+    Extension, Json,
 };
 use serde::Serialize;
 use serde_json::{Map, Value};
 
 use super::{error::ApiError, App};
-use crate::hub::{registry::is_generation_id, Generation, Snapshot, Status};
+use crate::{
+    access::KeyId,
+    hub::{registry::is_generation_id, Generation, Snapshot, Status},
+};
 
 const IDEMPOTENCY_KEY: &str = "idempotency-key";
 const MAX_IDEMPOTENCY_KEY_LEN: usize = 255;
@@ -23,11 +26,14 @@ struct CreatedBody<'a> {
     id: &'a str,
     status: Status,
     events_url: String,
+    /// Lets a viewer (who holds no API key) subscribe to this generation only.
+    subscribe_token: String,
 }
 
 /// `POST /v1/generations`: starts the upstream call and answers 201 at once, before any token.
 pub async fn create(
     State(app): State<Arc<App>>,
+    key: Option<Extension<KeyId>>,
     headers: HeaderMap,
     body: Body,
 ) -> Result<Response, ApiError> {
@@ -36,6 +42,9 @@ pub async fn create(
     }
     let idempotency_key = idempotency_key(&headers)?;
     let request = chat_request(&headers, body, app.max_request_body).await?;
+    app.access
+        .take_creation(key.map(|Extension(key)| key))
+        .map_err(ApiError::RateLimited)?;
     let created = app.hub.create(request, idempotency_key)?;
     let generation = &created.generation;
     let events_url = format!("/v1/generations/{}/events", generation.id());
@@ -46,6 +55,7 @@ pub async fn create(
             id: generation.id(),
             status: generation.status(),
             events_url,
+            subscribe_token: app.access.subscribe_token(generation.id()),
         }),
     )
         .into_response();

@@ -5,6 +5,7 @@
 //! - [`ops`]: `/livez`, `/readyz`, `/metrics`.
 //! - [`error`]: the one error type and its HTTP mapping.
 
+pub mod auth;
 pub mod error;
 pub mod events;
 pub mod generations;
@@ -13,17 +14,22 @@ pub mod ops;
 use std::sync::Arc;
 
 use axum::{
+    http::{header, HeaderName, HeaderValue, Method},
+    middleware,
     routing::{get, post},
     Router,
 };
 use bytes::Bytes;
 use metrics_exporter_prometheus::PrometheusHandle;
+use tower_http::cors::{AllowOrigin, CorsLayer};
 
-use crate::{drain::Drain, hub::Hub};
+use crate::{access::Access, drain::Drain, hub::Hub};
 
 /// What every handler shares.
 pub struct App {
     pub hub: Arc<Hub>,
+    pub access: Access,
+    pub max_subscribers_per_generation: usize,
     pub drain: Drain,
     pub prometheus: PrometheusHandle,
     pub max_request_body: usize,
@@ -31,18 +37,70 @@ pub struct App {
     pub slow_consumer_frame: Bytes,
 }
 
-pub fn router(app: Arc<App>) -> Router {
-    Router::new()
+pub fn router(app: Arc<App>, cors: Option<CorsLayer>) -> Router {
+    let backend = Router::new()
         .route("/v1/generations", post(generations::create))
         .route(
             "/v1/generations/{id}",
             get(generations::snapshot).delete(generations::cancel),
         )
+        .route_layer(middleware::from_fn_with_state(
+            app.clone(),
+            auth::require_api_key,
+        ));
+    let router = Router::new()
+        .merge(backend)
         .route("/v1/generations/{id}/events", get(events::subscribe))
         .route("/livez", get(ops::livez))
         .route("/readyz", get(ops::readyz))
         .route("/metrics", get(ops::metrics))
         .fallback(error::route_not_found)
         .method_not_allowed_fallback(error::method_not_allowed)
-        .with_state(app)
+        .layer(middleware::from_fn(auth::reject_ambiguous_framing))
+        .with_state(app);
+    match cors {
+        Some(cors) => router.layer(cors),
+        None => router,
+    }
+}
+
+/// What a connection beyond `--max-connections` is served: subscribers are told to come back
+/// later (an `EventSource` would give up on an error status), probes still see the process
+/// alive, and everything else is 503 with `Retry-After`.
+pub fn over_capacity_router() -> Router {
+    Router::new()
+        .route("/v1/generations/{id}/events", get(events::over_capacity))
+        .route("/livez", get(ops::livez))
+        .fallback(error::over_capacity)
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("invalid CORS origin {0:?}")]
+pub struct InvalidOrigin(String);
+
+/// CORS for the configured browser origins; none configured, no CORS headers at all.
+pub fn cors_layer(origins: &[String]) -> Result<Option<CorsLayer>, InvalidOrigin> {
+    if origins.is_empty() {
+        return Ok(None);
+    }
+    let origins = origins
+        .iter()
+        .map(|origin| HeaderValue::from_str(origin).map_err(|_| InvalidOrigin(origin.clone())))
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok(Some(
+        CorsLayer::new()
+            .allow_origin(AllowOrigin::list(origins))
+            .allow_methods([Method::GET, Method::POST, Method::DELETE])
+            .allow_headers([
+                header::AUTHORIZATION,
+                header::CONTENT_TYPE,
+                HeaderName::from_static("last-event-id"),
+                HeaderName::from_static("idempotency-key"),
+            ])
+            .expose_headers([
+                header::LOCATION,
+                HeaderName::from_static("idempotent-replayed"),
+            ])
+            .max_age(std::time::Duration::from_secs(3600)),
+    ))
 }

@@ -7,7 +7,10 @@
 //! fall between replay and live.
 
 use std::{
-    sync::Mutex,
+    sync::{
+        atomic::{AtomicUsize, Ordering},
+        Mutex,
+    },
     time::{Duration, Instant},
 };
 
@@ -90,6 +93,27 @@ pub enum Attach {
     Ended(Bytes),
 }
 
+/// Bookkeeping per logged token beyond its text and frame bytes (the `Bytes` handle).
+const LOG_OVERHEAD_PER_TOKEN: usize = std::mem::size_of::<Bytes>();
+
+/// How big one generation's log may grow.
+#[derive(Debug, Clone, Copy)]
+pub struct LogLimits {
+    pub max_tokens: usize,
+    pub max_bytes: usize,
+}
+
+/// What became of a token offered to [`Generation::push_token`].
+#[derive(Debug)]
+pub enum Pushed {
+    /// Logged and fanned out; `log_bytes` is what the log grew by.
+    Logged { fan_out: FanOut, log_bytes: usize },
+    /// The generation had already ended; the token was dropped.
+    Ended,
+    /// The token would take the log past its limits; nothing was logged.
+    TooLarge,
+}
+
 /// Counts of one fan-out, reported to metrics by the caller after the lock is released.
 #[derive(Debug, Default, Clone, Copy)]
 pub struct FanOut {
@@ -101,6 +125,8 @@ pub struct Generation {
     id: String,
     idempotency_key: Option<String>,
     cancel: CancellationToken,
+    /// Subscriber streams open on this generation, replaying or live.
+    viewers: AtomicUsize,
     state: Mutex<State>,
 }
 
@@ -114,6 +140,8 @@ struct State {
     usage: Option<serde_json::Value>,
     error: Option<ErrorInfo>,
     subscribers: Vec<mpsc::Sender<Outbound>>,
+    /// Memory held by `text` and `frames`, for the hub's log budget.
+    log_bytes: usize,
     /// Since when no subscriber is attached (None while someone is).
     unwatched_since: Option<Instant>,
 }
@@ -124,6 +152,7 @@ impl Generation {
             id,
             idempotency_key,
             cancel: CancellationToken::new(),
+            viewers: AtomicUsize::new(0),
             state: Mutex::new(State {
                 status: Status::Running,
                 text: String::new(),
@@ -133,6 +162,7 @@ impl Generation {
                 usage: None,
                 error: None,
                 subscribers: Vec::new(),
+                log_bytes: 0,
                 unwatched_since: Some(Instant::now()),
             }),
         }
@@ -161,17 +191,43 @@ impl Generation {
 
     /// Appends a token to the log and offers its frame to every live subscriber. A subscriber
     /// whose channel is full is dropped from the set: its stream ends with `event: reconnect`
-    /// and it resumes from the log. Returns `None` if the generation has already ended.
-    pub fn push_token(&self, text: &str) -> Option<FanOut> {
+    /// and it resumes from the log.
+    pub fn push_token(&self, text: &str, limits: LogLimits) -> Pushed {
         let mut state = self.lock();
         if state.status != Status::Running {
-            return None;
+            return Pushed::Ended;
+        }
+        if state.frames.len() >= limits.max_tokens
+            || state.text.len() + text.len() > limits.max_bytes
+        {
+            return Pushed::TooLarge;
         }
         let index = state.frames.len() as u64;
         let frame = frame::token(index, text);
+        let log_bytes = text.len() + frame.len() + LOG_OVERHEAD_PER_TOKEN;
+        state.log_bytes += log_bytes;
         state.text.push_str(text);
         state.frames.push(frame.clone());
-        Some(state.offer(|| Outbound::Token(frame.clone())))
+        let fan_out = state.offer(|| Outbound::Token(frame.clone()));
+        Pushed::Logged { fan_out, log_bytes }
+    }
+
+    /// Memory held by this generation's log.
+    pub fn log_bytes(&self) -> usize {
+        self.lock().log_bytes
+    }
+
+    /// Counts a new viewer unless there are already `max`; returns whether it was counted.
+    pub fn join_viewer(&self, max: usize) -> bool {
+        self.viewers
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| {
+                (n < max).then_some(n + 1)
+            })
+            .is_ok()
+    }
+
+    pub fn leave_viewer(&self) {
+        self.viewers.fetch_sub(1, Ordering::Relaxed);
     }
 
     pub fn set_finish_reason(&self, reason: String) {

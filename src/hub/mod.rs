@@ -11,5 +11,7 @@ pub mod frame;
 pub mod generation;
 pub mod registry;
 
-pub use generation::{Attach, Generation, Outbound, Outcome, Resume, Snapshot, Status};
+pub use generation::{
+    Attach, Generation, LogLimits, Outbound, Outcome, Pushed, Resume, Snapshot, Status,
+};
 pub use registry::{Created, Hub, HubError, HubSettings};

@@ -4,7 +4,7 @@
 //! finished generation readable for the retention time, then forgets it so its memory is freed.
 
 use std::{
-    collections::HashMap,
+    collections::{HashMap, VecDeque},
     hash::{Hash, Hasher},
     sync::{
         atomic::{AtomicUsize, Ordering},
@@ -18,7 +18,7 @@ use rand::RngCore;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, info_span, warn, Instrument};
 
-use super::generation::{Generation, Outcome, Status};
+use super::generation::{Generation, LogLimits, Outcome, Pushed, Status};
 use crate::{
     metrics,
     upstream::{Upstream, UpstreamEvent},
@@ -31,12 +31,19 @@ pub struct HubSettings {
     pub keepalive_interval: Duration,
     pub retention: Duration,
     pub cancel_unwatched_after: Option<Duration>,
+    pub max_generations: usize,
+    pub log_limits: LogLimits,
+    pub log_memory_budget: usize,
 }
 
 #[derive(Debug, thiserror::Error)]
 pub enum HubError {
     #[error("this Idempotency-Key was already used with a different request body")]
     IdempotencyKeyReused,
+    #[error("too many generations are running; retry later")]
+    TooManyGenerations,
+    #[error("the generation logs have used their memory budget; retry later")]
+    MemoryBudgetExceeded,
 }
 
 /// A new or existing generation, as returned by [`Hub::create`].
@@ -54,6 +61,10 @@ pub struct Hub {
     idempotency: Mutex<HashMap<String, (u64, String)>>,
     running: AtomicUsize,
     subscribers_open: AtomicUsize,
+    /// Memory held by every generation log, against `log_memory_budget`.
+    log_bytes: AtomicUsize,
+    /// Ids of finished generations, oldest first: the first to go when memory runs short.
+    finished: Mutex<VecDeque<String>>,
     /// Fires when the process shuts down: retention timers stop waiting.
     closed: CancellationToken,
 }
@@ -67,6 +78,8 @@ impl Hub {
             idempotency: Mutex::default(),
             running: AtomicUsize::new(0),
             subscribers_open: AtomicUsize::new(0),
+            log_bytes: AtomicUsize::new(0),
+            finished: Mutex::default(),
             closed: CancellationToken::new(),
         })
     }
@@ -82,6 +95,12 @@ impl Hub {
         request: serde_json::Map<String, serde_json::Value>,
         idempotency_key: Option<String>,
     ) -> Result<Created, HubError> {
+        if self.running() >= self.settings.max_generations {
+            return Err(HubError::TooManyGenerations);
+        }
+        if !self.fit_log_budget() {
+            return Err(HubError::MemoryBudgetExceeded);
+        }
         let body_hash = hash_request(&request);
         // Held across the insert into `generations`, so two racing requests with one key cannot
         // both start an upstream call.
@@ -199,6 +218,7 @@ impl Hub {
         }
         let status = generation.status();
         info!(?status, "generation ended");
+        lock(&self.finished).push_back(generation.id().to_owned());
         self.running.fetch_sub(1, Ordering::Relaxed);
         ::metrics::gauge!(metrics::GENERATIONS_RUNNING).decrement(1);
         ::metrics::counter!(metrics::GENERATIONS_FINISHED, "status" => status_label(status))
@@ -220,10 +240,22 @@ impl Hub {
         futures_util::pin_mut!(stream);
         while let Some(event) = stream.next().await {
             match event {
-                Ok(UpstreamEvent::Token(text)) => match generation.push_token(&text) {
-                    Some(fan_out) => metrics::record_fan_out(fan_out),
-                    None => break,
-                },
+                Ok(UpstreamEvent::Token(text)) => {
+                    match generation.push_token(&text, self.settings.log_limits) {
+                        Pushed::Logged { fan_out, log_bytes } => {
+                            metrics::record_fan_out(fan_out);
+                            self.log_bytes.fetch_add(log_bytes, Ordering::Relaxed);
+                            self.fit_log_budget();
+                        }
+                        Pushed::Ended => break,
+                        Pushed::TooLarge => {
+                            return Outcome::Failed {
+                                code: "too_large",
+                                message: "the generation exceeded its token or byte limit".into(),
+                            }
+                        }
+                    }
+                }
                 Ok(UpstreamEvent::Finish(reason)) => generation.set_finish_reason(reason),
                 Ok(UpstreamEvent::Usage(usage)) => generation.set_usage(usage),
                 Err(error) => {
@@ -251,8 +283,32 @@ impl Hub {
         }
     }
 
+    /// Forgets finished generations, oldest first, until the logs fit the memory budget.
+    /// Returns whether they fit.
+    fn fit_log_budget(&self) -> bool {
+        while self.log_bytes.load(Ordering::Relaxed) > self.settings.log_memory_budget {
+            let Some(id) = lock(&self.finished).pop_front() else {
+                return false;
+            };
+            if let Some(generation) = self.get(&id) {
+                info!(generation_id = %id, "log memory budget reached: forgetting a finished generation early");
+                ::metrics::counter!(metrics::GENERATIONS_EVICTED).increment(1);
+                self.forget(&generation);
+            }
+        }
+        true
+    }
+
+    /// Memory held by every generation log.
+    pub fn log_bytes(&self) -> usize {
+        self.log_bytes.load(Ordering::Relaxed)
+    }
+
     fn forget(&self, generation: &Generation) {
-        lock(&self.generations).remove(generation.id());
+        if lock(&self.generations).remove(generation.id()).is_some() {
+            self.log_bytes
+                .fetch_sub(generation.log_bytes(), Ordering::Relaxed);
+        }
         if let Some(key) = generation.idempotency_key() {
             let mut keys = lock(&self.idempotency);
             if keys.get(key).is_some_and(|(_, id)| id == generation.id()) {

@@ -8,7 +8,15 @@
 
 mod write_timeout;
 
-use std::{io, net::SocketAddr, time::Duration};
+use std::{
+    io,
+    net::SocketAddr,
+    sync::{
+        atomic::{AtomicUsize, Ordering},
+        Arc,
+    },
+    time::Duration,
+};
 
 use axum::Router;
 use hyper::server::conn::http1;
@@ -25,6 +33,17 @@ use write_timeout::WriteTimeout;
 
 /// Longest pause after a failed accept (e.g. out of file descriptors).
 const MAX_ACCEPT_BACKOFF: Duration = Duration::from_secs(1);
+/// File descriptors kept for everything but client connections (upstream calls, the mock,
+/// logs) when the connection limit is derived from the open-files limit.
+const RESERVED_DESCRIPTORS: u64 = 1024;
+
+/// The connection limit when none is configured: what the open-files limit leaves after a
+/// reserve, so that accept never fails for lack of descriptors while upstream calls need some.
+pub fn default_max_connections() -> usize {
+    let (soft, _hard) = rlimit::Resource::NOFILE.get().unwrap_or((1024, 1024));
+    let usable = soft.saturating_sub(RESERVED_DESCRIPTORS).max(soft / 2);
+    usize::try_from(usable).unwrap_or(usize::MAX)
+}
 
 /// Binds a listener with a large backlog: tokio's `TcpListener::bind` uses 128, and the burst
 /// of reconnects after another instance drains needs far more.
@@ -42,7 +61,11 @@ pub fn bind(addr: SocketAddr, backlog: u32) -> io::Result<TcpListener> {
 pub struct Server {
     pub listener: TcpListener,
     pub router: Router,
+    /// Serves connections beyond `max_connections`.
+    pub over_capacity_router: Router,
     pub config: ConnectionConfig,
+    pub max_connections: usize,
+    pub max_header_bytes: usize,
     pub drain: Drain,
     pub connections: TaskTracker,
 }
@@ -50,6 +73,7 @@ pub struct Server {
 impl Server {
     /// Accepts connections until the drain closes the listener.
     pub async fn run(self) {
+        let open = Arc::new(AtomicUsize::new(0));
         let mut backoff = Duration::from_millis(5);
         loop {
             let accepted = tokio::select! {
@@ -59,7 +83,7 @@ impl Server {
             match accepted {
                 Ok((stream, _peer)) => {
                     backoff = Duration::from_millis(5);
-                    self.spawn_connection(stream);
+                    self.spawn_connection(stream, &open);
                 }
                 Err(error) => {
                     // Typically EMFILE: the process is at its open-files limit. Back off so
@@ -72,7 +96,7 @@ impl Server {
         }
     }
 
-    fn spawn_connection(&self, stream: TcpStream) {
+    fn spawn_connection(&self, stream: TcpStream, open: &Arc<AtomicUsize>) {
         // SSE events are small and latency matters more than packet count.
         let _ = stream.set_nodelay(true);
         if let Some(size) = self.config.socket_send_buffer {
@@ -80,11 +104,22 @@ impl Server {
                 debug!(%error, "could not set the socket send buffer");
             }
         }
+        let guard = OpenConnection::count(open.clone());
+        let over_capacity = guard.open_before >= self.max_connections;
+        let router = if over_capacity {
+            ::metrics::counter!(metrics::CONNECTIONS_SHED).increment(1);
+            &self.over_capacity_router
+        } else {
+            &self.router
+        };
         let connection = Connection {
             io: TokioIo::new(WriteTimeout::new(stream, self.config.write_timeout)),
-            service: TowerToHyperService::new(self.router.clone()),
+            service: TowerToHyperService::new(router.clone()),
             header_read_timeout: self.config.header_read_timeout,
+            max_header_bytes: self.max_header_bytes,
+            one_request_only: over_capacity || self.drain.is_draining(),
             drain: self.drain.clone(),
+            _open: guard,
         };
         self.connections.spawn(connection.serve());
     }
@@ -94,20 +129,23 @@ struct Connection {
     io: TokioIo<WriteTimeout>,
     service: TowerToHyperService<Router>,
     header_read_timeout: Duration,
+    max_header_bytes: usize,
+    /// Connections accepted during a drain or over capacity answer one request (a probe, a
+    /// reconnect event) and close.
+    one_request_only: bool,
     drain: Drain,
+    _open: OpenConnection,
 }
 
 impl Connection {
     async fn serve(self) {
-        let _open = OpenConnection::count();
         let accepted_while_draining = self.drain.is_draining();
         let mut builder = http1::Builder::new();
         builder
             .timer(TokioTimer::new())
             .header_read_timeout(self.header_read_timeout)
-            // A connection accepted during a drain answers one request (readiness probe,
-            // reconnect event) and closes.
-            .keep_alive(!accepted_while_draining);
+            .max_buf_size(self.max_header_bytes)
+            .keep_alive(!self.one_request_only);
         let connection = builder.serve_connection(self.io, self.service);
         tokio::pin!(connection);
 
@@ -129,19 +167,26 @@ impl Connection {
     }
 }
 
-/// Keeps the open-connections gauge right however a connection task ends.
-struct OpenConnection;
+/// Keeps the open-connections count (for the limit) and gauge right however a connection
+/// task ends.
+struct OpenConnection {
+    open: Arc<AtomicUsize>,
+    /// Connections open when this one was accepted.
+    open_before: usize,
+}
 
 impl OpenConnection {
-    fn count() -> Self {
+    fn count(open: Arc<AtomicUsize>) -> Self {
+        let open_before = open.fetch_add(1, Ordering::Relaxed);
         ::metrics::counter!(metrics::CONNECTIONS_ACCEPTED).increment(1);
         ::metrics::gauge!(metrics::CONNECTIONS_OPEN).increment(1);
-        Self
+        Self { open, open_before }
     }
 }
 
 impl Drop for OpenConnection {
     fn drop(&mut self) {
+        self.open.fetch_sub(1, Ordering::Relaxed);
         ::metrics::gauge!(metrics::CONNECTIONS_OPEN).decrement(1);
     }
 }

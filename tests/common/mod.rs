@@ -234,3 +234,24 @@ pub fn token_texts(events: &[Event], first: u64) -> Vec<String> {
         })
         .collect()
 }
+
+/// Sends raw bytes on a fresh connection and returns everything the server sends back until it
+/// closes the connection (or `WAIT` passes).
+pub async fn raw_exchange(addr: SocketAddr, request: &[u8]) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    stream.write_all(request).await.unwrap();
+    let mut response = Vec::new();
+    tokio::time::timeout(WAIT, async {
+        let mut buf = [0; 4096];
+        loop {
+            match stream.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => response.extend_from_slice(&buf[..n]),
+            }
+        }
+    })
+    .await
+    .expect("the server kept the connection open");
+    String::from_utf8_lossy(&response).into_owned()
+}

@@ -2,6 +2,7 @@
 
 use std::{
     process::{ExitStatus, Stdio},
+    sync::{Arc, Mutex},
     time::{Duration, Instant},
 };
 
@@ -17,42 +18,61 @@ pub struct GatewayProcess {
     child: Child,
     pub addr: String,
     pub http: reqwest::Client,
+    /// Everything the process printed so far, stdout and stderr.
+    pub output: Arc<Mutex<Vec<String>>>,
 }
 
 impl GatewayProcess {
     /// Starts `tokenfan serve --listen 127.0.0.1:0 ARGS…` (embedded mock LLM) and waits for its
     /// "listening on" line.
     pub async fn start(args: &[&str]) -> Self {
+        Self::start_with_env(args, &[]).await
+    }
+
+    /// Like [`start`](Self::start), with extra environment variables.
+    pub async fn start_with_env(args: &[&str], env: &[(&str, &str)]) -> Self {
         let mut child = Command::new(env!("CARGO_BIN_EXE_tokenfan"))
             .args(["serve", "--listen", "127.0.0.1:0"])
             .args(args)
             .env("TOKENFAN_LOG", "info")
+            .envs(env.iter().copied())
             .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
+            .stderr(Stdio::piped())
             .kill_on_drop(true)
             .spawn()
             .expect("start tokenfan");
-        let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
-        let addr = tokio::time::timeout(WAIT, async {
-            while let Some(line) = lines.next_line().await.unwrap() {
-                if let Some((_, addr)) = line.split_once("listening on ") {
-                    return addr.trim().to_owned();
-                }
-            }
-            panic!("tokenfan exited before listening");
-        })
-        .await
-        .expect("tokenfan did not start listening");
-        // Keep draining its output so that it never blocks on a full pipe.
+        let output = Arc::new(Mutex::new(Vec::new()));
+        let (listening, addr) = tokio::sync::oneshot::channel();
+        let mut listening = Some(listening);
+        let mut stdout = BufReader::new(child.stdout.take().unwrap()).lines();
+        let mut stderr = BufReader::new(child.stderr.take().unwrap()).lines();
+        let sink = output.clone();
+        // Keep reading its output so that it never blocks on a full pipe.
         tokio::spawn(async move {
-            while let Ok(Some(line)) = lines.next_line().await {
+            loop {
+                let line = tokio::select! {
+                    Ok(Some(line)) = stdout.next_line() => line,
+                    Ok(Some(line)) = stderr.next_line() => line,
+                    else => break,
+                };
                 eprintln!("[tokenfan] {line}");
+                if let Some((_, addr)) = line.split_once("listening on ") {
+                    if let Some(listening) = listening.take() {
+                        let _ = listening.send(addr.trim().to_owned());
+                    }
+                }
+                sink.lock().unwrap().push(line);
             }
         });
+        let addr = tokio::time::timeout(WAIT, addr)
+            .await
+            .expect("tokenfan did not start listening")
+            .expect("tokenfan exited before listening");
         Self {
             child,
             addr,
             http: reqwest::Client::new(),
+            output,
         }
     }
 

@@ -1,0 +1,76 @@
+//! Credentials on requests: API keys on the backend API, subscribe tokens (or API keys) on
+//! event streams. The checks themselves live in [`crate::access`].
+
+use std::sync::Arc;
+
+use axum::{
+    extract::{Request, State},
+    http::{header, HeaderMap},
+    middleware::Next,
+    response::Response,
+};
+
+use super::{error::ApiError, App};
+use crate::access::Denied;
+
+/// Middleware of the backend API: with keys configured, a valid `Authorization: Bearer <key>`
+/// is required, and the key's id is handed to the handler (rate limits are per key).
+pub async fn require_api_key(
+    State(app): State<Arc<App>>,
+    mut request: Request,
+    next: Next,
+) -> Result<Response, ApiError> {
+    if app.access.keys_required() {
+        let presented = bearer(request.headers()).ok_or(ApiError::Denied(Denied::Missing))?;
+        let key = app
+            .access
+            .check_api_key(presented)
+            .ok_or(ApiError::Denied(Denied::Invalid))?;
+        request.extensions_mut().insert(key);
+    }
+    Ok(next.run(request).await)
+}
+
+/// A subscriber needs a subscribe token for this generation (`?token=`, since a browser's
+/// `EventSource` cannot set headers, or `Authorization: Bearer`), or an API key. Checked
+/// before the generation is looked up, so the answer never reveals whether it exists.
+pub fn authorize_subscriber(
+    app: &App,
+    headers: &HeaderMap,
+    query_token: Option<&str>,
+    generation_id: &str,
+) -> Result<(), ApiError> {
+    if !app.access.keys_required() {
+        return Ok(());
+    }
+    let credential = query_token
+        .or_else(|| bearer(headers))
+        .ok_or(ApiError::Denied(Denied::Missing))?;
+    if app.access.check_api_key(credential).is_some() {
+        return Ok(());
+    }
+    app.access
+        .check_subscribe_token(credential, generation_id)
+        .map_err(ApiError::Denied)
+}
+
+fn bearer(headers: &HeaderMap) -> Option<&str> {
+    let value = headers.get(header::AUTHORIZATION)?.to_str().ok()?;
+    let (scheme, credential) = value.split_once(' ')?;
+    scheme
+        .eq_ignore_ascii_case("bearer")
+        .then(|| credential.trim())
+}
+
+/// Refuses requests that carry both `Content-Length` and `Transfer-Encoding`: a proxy in
+/// front may frame the body differently than we do (request smuggling). RFC 9112 §6.3 lets a
+/// server reject them; the error also closes the connection.
+pub async fn reject_ambiguous_framing(request: Request, next: Next) -> Result<Response, ApiError> {
+    let headers = request.headers();
+    if headers.contains_key(header::CONTENT_LENGTH)
+        && headers.contains_key(header::TRANSFER_ENCODING)
+    {
+        return Err(ApiError::AmbiguousFraming);
+    }
+    Ok(next.run(request).await)
+}
