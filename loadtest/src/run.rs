@@ -88,10 +88,7 @@ pub async fn run(args: &RunArgs, command: String) -> Result<RunResult> {
     let mut gateway = match &args.url {
         Some(url) => Gateway::attach(url, args.pid).await?,
         None => {
-            let mut extra = args.gateway_args.clone();
-            if let Some(deadline) = &scenario.drain_deadline {
-                extra.extend(["--drain-deadline".to_string(), deadline.clone()]);
-            }
+            let extra = spawn_args(&scenario, &args.gateway_args, own_nofile);
             Gateway::spawn(&args.gateway_bin, &extra, &log_prefix).await?
         }
     };
@@ -157,6 +154,27 @@ pub async fn run(args: &RunArgs, command: String) -> Result<RunResult> {
     };
     write_outputs(args, &result, &log_prefix)?;
     Ok(result)
+}
+
+/// Flags for a spawned gateway: the scenario's, then the user's, after defaults that keep
+/// admission control out of the measurement — creation is not rate limited, and the connection
+/// limit is the open-files wall rather than the gateway's conservative default reserve. A
+/// default is left out when the scenario or user sets the same flag.
+fn spawn_args(scenario: &Scenario, user: &[String], nofile: u64) -> Vec<String> {
+    let max_connections = nofile.saturating_sub(scenario.generations + 128);
+    let defaults = [
+        format!("--create-rate={}", 1_000_000),
+        format!("--create-burst={}", 1_000_000),
+        format!("--max-connections={max_connections}"),
+    ];
+    let given: Vec<&String> = scenario.gateway_args.iter().chain(user).collect();
+    let flag = |arg: &str| arg.split('=').next().unwrap_or(arg).to_string();
+    let mut args: Vec<String> = defaults
+        .into_iter()
+        .filter(|d| !given.iter().any(|g| flag(g) == flag(d)))
+        .collect();
+    args.extend(given.into_iter().cloned());
+    args
 }
 
 /// Everything measured while the clients ran.
@@ -552,14 +570,24 @@ fn store_created(
 }
 
 async fn create_one(addr: SocketAddr, body: String) -> Result<String> {
-    let resp = request(
-        addr,
-        "POST",
-        "/v1/generations",
-        Some(body.as_bytes()),
-        Duration::from_secs(10),
-    )
-    .await?;
+    let mut attempt = 0;
+    let resp = loop {
+        let resp = request(
+            addr,
+            "POST",
+            "/v1/generations",
+            Some(body.as_bytes()),
+            Duration::from_secs(10),
+        )
+        .await?;
+        // Admission control (rate limit, too many running) is not what we measure: back off.
+        if (resp.status == 429 || resp.status == 503) && attempt < 20 {
+            attempt += 1;
+            tokio::time::sleep(Duration::from_millis(100 * attempt)).await;
+            continue;
+        }
+        break resp;
+    };
     if resp.status != 201 && resp.status != 200 {
         bail!(
             "POST /v1/generations answered {}: {}",
@@ -658,4 +686,20 @@ fn write_outputs(args: &RunArgs, result: &RunResult, stem: &Path) -> Result<()> 
     }
     eprintln!("wrote {} (+ charts beside it)", json_path.display());
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn spawn_args_keep_admission_out_of_the_way_unless_overridden() {
+        let drain = Scenario::resolve(ScenarioName::Drain, &Overrides::default()).unwrap();
+        let args = spawn_args(&drain, &["--create-rate=5".to_string()], 20_000);
+        assert!(args.contains(&"--drain-deadline=5s".to_string()));
+        assert!(args.contains(&"--max-connections=18872".to_string()));
+        assert!(args.contains(&"--create-rate=5".to_string()));
+        assert!(!args.contains(&"--create-rate=1000000".to_string()));
+        assert!(args.contains(&"--create-burst=1000000".to_string()));
+    }
 }

@@ -185,7 +185,8 @@ pub struct Scenario {
     pub hold_s: f64,
     pub stall: Option<StallKnobs>,
     pub drain_after_s: f64,
-    pub drain_deadline: Option<String>,
+    /// Flags this scenario gives a spawned gateway (`--name=value`), before `--gateway-arg`s.
+    pub gateway_args: Vec<String>,
     pub ending: Ending,
     pub time_limit_s: u64,
 }
@@ -204,7 +205,7 @@ impl Scenario {
             hold_s: 0.0,
             stall: None,
             drain_after_s: 0.0,
-            drain_deadline: None,
+            gateway_args: Vec::new(),
             ending: Ending::AllDone,
             time_limit_s: 0,
         };
@@ -242,23 +243,26 @@ impl Scenario {
                 start_margin_s: 2.0,
                 ..base
             },
-            // On loopback the kernel lets a stalled reader's send buffer autotune to
-            // net.ipv4.tcp_wmem's max (4 MiB): eviction needs megabytes behind. Padded 8 KB
-            // tokens at 50/s get there in ~10 s. Stalled clients resume after 14 s, before
-            // the gateway's 10 s write timeout cuts the evicted socket, so they read the
-            // `event: reconnect` behind the backlog (stall longer to see cut streams instead).
+            // A stalled reader is evicted once the gateway's socket send buffer, hyper's write
+            // queue and the 64-slot channel are full. Kernel autotuning would let that buffer
+            // grow to tcp_wmem's max (4 MiB), more than a generation may log (4 MiB), so the
+            // gateway gets a fixed 64 KB SO_SNDBUF, its production setting for this case;
+            // 1 KB tokens at 20/s then evict a stalled client in ~8 s. It resumes reading at
+            // 12 s, before the 10 s write timeout cuts the evicted socket, and so reads the
+            // `event: reconnect` behind its backlog (stall longer to see cut streams instead).
             ScenarioName::Slow => Self {
-                shape: Shape::Spread { connections: 500 },
-                generations: 5,
-                tokens: Range::fixed(1000),
-                interval_ms: Range::fixed(20),
-                token_bytes: Some(8192),
+                shape: Shape::Spread { connections: 1000 },
+                generations: 10,
+                tokens: Range::fixed(600),
+                interval_ms: Range::fixed(50),
+                token_bytes: Some(1024),
                 stall: Some(StallKnobs {
                     fraction: 0.05,
                     after_tokens: 20,
-                    pause_s: 14.0,
+                    pause_s: 12.0,
                     recv_buffer: 4096,
                 }),
+                gateway_args: vec!["--socket-send-buffer=65536".into()],
                 ..base
             },
             ScenarioName::Drain => Self {
@@ -269,7 +273,7 @@ impl Scenario {
                 tokens: Range { min: 40, max: 400 },
                 interval_ms: Range { min: 20, max: 80 },
                 drain_after_s: 3.0,
-                drain_deadline: Some("5s".into()),
+                gateway_args: vec!["--drain-deadline=5s".into()],
                 ending: Ending::Drain,
                 ..base
             },
@@ -303,8 +307,10 @@ impl Scenario {
         if o.token_bytes.is_some() {
             s.token_bytes = o.token_bytes;
         }
-        if o.drain_deadline.is_some() {
-            s.drain_deadline = o.drain_deadline.clone();
+        if let Some(deadline) = &o.drain_deadline {
+            s.gateway_args
+                .retain(|a| !a.starts_with("--drain-deadline="));
+            s.gateway_args.push(format!("--drain-deadline={deadline}"));
         }
         s.apply_stall_overrides(o);
         if s.generations == 0 || s.ramp_rate == 0 {
