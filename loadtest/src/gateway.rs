@@ -22,6 +22,8 @@ pub struct GatewayInfo {
     pub pid: Option<u32>,
     pub command: Option<String>,
     pub mock_command: Option<String>,
+    /// The spawned mock LLM's pid, to report its CPU beside the gateway's.
+    pub mock_pid: Option<u32>,
 }
 
 pub struct Gateway {
@@ -78,6 +80,7 @@ impl Gateway {
                 pid: child.id(),
                 command: Some(command_line(bin, &args)),
                 mock_command: Some(command_line(bin, &mock_args)),
+                mock_pid: mock.id(),
             },
             child: Some(child),
             mock: Some(mock),
@@ -106,6 +109,7 @@ impl Gateway {
                 pid,
                 command: None,
                 mock_command: None,
+                mock_pid: None,
             },
             child: None,
             mock: None,

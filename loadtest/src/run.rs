@@ -201,12 +201,14 @@ struct WindowMark {
     gateway_cpu_s: Option<f64>,
     tokens: u64,
     client_cpu_s: f64,
+    mock_cpu_s: Option<f64>,
 }
 
 /// Samples the gateway and prints progress while waiting for a phase to end.
 struct Monitor {
     fleet: Fleet,
     pid: Option<u32>,
+    mock_pid: Option<u32>,
     t0: Instant,
     deadline: Instant,
     planned: u64,
@@ -305,6 +307,7 @@ impl Monitor {
             gateway_cpu_s: self.pid.and_then(|pid| read_cpu_seconds(pid).ok()),
             tokens,
             client_cpu_s: self.fleet.cpu_seconds(),
+            mock_cpu_s: self.mock_pid.and_then(|pid| read_cpu_seconds(pid).ok()),
         }
     }
 }
@@ -341,6 +344,7 @@ async fn measure(
     let mut monitor = Monitor {
         fleet: Fleet::spawn(&specs).await?,
         pid: gateway.info.pid,
+        mock_pid: gateway.info.mock_pid,
         t0,
         deadline: t0 + Duration::from_secs(scenario.time_limit_s),
         planned: n,
@@ -465,12 +469,18 @@ async fn measure(
         ));
     }
     let cpu = match (window_start.gateway_cpu_s, window_end.gateway_cpu_s) {
-        (Some(start), Some(end)) => Some(Cpu::new(
-            window_end.at.duration_since(window_start.at).as_secs_f64(),
-            end - start,
-            window_end.tokens.saturating_sub(window_start.tokens),
-            window_end.client_cpu_s - window_start.client_cpu_s,
-        )),
+        (Some(start), Some(end)) => Some(Cpu {
+            client_cpu_s: window_end.client_cpu_s - window_start.client_cpu_s,
+            mock_cpu_s: window_end
+                .mock_cpu_s
+                .zip(window_start.mock_cpu_s)
+                .map(|(e, s)| e - s),
+            ..Cpu::new(
+                window_end.at.duration_since(window_start.at).as_secs_f64(),
+                end - start,
+                window_end.tokens.saturating_sub(window_start.tokens),
+            )
+        }),
         _ => None,
     };
     let Monitor {

@@ -130,10 +130,12 @@ pub struct Cpu {
     pub cores_busy: f64,
     /// CPU seconds of the load-client workers over the same window (same machine).
     pub client_cpu_s: f64,
+    /// CPU seconds of the spawned mock LLM over the same window.
+    pub mock_cpu_s: Option<f64>,
 }
 
 impl Cpu {
-    pub fn new(window_s: f64, cpu_s: f64, token_events: u64, client_cpu_s: f64) -> Self {
+    pub fn new(window_s: f64, cpu_s: f64, token_events: u64) -> Self {
         let per_event = (token_events > 0).then(|| cpu_s / token_events as f64);
         Self {
             window_s,
@@ -146,7 +148,8 @@ impl Cpu {
             } else {
                 0.0
             },
-            client_cpu_s,
+            client_cpu_s: 0.0,
+            mock_cpu_s: None,
         }
     }
 }
@@ -283,8 +286,12 @@ impl RunResult {
             row(
                 "gateway CPU over window",
                 format!(
-                    "{:.2} s in {:.1} s ({:.2} cores); load client {:.2} s",
-                    cpu.cpu_s, cpu.window_s, cpu.cores_busy, cpu.client_cpu_s
+                    "{:.2} s in {:.1} s ({:.2} cores); load client {:.2} s, mock {}",
+                    cpu.cpu_s,
+                    cpu.window_s,
+                    cpu.cores_busy,
+                    cpu.client_cpu_s,
+                    cpu.mock_cpu_s.map_or("–".into(), |s| format!("{s:.2} s"))
                 ),
             );
             row(
@@ -376,10 +383,10 @@ mod tests {
 
     #[test]
     fn cpu_per_event() {
-        let cpu = Cpu::new(10.0, 2.0, 1_000_000, 1.0);
+        let cpu = Cpu::new(10.0, 2.0, 1_000_000);
         assert_eq!(cpu.us_per_event, Some(2.0));
         assert_eq!(cpu.cpu_s_per_million_events, Some(2.0));
         assert_eq!(cpu.cores_busy, 0.2);
-        assert_eq!(Cpu::new(1.0, 1.0, 0, 0.0).us_per_event, None);
+        assert_eq!(Cpu::new(1.0, 1.0, 0).us_per_event, None);
     }
 }
