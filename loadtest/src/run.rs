@@ -17,7 +17,9 @@ use crate::client::subscriber::{unix_micros, MIN_READ_BUFFER};
 use crate::fleet::Fleet;
 use crate::gateway::{Exit, Gateway};
 use crate::metrics::latency::{new_histogram, quantile_curve, LatencySummary};
-use crate::metrics::limits::{gateway_capacity, preflight, raise_nofile, workers_needed};
+use crate::metrics::limits::{
+    gateway_capacity, preflight, raise_nofile, workers_needed, GATEWAY_FD_MARGIN,
+};
 use crate::metrics::proc::{read_cpu_seconds, read_rss};
 use crate::metrics::snapshot::{RampPoint, Snapshot};
 use crate::report::{chart, Connections, Cpu, Drain, Machine, Memory, Ramp, RunResult};
@@ -161,7 +163,8 @@ pub async fn run(args: &RunArgs, command: String) -> Result<RunResult> {
 /// limit is the open-files wall rather than the gateway's conservative default reserve. A
 /// default is left out when the scenario or user sets the same flag.
 fn spawn_args(scenario: &Scenario, user: &[String], nofile: u64) -> Vec<String> {
-    let max_connections = nofile.saturating_sub(scenario.generations + 128);
+    // Never below the cap `gateway_capacity` computes (which also subtracts the fds in use).
+    let max_connections = nofile.saturating_sub(scenario.generations + GATEWAY_FD_MARGIN);
     let defaults = [
         format!("--create-rate={}", 1_000_000),
         format!("--create-burst={}", 1_000_000),
@@ -707,7 +710,7 @@ mod tests {
         let drain = Scenario::resolve(ScenarioName::Drain, &Overrides::default()).unwrap();
         let args = spawn_args(&drain, &["--create-rate=5".to_string()], 20_000);
         assert!(args.contains(&"--drain-deadline=5s".to_string()));
-        assert!(args.contains(&"--max-connections=18872".to_string()));
+        assert!(args.contains(&"--max-connections=18936".to_string()));
         assert!(args.contains(&"--create-rate=5".to_string()));
         assert!(!args.contains(&"--create-rate=1000000".to_string()));
         assert!(args.contains(&"--create-burst=1000000".to_string()));

@@ -13,7 +13,7 @@ use crate::client::connect::source_count;
 /// File descriptors a worker keeps for itself (stdio, epoll, timers) besides client sockets.
 pub const WORKER_FD_RESERVE: u64 = 256;
 /// Headroom the gateway keeps beyond what it holds now and its upstream connections.
-const GATEWAY_FD_MARGIN: u64 = 64;
+pub const GATEWAY_FD_MARGIN: u64 = 64;
 
 /// Raises this process's soft RLIMIT_NOFILE to the hard limit (children inherit it).
 pub fn raise_nofile() -> Result<(u64, u64)> {
