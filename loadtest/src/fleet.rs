@@ -11,7 +11,7 @@ use tokio::sync::mpsc;
 
 use crate::client::stats::Counters;
 use crate::metrics::latency::Buckets;
-use crate::metrics::proc::read_cpu_seconds;
+use crate::metrics::proc::{read_cpu_seconds, read_rss};
 use crate::worker::{WorkerReport, WorkerSpec};
 
 /// A worker line, or `None` when its stdout closed.
@@ -116,6 +116,14 @@ impl Fleet {
         self.children
             .iter()
             .filter_map(|child| read_cpu_seconds(child.id()?).ok())
+            .sum()
+    }
+
+    /// Resident memory of the worker processes, summed.
+    pub fn rss_bytes(&self) -> u64 {
+        self.children
+            .iter()
+            .filter_map(|child| read_rss(child.id()?).ok())
             .sum()
     }
 

@@ -299,8 +299,13 @@ impl Monitor {
         self.fleet.poll();
         let connected = self.fleet.totals().connected;
         let at = self.at_s();
+        let client_rss_bytes = self.fleet.rss_bytes();
         self.pid
             .and_then(|pid| Snapshot::take(pid, at, connected).ok())
+            .map(|s| Snapshot {
+                client_rss_bytes,
+                ..s
+            })
     }
 
     /// One end of the CPU window: when, gateway CPU, tokens delivered, client CPU.

@@ -19,6 +19,8 @@ pub struct Snapshot {
     /// Host-wide kernel TCP sockets and memory (both ends of every loopback connection).
     pub tcp: TcpSockstat,
     pub cpu_s: f64,
+    /// RSS of the load-client workers, summed (0 when not taken by the coordinator).
+    pub client_rss_bytes: u64,
 }
 
 impl Snapshot {
@@ -30,6 +32,7 @@ impl Snapshot {
             smaps: read_smaps_rollup(pid)?,
             tcp: read_sockstat()?,
             cpu_s: read_cpu_seconds(pid)?,
+            client_rss_bytes: 0,
         })
     }
 }

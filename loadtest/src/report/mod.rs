@@ -97,6 +97,8 @@ pub struct Memory {
     pub anon_per_connection_bytes: Option<f64>,
     /// Host kernel TCP memory delta per connection (both ends, so an upper bound for one side).
     pub kernel_tcp_per_connection_bytes: Option<f64>,
+    /// The load client's RSS per open connection at the steady snapshot (whole processes).
+    pub client_rss_per_connection_bytes: Option<f64>,
 }
 
 impl Memory {
@@ -111,6 +113,10 @@ impl Memory {
             rss_per_connection_bytes: per(&|s| s.rss_bytes),
             anon_per_connection_bytes: per(&anon),
             kernel_tcp_per_connection_bytes: per(&|s| s.tcp.mem_bytes),
+            client_rss_per_connection_bytes: steady
+                .as_ref()
+                .filter(|s| s.connected > 0)
+                .map(|s| s.client_rss_bytes as f64 / s.connected as f64),
             before,
             steady,
             after,
@@ -280,6 +286,10 @@ impl RunResult {
             row(
                 "host kernel TCP memory per connection (both ends)",
                 kb(m.kernel_tcp_per_connection_bytes),
+            );
+            row(
+                "load client RSS per connection (whole worker processes)",
+                kb(m.client_rss_per_connection_bytes),
             );
         }
         if let Some(cpu) = &self.cpu {
