@@ -261,17 +261,7 @@ async fn secrets_never_reach_logs_metrics_or_errors() {
     let events_url = gateway.url(&format!("/v1/generations/{id}/events?token={token}"));
     let events = common::read_events(gateway.http.get(events_url).send().await.unwrap()).await;
     assert_eq!(events.last().unwrap().event, "done");
-    seen.push(
-        gateway
-            .http
-            .get(gateway.url("/metrics"))
-            .send()
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap(),
-    );
+    seen.push(gateway.metrics_text().await);
     let help = std::process::Command::new(env!("CARGO_BIN_EXE_tokenfan"))
         .args(["serve", "--help"])
         .env("TOKENFAN_API_KEYS", API_KEY)

@@ -122,15 +122,7 @@ async fn subscriber_that_stops_reading_has_its_socket_closed() {
         "the whole generation fit in the socket buffers"
     );
     assert!(started.elapsed() < Duration::from_secs(5));
-    let metrics = gateway
-        .http
-        .get(gateway.url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = common::get_text(&gateway.http, &gateway.url("/metrics")).await;
     assert!(
         metrics.contains("tokenfan_write_timeouts_total"),
         "{metrics}"

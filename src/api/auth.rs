@@ -61,16 +61,3 @@ fn bearer(headers: &HeaderMap) -> Option<&str> {
         .eq_ignore_ascii_case("bearer")
         .then(|| credential.trim())
 }
-
-/// Refuses requests that carry both `Content-Length` and `Transfer-Encoding`: a proxy in
-/// front may frame the body differently than we do (request smuggling). RFC 9112 §6.3 lets a
-/// server reject them; the error also closes the connection.
-pub async fn reject_ambiguous_framing(request: Request, next: Next) -> Result<Response, ApiError> {
-    let headers = request.headers();
-    if headers.contains_key(header::CONTENT_LENGTH)
-        && headers.contains_key(header::TRANSFER_ENCODING)
-    {
-        return Err(ApiError::AmbiguousFraming);
-    }
-    Ok(next.run(request).await)
-}

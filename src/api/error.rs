@@ -4,7 +4,7 @@
 //! (clients branch on them); messages are for humans and never contain secrets.
 
 use axum::{
-    extract::rejection::QueryRejection,
+    extract::rejection::{PathRejection, QueryRejection},
     http::{header, HeaderValue, StatusCode},
     response::{IntoResponse, Response},
     Json,
@@ -54,8 +54,6 @@ pub enum ApiError {
     RateLimited(Duration),
     #[error("this generation has as many subscribers as allowed")]
     TooManySubscribers,
-    #[error("a request may not carry both Content-Length and Transfer-Encoding")]
-    AmbiguousFraming,
 }
 
 impl ApiError {
@@ -66,8 +64,7 @@ impl ApiError {
             | Self::BodyRead(_)
             | Self::InvalidIdempotencyKey
             | Self::InvalidLastEventId
-            | Self::InvalidQuery(_)
-            | Self::AmbiguousFraming => StatusCode::BAD_REQUEST,
+            | Self::InvalidQuery(_) => StatusCode::BAD_REQUEST,
             Self::BodyTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             Self::UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             Self::Hub(HubError::IdempotencyKeyReused) => StatusCode::UNPROCESSABLE_ENTITY,
@@ -107,7 +104,6 @@ impl ApiError {
             Self::Denied(Denied::WrongGeneration) => "token_scope",
             Self::RateLimited(_) => "rate_limited",
             Self::TooManySubscribers => "too_many_subscribers",
-            Self::AmbiguousFraming => "ambiguous_framing",
         }
     }
 
@@ -151,18 +147,18 @@ impl IntoResponse for ApiError {
         if let Some(seconds) = self.retry_after() {
             headers.insert(header::RETRY_AFTER, HeaderValue::from(seconds));
         }
-        match self {
-            Self::Denied(Denied::WrongGeneration) => {}
-            Self::Denied(_) => {
-                headers.insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
-            }
-            // The body of such a request cannot be delimited safely: close the connection.
-            Self::AmbiguousFraming => {
-                headers.insert(header::CONNECTION, HeaderValue::from_static("close"));
-            }
-            _ => {}
+        if matches!(self, Self::Denied(denied) if denied != Denied::WrongGeneration) {
+            headers.insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
         }
         response
+    }
+}
+
+/// The only path parameter is a generation id; one that cannot even be decoded (invalid
+/// UTF-8) names no generation.
+impl From<PathRejection> for ApiError {
+    fn from(_: PathRejection) -> Self {
+        Self::GenerationNotFound
     }
 }
 

@@ -15,17 +15,19 @@ use std::{
 
 use axum::{
     body::Body,
-    extract::{rejection::QueryRejection, Path, Query, State},
+    extract::{
+        rejection::{PathRejection, QueryRejection},
+        Path, Query, State,
+    },
     http::{header, HeaderMap, HeaderValue, StatusCode},
     response::{IntoResponse, Response},
 };
 use bytes::Bytes;
 use futures_util::Stream;
 use serde::Deserialize;
-use tokio::sync::mpsc;
 
 use super::{auth::authorize_subscriber, error::ApiError, generations::find, App};
-use crate::hub::{frame, Attach, Generation, Outbound, Resume};
+use crate::hub::{frame, queue, Attach, Generation, Outbound, Resume};
 
 /// A `Last-Event-ID` longer than this cannot be a token id (u64 has 20 digits).
 const MAX_EVENT_ID_LEN: usize = 20;
@@ -41,7 +43,7 @@ pub struct EventsQuery {
 
 pub async fn subscribe(
     State(app): State<Arc<App>>,
-    Path(id): Path<String>,
+    id: Result<Path<String>, PathRejection>,
     query: Result<Query<EventsQuery>, QueryRejection>,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
@@ -54,6 +56,7 @@ pub async fn subscribe(
         ))));
     }
     let Query(query) = query?;
+    let Path(id) = id?;
     authorize_subscriber(&app, &headers, query.token.as_deref(), &id)?;
     let generation = find(&app, &id)?;
     let cursor = resume_cursor(&headers, query.last_event_id.as_deref())?;
@@ -121,7 +124,7 @@ struct SubscriberStream {
 enum Phase {
     /// Reading the log from this token id on.
     CatchUp(u64),
-    Live(mpsc::Receiver<Outbound>),
+    Live(queue::Receiver<Outbound>),
     Finished,
 }
 

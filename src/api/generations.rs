@@ -4,7 +4,7 @@ use std::sync::Arc;
 
 use axum::{
     body::Body,
-    extract::{Path, State},
+    extract::{rejection::PathRejection, Path, State},
     http::{header, HeaderMap, HeaderValue, StatusCode},
     response::{IntoResponse, Response},
     Extension, Json,
@@ -72,8 +72,9 @@ pub async fn create(
 /// `GET /v1/generations/{id}`
 pub async fn snapshot(
     State(app): State<Arc<App>>,
-    Path(id): Path<String>,
+    id: Result<Path<String>, PathRejection>,
 ) -> Result<Json<Snapshot>, ApiError> {
+    let Path(id) = id?;
     Ok(Json(find(&app, &id)?.snapshot()))
 }
 
@@ -81,8 +82,9 @@ pub async fn snapshot(
 /// event. Cancelling a generation that already ended changes nothing.
 pub async fn cancel(
     State(app): State<Arc<App>>,
-    Path(id): Path<String>,
+    id: Result<Path<String>, PathRejection>,
 ) -> Result<Json<Snapshot>, ApiError> {
+    let Path(id) = id?;
     let generation = find(&app, &id)?;
     generation.finish(crate::hub::Outcome::Cancelled);
     Ok(Json(generation.snapshot()))
@@ -157,6 +159,14 @@ fn validate(request: &Map<String, Value>) -> Result<(), ApiError> {
     match request.get("messages") {
         Some(Value::Array(messages)) if !messages.is_empty() => {}
         _ => return invalid("`messages` is required and must be a non-empty array"),
+    }
+    match request.get("stream") {
+        None | Some(Value::Null | Value::Bool(_)) => {}
+        Some(_) => return invalid("`stream` must be a boolean"),
+    }
+    match request.get("stream_options") {
+        None | Some(Value::Null | Value::Object(_)) => {}
+        Some(_) => return invalid("`stream_options` must be an object"),
     }
     match request.get("n") {
         None | Some(Value::Null) => {}

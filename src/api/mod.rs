@@ -56,7 +56,6 @@ pub fn router(app: Arc<App>, cors: Option<CorsLayer>) -> Router {
         .route("/metrics", get(ops::metrics))
         .fallback(error::route_not_found)
         .method_not_allowed_fallback(error::method_not_allowed)
-        .layer(middleware::from_fn(auth::reject_ambiguous_framing))
         .with_state(app);
     match cors {
         Some(cors) => router.layer(cors),

@@ -14,9 +14,9 @@ use std::{
     time::{Duration, Instant},
 };
 
+use super::queue::{self, TrySendError};
 use bytes::{Bytes, BytesMut};
 use serde::Serialize;
-use tokio::sync::mpsc::{self, error::TrySendError};
 use tokio_util::sync::CancellationToken;
 
 use super::frame;
@@ -88,7 +88,7 @@ pub enum Attach {
     /// Logged frames from the cursor on, concatenated; the cursor moves to `next`.
     Replay { frames: Bytes, next: u64 },
     /// Caught up with a running generation: live frames arrive on this channel.
-    Live(mpsc::Receiver<Outbound>),
+    Live(queue::Receiver<Outbound>),
     /// Caught up with a finished generation: this terminal frame is the last.
     Ended(Bytes),
 }
@@ -139,7 +139,7 @@ struct State {
     finish_reason: Option<String>,
     usage: Option<serde_json::Value>,
     error: Option<ErrorInfo>,
-    subscribers: Vec<mpsc::Sender<Outbound>>,
+    subscribers: Vec<queue::Sender<Outbound>>,
     /// Memory held by `text` and `frames`, for the hub's log budget.
     log_bytes: usize,
     /// Since when no subscriber is attached (None while someone is).
@@ -302,7 +302,7 @@ impl Generation {
         if let Some(terminal) = &state.terminal {
             return Attach::Ended(terminal.clone());
         }
-        let (tx, rx) = mpsc::channel(channel_capacity);
+        let (tx, rx) = queue::channel(channel_capacity);
         state.subscribers.push(tx);
         state.unwatched_since = None;
         Attach::Live(rx)
@@ -316,8 +316,8 @@ impl Generation {
         state
             .subscribers
             .retain(|tx| match tx.try_send(Outbound::KeepAlive) {
-                Ok(()) | Err(TrySendError::Full(_)) => true,
-                Err(TrySendError::Closed(_)) => false,
+                Ok(()) | Err(TrySendError::Full) => true,
+                Err(TrySendError::Closed) => false,
             });
         state.note_if_unwatched();
     }
@@ -382,11 +382,11 @@ impl State {
                 counts.delivered += 1;
                 true
             }
-            Err(TrySendError::Full(_)) => {
+            Err(TrySendError::Full) => {
                 counts.evicted += 1;
                 false
             }
-            Err(TrySendError::Closed(_)) => false,
+            Err(TrySendError::Closed) => false,
         });
         self.note_if_unwatched();
         counts

@@ -4,11 +4,13 @@
 //!   retention.
 //! - [`generation`]: the token log, the subscriber set, fan-out with `try_send`.
 //! - [`frame`]: SSE frames, encoded once per token and shared by every subscriber.
+//! - [`queue`]: the bounded channel of one subscriber, which grows only as far as it lags.
 //!
 //! Nothing here knows about HTTP.
 
 pub mod frame;
 pub mod generation;
+pub mod queue;
 pub mod registry;
 
 pub use generation::{

@@ -235,6 +235,10 @@ pub fn token_texts(events: &[Event], first: u64) -> Vec<String> {
         .collect()
 }
 
+pub async fn get_text(http: &reqwest::Client, url: &str) -> String {
+    http.get(url).send().await.unwrap().text().await.unwrap()
+}
+
 /// Sends raw bytes on a fresh connection and returns everything the server sends back until it
 /// closes the connection (or `WAIT` passes).
 pub async fn raw_exchange(addr: SocketAddr, request: &[u8]) -> String {

@@ -109,18 +109,15 @@ impl GatewayProcess {
         .unwrap_or_else(|_| panic!("/readyz never answered {status}"));
     }
 
+    pub async fn metrics_text(&self) -> String {
+        super::get_text(&self.http, &self.url("/metrics")).await
+    }
+
     /// Reads a counter or gauge from `/metrics` (0 when absent).
     pub async fn metric(&self, name: &str) -> f64 {
-        let text = self
-            .http
-            .get(self.url("/metrics"))
-            .send()
+        self.metrics_text()
             .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap();
-        text.lines()
+            .lines()
             .filter(|line| line.starts_with(name) && !line.starts_with('#'))
             .filter_map(|line| line.rsplit(' ').next()?.parse::<f64>().ok())
             .sum()
