@@ -25,7 +25,7 @@ pub struct RunResult {
     pub preflight: Preflight,
     pub warnings: Vec<String>,
     pub connections: Connections,
-    pub ramp: Option<Ramp>,
+    pub ramp: Ramp,
     pub delivery: Counters,
     /// Every client got every token once, in order, and (where expected) its terminal event.
     pub zero_loss: bool,
@@ -214,12 +214,11 @@ impl RunResult {
             ),
         );
         row("client workers", c.workers.to_string());
-        if let Some(r) = &self.ramp {
-            row(
-                "ramp",
-                format!("{:.1} s ({:.0} conn/s)", r.duration_s, r.rate_per_s),
-            );
-        }
+        let r = &self.ramp;
+        row(
+            "ramp",
+            format!("{:.1} s ({:.0} conn/s)", r.duration_s, r.rate_per_s),
+        );
         row(
             "token events delivered (live / replayed)",
             format!("{} ({} / {})", d.tokens, d.live_tokens, d.replayed_tokens),
