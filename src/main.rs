@@ -78,3 +78,10 @@ fn raise_open_files_limit() {
         Err(error) => tracing::warn!(%error, "could not raise the open files limit"),
     }
 }
+
+/// jemalloc, because the largest thing each connection owns is two 8 KiB buffers inside hyper,
+/// mostly never written: jemalloc's slabs leave those pages untouched, glibc's heap interleaves
+/// them with small allocations and so makes them resident. Measured on 5,000 idle SSE
+/// connections: 11.9 KB (glibc) → 7.9 KB (jemalloc) of RSS per connection; mimalloc: 19.7 KB.
+#[global_allocator]
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;

@@ -27,7 +27,7 @@ use futures_util::Stream;
 use serde::Deserialize;
 
 use super::{auth::authorize_subscriber, error::ApiError, generations::find, App};
-use crate::hub::{frame, queue, Attach, Generation, Outbound, Resume};
+use crate::hub::{frame, Delivery, Resume, Subscription};
 
 /// A `Last-Event-ID` longer than this cannot be a token id (u64 has 20 digits).
 const MAX_EVENT_ID_LEN: usize = 20;
@@ -65,11 +65,18 @@ pub async fn subscribe(
         Resume::NothingLeft => return Ok(StatusCode::NO_CONTENT.into_response()),
         Resume::BeyondEnd => return Err(ApiError::InvalidLastEventId),
     }
-    if !generation.join_viewer(app.max_subscribers_per_generation) {
-        return Err(ApiError::TooManySubscribers);
-    }
+    let subscription = Subscription::open(
+        app.hub.clone(),
+        generation,
+        cursor,
+        app.max_subscribers_per_generation,
+    )
+    .ok_or(ApiError::TooManySubscribers)?;
     ::metrics::counter!(crate::metrics::SUBSCRIPTIONS).increment(1);
-    let stream = SubscriberStream::new(app, generation, cursor);
+    let stream = SubscriberStream {
+        app,
+        subscription: Some(subscription),
+    };
     Ok(event_stream(Body::from_stream(stream)))
 }
 
@@ -117,28 +124,11 @@ pub fn parse_event_id(id: &str) -> Option<u64> {
 /// The body of one subscription. Small on purpose: it exists once per connected client.
 struct SubscriberStream {
     app: Arc<App>,
-    generation: Arc<Generation>,
-    phase: Phase,
-}
-
-enum Phase {
-    /// Reading the log from this token id on.
-    CatchUp(u64),
-    Live(queue::Receiver<Outbound>),
-    Finished,
+    /// `None` once the stream has ended.
+    subscription: Option<Subscription>,
 }
 
 impl SubscriberStream {
-    /// Takes over the viewer slot the handler reserved on `generation`.
-    fn new(app: Arc<App>, generation: Arc<Generation>, cursor: u64) -> Self {
-        app.hub.subscriber_opened();
-        Self {
-            app,
-            generation,
-            phase: Phase::CatchUp(cursor),
-        }
-    }
-
     /// The last event of a stream the hub closed before its end: come back and resume.
     fn reconnect_frame(&self) -> Bytes {
         if self.app.drain.is_draining() {
@@ -153,51 +143,24 @@ impl Stream for SubscriberStream {
     type Item = Result<Bytes, Infallible>;
 
     fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
-        let this = &mut *self;
-        loop {
-            let frame = match &mut this.phase {
-                Phase::CatchUp(cursor) => {
-                    match this
-                        .generation
-                        .attach(*cursor, this.app.hub.settings().channel_capacity)
-                    {
-                        Attach::Replay { frames, next } => {
-                            *cursor = next;
-                            frames
-                        }
-                        Attach::Live(rx) => {
-                            this.phase = Phase::Live(rx);
-                            continue;
-                        }
-                        Attach::Ended(terminal) => {
-                            this.phase = Phase::Finished;
-                            terminal
-                        }
-                    }
-                }
-                Phase::Live(rx) => match ready!(rx.poll_recv(cx)) {
-                    Some(Outbound::Token(frame)) => frame,
-                    Some(Outbound::KeepAlive) => frame::KEEPALIVE,
-                    Some(Outbound::Terminal(frame)) => {
-                        this.phase = Phase::Finished;
-                        frame
-                    }
-                    None => {
-                        this.phase = Phase::Finished;
-                        this.reconnect_frame()
-                    }
-                },
-                Phase::Finished => return Poll::Ready(None),
-            };
-            return Poll::Ready(Some(Ok(frame)));
-        }
-    }
-}
-
-impl Drop for SubscriberStream {
-    fn drop(&mut self) {
-        self.generation.leave_viewer();
-        self.app.hub.subscriber_closed();
+        let Some(subscription) = &mut self.subscription else {
+            return Poll::Ready(None);
+        };
+        let frame = match ready!(subscription.poll_delivery(cx)) {
+            Some(Delivery::Replayed { frames, .. }) => frames,
+            Some(Delivery::Token { frame, .. }) => frame,
+            Some(Delivery::KeepAlive) => frame::KEEPALIVE,
+            Some(Delivery::Ended(terminal)) => {
+                self.subscription = None;
+                terminal
+            }
+            Some(Delivery::Dropped) => {
+                self.subscription = None;
+                self.reconnect_frame()
+            }
+            None => return Poll::Ready(None),
+        };
+        Poll::Ready(Some(Ok(frame)))
     }
 }
 

@@ -15,7 +15,7 @@ use serde_json::{Map, Value};
 use super::{error::ApiError, App};
 use crate::{
     access::KeyId,
-    hub::{registry::is_generation_id, Generation, Snapshot, Status},
+    hub::{registry::is_generation_id, Created, Generation, Snapshot, Status},
 };
 
 const IDEMPOTENCY_KEY: &str = "idempotency-key";
@@ -37,15 +37,7 @@ pub async fn create(
     headers: HeaderMap,
     body: Body,
 ) -> Result<Response, ApiError> {
-    if app.drain.is_draining() {
-        return Err(ApiError::Draining);
-    }
-    let idempotency_key = idempotency_key(&headers)?;
-    let request = chat_request(&headers, body, app.max_request_body).await?;
-    app.access
-        .take_creation(key.map(|Extension(key)| key))
-        .map_err(ApiError::RateLimited)?;
-    let created = app.hub.create(request, idempotency_key)?;
+    let created = start(&app, key, &headers, body, |_| Ok(())).await?.0;
     let generation = &created.generation;
     let events_url = format!("/v1/generations/{}/events", generation.id());
     let location = format!("/v1/generations/{}", generation.id());
@@ -67,6 +59,27 @@ pub async fn create(
         headers.insert("idempotent-replayed", HeaderValue::from_static("true"));
     }
     Ok(response)
+}
+
+/// Everything that starting a generation takes, for both creation endpoints: not draining, a
+/// valid chat request (which `inspect` may check further), the key's rate budget, then the hub.
+pub(crate) async fn start<T>(
+    app: &App,
+    key: Option<Extension<KeyId>>,
+    headers: &HeaderMap,
+    body: Body,
+    inspect: impl FnOnce(&Map<String, Value>) -> Result<T, ApiError>,
+) -> Result<(Created, T), ApiError> {
+    if app.drain.is_draining() {
+        return Err(ApiError::Draining);
+    }
+    let idempotency_key = idempotency_key(headers)?;
+    let request = chat_request(headers, body, app.max_request_body).await?;
+    let inspected = inspect(&request)?;
+    app.access
+        .take_creation(key.map(|Extension(key)| key))
+        .map_err(ApiError::RateLimited)?;
+    Ok((app.hub.create(request, idempotency_key)?, inspected))
 }
 
 /// `GET /v1/generations/{id}`

@@ -1,11 +1,15 @@
 //! The HTTP API: thin handlers that parse, call the hub, and map the result.
 //!
 //! - [`generations`]: the backend API (create, snapshot, cancel).
+//! - [`chat`]: the OpenAI-compatible `POST /v1/chat/completions`, run as a generation.
+//! - [`demo`]: the demo page at `/` and its assets.
 //! - [`events`]: the subscriber SSE stream.
 //! - [`ops`]: `/livez`, `/readyz`, `/metrics`.
 //! - [`error`]: the one error type and its HTTP mapping.
 
 pub mod auth;
+pub mod chat;
+pub mod demo;
 pub mod error;
 pub mod events;
 pub mod generations;
@@ -51,6 +55,15 @@ pub fn router(app: Arc<App>, cors: Option<CorsLayer>) -> Router {
     let router = Router::new()
         .merge(backend)
         .route("/v1/generations/{id}/events", get(events::subscribe))
+        .route(
+            "/v1/chat/completions",
+            post(chat::completions).layer(middleware::from_fn_with_state(
+                app.clone(),
+                chat::require_api_key,
+            )),
+        )
+        .route("/", get(demo::page))
+        .route("/demo/{asset}", get(demo::asset))
         .route("/livez", get(ops::livez))
         .route("/readyz", get(ops::readyz))
         .route("/metrics", get(ops::metrics))
@@ -99,6 +112,8 @@ pub fn cors_layer(origins: &[String]) -> Result<Option<CorsLayer>, InvalidOrigin
             .expose_headers([
                 header::LOCATION,
                 HeaderName::from_static("idempotent-replayed"),
+                HeaderName::from_static(chat::GENERATION_ID_HEADER),
+                HeaderName::from_static(chat::SUBSCRIBE_TOKEN_HEADER),
             ])
             .max_age(std::time::Duration::from_secs(3600)),
     ))

@@ -93,8 +93,9 @@ pub enum Attach {
     Ended(Bytes),
 }
 
-/// Bookkeeping per logged token beyond its text and frame bytes (the `Bytes` handle).
-const LOG_OVERHEAD_PER_TOKEN: usize = std::mem::size_of::<Bytes>();
+/// Bookkeeping per logged token beyond its text and frame bytes (the `Bytes` handle and the
+/// token's end offset).
+const LOG_OVERHEAD_PER_TOKEN: usize = std::mem::size_of::<Bytes>() + std::mem::size_of::<usize>();
 
 /// How big one generation's log may grow.
 #[derive(Debug, Clone, Copy)]
@@ -133,6 +134,8 @@ pub struct Generation {
 struct State {
     status: Status,
     text: String,
+    /// Where each token's text ends in `text`; the index is the token id.
+    token_ends: Vec<usize>,
     /// Encoded token frames; the index is the token id.
     frames: Vec<Bytes>,
     terminal: Option<Bytes>,
@@ -156,6 +159,7 @@ impl Generation {
             state: Mutex::new(State {
                 status: Status::Running,
                 text: String::new(),
+                token_ends: Vec::new(),
                 frames: Vec::new(),
                 terminal: None,
                 finish_reason: None,
@@ -207,6 +211,8 @@ impl Generation {
         let log_bytes = text.len() + frame.len() + LOG_OVERHEAD_PER_TOKEN;
         state.log_bytes += log_bytes;
         state.text.push_str(text);
+        let end = state.text.len();
+        state.token_ends.push(end);
         state.frames.push(frame.clone());
         let fan_out = state.offer(|| Outbound::Token(frame.clone()));
         Pushed::Logged { fan_out, log_bytes }
@@ -338,6 +344,25 @@ impl Generation {
         state.subscribers.retain(|tx| !tx.is_closed());
         state.note_if_unwatched();
         state.unwatched_since.map(|since| since.elapsed())
+    }
+
+    /// The texts of tokens `from..to` (clamped to the log), one string per token: for readers
+    /// that re-encode tokens in another format instead of forwarding the frames.
+    pub fn token_texts(&self, from: u64, to: u64) -> Vec<String> {
+        let state = self.lock();
+        let end = usize::try_from(to)
+            .unwrap_or(usize::MAX)
+            .min(state.token_ends.len());
+        let start = usize::try_from(from).unwrap_or(usize::MAX).min(end);
+        let mut begin = start.checked_sub(1).map_or(0, |i| state.token_ends[i]);
+        state.token_ends[start..end]
+            .iter()
+            .map(|&token_end| {
+                let text = state.text[begin..token_end].to_owned();
+                begin = token_end;
+                text
+            })
+            .collect()
     }
 
     pub fn status(&self) -> Status {
