@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# Runs the scenarios behind RESULTS.md, one after another, from the repository root.
+# Each run is bounded by its scenario's time limit; results land in loadtest/results/.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+cargo build --release -p tokenfan -p tokenfan-loadtest
+LT=target/release/tokenfan-loadtest
+OUT=loadtest/results
+mkdir -p "$OUT"
+run() { # name, args...
+  local name=$1; shift
+  echo "== $name: $LT run $*" >&2
+  "$LT" run "$@" --out "$OUT/$name.json" > "$OUT/$name.md" || echo "!! $name reported a delivery failure" >&2
+}
+run idle-5k       idle -n 5000
+run idle-10k      idle -n 10000
+run idle-max      idle -n 20000 --cap
+run chat-5k       chat --subscribers 1 --interval-ms 50 --tokens 400
+run broadcast-10k broadcast -n 10000
+run broadcast-19k broadcast -n 19500 --cap
+run slow-5pct     slow
+run drain-10k     drain -n 10000
+run drain-19k     drain -n 19400 -g 200 --cap

@@ -1,0 +1,142 @@
+//! The coordinator's side of the worker processes: spawn them (this same binary, subcommand
+//! `worker`), hand each its spec, collect their JSON lines, tell them to leave, reap them.
+
+use std::process::Stdio;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::process::{Child, ChildStdin, Command};
+use tokio::sync::mpsc;
+
+use crate::client::stats::Counters;
+use crate::metrics::latency::Buckets;
+use crate::metrics::proc::{read_cpu_seconds, read_rss};
+use crate::worker::{WorkerReport, WorkerSpec};
+
+/// A worker line, or `None` when its stdout closed.
+type Message = (usize, Option<WorkerReport>);
+
+pub struct Fleet {
+    children: Vec<Child>,
+    stdins: Vec<Option<ChildStdin>>,
+    rx: mpsc::UnboundedReceiver<Message>,
+    progress: Vec<Counters>,
+    finals: Vec<Option<(Counters, Buckets)>>,
+    /// Workers whose output ended without a final report.
+    pub lost_workers: Vec<usize>,
+}
+
+impl Fleet {
+    pub async fn spawn(specs: &[WorkerSpec]) -> Result<Self> {
+        let exe = std::env::current_exe().context("locate own executable for workers")?;
+        let (tx, rx) = mpsc::unbounded_channel();
+        let mut children = Vec::new();
+        let mut stdins = Vec::new();
+        for (index, spec) in specs.iter().enumerate() {
+            let mut child = Command::new(&exe)
+                .arg("worker")
+                .stdin(Stdio::piped())
+                .stdout(Stdio::piped())
+                .stderr(Stdio::inherit())
+                .kill_on_drop(true)
+                .spawn()
+                .context("spawn worker")?;
+            let mut stdin = child.stdin.take().context("worker stdin")?;
+            let mut line = serde_json::to_vec(spec).context("encode worker spec")?;
+            line.push(b'\n');
+            stdin.write_all(&line).await.context("send worker spec")?;
+            let stdout = child.stdout.take().context("worker stdout")?;
+            let tx = tx.clone();
+            tokio::spawn(async move {
+                let mut lines = BufReader::new(stdout).lines();
+                while let Ok(Some(line)) = lines.next_line().await {
+                    if let Ok(report) = serde_json::from_str(&line) {
+                        let _ = tx.send((index, Some(report)));
+                    }
+                }
+                let _ = tx.send((index, None));
+            });
+            children.push(child);
+            stdins.push(Some(stdin));
+        }
+        Ok(Self {
+            children,
+            stdins,
+            rx,
+            progress: vec![Counters::default(); specs.len()],
+            finals: vec![None; specs.len()],
+            lost_workers: Vec::new(),
+        })
+    }
+
+    /// Takes in every line the workers have written so far.
+    pub fn poll(&mut self) {
+        while let Ok((index, message)) = self.rx.try_recv() {
+            match message {
+                Some(WorkerReport::Progress(counters)) => self.progress[index] = counters,
+                Some(WorkerReport::Final { counters, latency }) => {
+                    self.progress[index] = counters.clone();
+                    self.finals[index] = Some((counters, latency));
+                }
+                None if self.finals[index].is_none() => {
+                    self.lost_workers.push(index);
+                    self.finals[index] = Some((self.progress[index].clone(), Buckets::default()));
+                }
+                None => {}
+            }
+        }
+    }
+
+    /// The latest counters of all workers, summed.
+    pub fn totals(&self) -> Counters {
+        let mut sum = Counters::default();
+        for counters in &self.progress {
+            sum.add(counters);
+        }
+        sum
+    }
+
+    pub fn all_final(&self) -> bool {
+        self.finals.iter().all(Option::is_some)
+    }
+
+    /// Asks every worker to close its clients' streams and finish.
+    pub async fn leave(&mut self) {
+        for stdin in &mut self.stdins {
+            if let Some(mut pipe) = stdin.take() {
+                let _ = pipe.write_all(b"leave\n").await;
+            }
+        }
+    }
+
+    /// CPU seconds the worker processes have used so far: shows whether the load client,
+    /// which shares the machine with the gateway, was itself the bottleneck.
+    pub fn cpu_seconds(&self) -> f64 {
+        self.children
+            .iter()
+            .filter_map(|child| read_cpu_seconds(child.id()?).ok())
+            .sum()
+    }
+
+    /// Resident memory of the worker processes, summed.
+    pub fn rss_bytes(&self) -> u64 {
+        self.children
+            .iter()
+            .filter_map(|child| read_rss(child.id()?).ok())
+            .sum()
+    }
+
+    pub fn finals(&self) -> impl Iterator<Item = &(Counters, Buckets)> {
+        self.finals.iter().flatten()
+    }
+
+    /// Reaps the workers, killing any that do not exit within `grace`.
+    pub async fn reap(mut self, grace: Duration) {
+        for child in &mut self.children {
+            if tokio::time::timeout(grace, child.wait()).await.is_err() {
+                let _ = child.kill().await;
+            }
+        }
+    }
+}

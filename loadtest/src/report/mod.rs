@@ -1,0 +1,401 @@
+//! The result of a run: one serde struct written as JSON, rendered as a Markdown summary, and
+//! drawn as SVG charts beside the JSON.
+
+pub mod chart;
+
+use std::fmt::Write as _;
+
+use serde::Serialize;
+
+use crate::client::stats::Counters;
+use crate::gateway::{Exit, GatewayInfo};
+use crate::metrics::latency::LatencySummary;
+use crate::metrics::limits::{GatewayCapacity, Preflight};
+use crate::metrics::snapshot::{RampPoint, Snapshot};
+use crate::scenario::Scenario;
+
+#[derive(Debug, Serialize)]
+pub struct RunResult {
+    pub scenario: Scenario,
+    pub command: String,
+    pub started_utc: String,
+    pub machine: Machine,
+    pub gateway: GatewayInfo,
+    pub capacity: Option<GatewayCapacity>,
+    pub preflight: Preflight,
+    pub warnings: Vec<String>,
+    pub connections: Connections,
+    pub ramp: Ramp,
+    pub delivery: Counters,
+    /// Every client got every token once, in order, and (where expected) its terminal event.
+    pub zero_loss: bool,
+    pub latency: LatencySummary,
+    /// (quantile, µs) points of the latency distribution, as drawn in the chart.
+    pub latency_curve: Vec<(f64, u64)>,
+    pub memory: Option<Memory>,
+    pub cpu: Option<Cpu>,
+    pub drain: Option<Drain>,
+    pub ramp_points: Vec<RampPoint>,
+    pub timed_out: bool,
+    pub duration_s: f64,
+}
+
+#[derive(Debug, Serialize)]
+pub struct Machine {
+    pub cores: usize,
+    pub mem_total_bytes: Option<u64>,
+    pub kernel: Option<String>,
+    pub note: &'static str,
+}
+
+impl Machine {
+    pub fn this() -> Self {
+        let meminfo = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
+        Self {
+            cores: std::thread::available_parallelism().map_or(1, |n| n.get()),
+            mem_total_bytes: meminfo
+                .lines()
+                .find(|l| l.starts_with("MemTotal:"))
+                .and_then(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
+                .map(|kib| kib * 1024),
+            kernel: std::fs::read_to_string("/proc/sys/kernel/osrelease")
+                .ok()
+                .map(|s| s.trim().to_string()),
+            note: "load client, mock upstream and gateway share this machine's cores",
+        }
+    }
+}
+
+#[derive(Debug, Serialize)]
+pub struct Connections {
+    /// N the scenario asked for, before any cap.
+    pub requested: u64,
+    /// N actually run.
+    pub planned: u64,
+    pub capped: bool,
+    pub workers: u64,
+    pub peak_connected: i64,
+}
+
+#[derive(Debug, Serialize)]
+pub struct Ramp {
+    pub duration_s: f64,
+    pub rate_per_s: f64,
+}
+
+#[derive(Debug, Serialize)]
+pub struct Memory {
+    /// After generations were created, before any subscriber connected.
+    pub before: Snapshot,
+    /// With every client connected (taken after a short settle).
+    pub steady: Option<Snapshot>,
+    /// After every client left.
+    pub after: Option<Snapshot>,
+    /// (steady RSS − before RSS) / connections open at the steady snapshot.
+    pub rss_per_connection_bytes: Option<f64>,
+    /// Same for `smaps_rollup` Anonymous (heap), which excludes shared file pages.
+    pub anon_per_connection_bytes: Option<f64>,
+    /// Host kernel TCP memory delta per connection (both ends, so an upper bound for one side).
+    pub kernel_tcp_per_connection_bytes: Option<f64>,
+    /// The load client's RSS per open connection at the steady snapshot (whole processes).
+    pub client_rss_per_connection_bytes: Option<f64>,
+}
+
+impl Memory {
+    pub fn new(before: Snapshot, steady: Option<Snapshot>, after: Option<Snapshot>) -> Self {
+        let per = |f: &dyn Fn(&Snapshot) -> u64| {
+            let steady = steady.as_ref()?;
+            let n = steady.connected - before.connected;
+            (n > 0).then(|| (f(steady) as f64 - f(&before) as f64) / n as f64)
+        };
+        let anon = |s: &Snapshot| s.smaps.get("Anonymous").copied().unwrap_or(0);
+        Self {
+            rss_per_connection_bytes: per(&|s| s.rss_bytes),
+            anon_per_connection_bytes: per(&anon),
+            kernel_tcp_per_connection_bytes: per(&|s| s.tcp.mem_bytes),
+            client_rss_per_connection_bytes: steady
+                .as_ref()
+                .filter(|s| s.connected > 0)
+                .map(|s| s.client_rss_bytes as f64 / s.connected as f64),
+            before,
+            steady,
+            after,
+        }
+    }
+}
+
+#[derive(Debug, Serialize)]
+pub struct Cpu {
+    /// From "every client connected" to "the last client finished" (or the hold's end).
+    pub window_s: f64,
+    pub cpu_s: f64,
+    pub token_events: u64,
+    pub us_per_event: Option<f64>,
+    pub cpu_s_per_million_events: Option<f64>,
+    /// Gateway CPU over the window as a share of one core.
+    pub cores_busy: f64,
+    /// CPU seconds of the load-client workers over the same window (same machine).
+    pub client_cpu_s: f64,
+    /// CPU seconds of the spawned mock LLM over the same window.
+    pub mock_cpu_s: Option<f64>,
+}
+
+impl Cpu {
+    pub fn new(window_s: f64, cpu_s: f64, token_events: u64) -> Self {
+        let per_event = (token_events > 0).then(|| cpu_s / token_events as f64);
+        Self {
+            window_s,
+            cpu_s,
+            token_events,
+            us_per_event: per_event.map(|s| s * 1e6),
+            cpu_s_per_million_events: per_event.map(|s| s * 1e6),
+            cores_busy: if window_s > 0.0 {
+                cpu_s / window_s
+            } else {
+                0.0
+            },
+            client_cpu_s: 0.0,
+            mock_cpu_s: None,
+        }
+    }
+}
+
+#[derive(Debug, Serialize)]
+pub struct Drain {
+    pub sigterm_at_s: f64,
+    /// From SIGTERM until the last client saw `done`, `error` or `reconnect`.
+    pub all_clients_notified_after_s: Option<f64>,
+    pub exit: Option<Exit>,
+    pub clients_done: u64,
+    pub clients_told_to_reconnect: u64,
+    /// Tokens missing from generations a client saw finish (`done`); must be 0.
+    pub lost_tokens_in_finished: u64,
+}
+
+fn ms(us: u64) -> String {
+    format!("{:.2} ms", us as f64 / 1000.0)
+}
+
+fn mib(bytes: u64) -> String {
+    format!("{:.1} MiB", bytes as f64 / (1024.0 * 1024.0))
+}
+
+fn kb(bytes: Option<f64>) -> String {
+    bytes.map_or_else(|| "–".into(), |b| format!("{:.2} KB", b / 1000.0))
+}
+
+impl RunResult {
+    pub fn markdown(&self) -> String {
+        let mut md = String::new();
+        let d = &self.delivery;
+        let c = &self.connections;
+        let _ = writeln!(
+            md,
+            "## tokenfan load test: `{:?}` — {} connections\n",
+            self.scenario.name, c.planned
+        );
+        let _ = writeln!(
+            md,
+            "`{}`  ({}, {} cores)\n",
+            self.command, self.started_utc, self.machine.cores
+        );
+        let _ = writeln!(md, "| metric | value |\n|---|---|");
+        let mut row = |k: &str, v: String| {
+            let _ = writeln!(md, "| {k} | {v} |");
+        };
+        row(
+            "connections (peak open / planned / requested)",
+            format!(
+                "{} / {} / {}{}",
+                c.peak_connected,
+                c.planned,
+                c.requested,
+                if c.capped { " (capped)" } else { "" }
+            ),
+        );
+        row("client workers", c.workers.to_string());
+        let r = &self.ramp;
+        row(
+            "ramp",
+            format!("{:.1} s ({:.0} conn/s)", r.duration_s, r.rate_per_s),
+        );
+        row(
+            "token events delivered (live / replayed)",
+            format!("{} ({} / {})", d.tokens, d.live_tokens, d.replayed_tokens),
+        );
+        row(
+            "zero loss",
+            format!(
+                "{} (duplicates {}, missing {}, lost {}, done mismatches {}, protocol errors {})",
+                if self.zero_loss { "yes" } else { "NO" },
+                d.duplicate_tokens,
+                d.missing_tokens,
+                d.lost_tokens,
+                d.done_mismatches,
+                d.protocol_errors
+            ),
+        );
+        row(
+            "done / generation errors",
+            format!("{} / {}", d.done, d.generation_errors),
+        );
+        row(
+            "evictions / shutdown reconnects / reconnects",
+            format!(
+                "{} / {} / {}",
+                d.evictions, d.shutdown_reconnects, d.reconnects
+            ),
+        );
+        row(
+            "connect errors / HTTP errors / streams cut without terminal event / gave up",
+            format!(
+                "{} / {} / {} / {}",
+                d.connect_errors, d.http_errors, d.dropped_streams, d.gave_up
+            ),
+        );
+        let l = &self.latency;
+        row(
+            "latency p50 / p90 / p99 / p99.9 / max",
+            format!(
+                "{} / {} / {} / {} / {} (n = {})",
+                ms(l.p50_us),
+                ms(l.p90_us),
+                ms(l.p99_us),
+                ms(l.p999_us),
+                ms(l.max_us),
+                l.count
+            ),
+        );
+        if let Some(m) = &self.memory {
+            let rss = |s: &Option<Snapshot>| s.as_ref().map_or("–".into(), |s| mib(s.rss_bytes));
+            row(
+                "gateway RSS before / steady / after",
+                format!(
+                    "{} / {} / {}",
+                    mib(m.before.rss_bytes),
+                    rss(&m.steady),
+                    rss(&m.after)
+                ),
+            );
+            row("gateway RSS per connection", kb(m.rss_per_connection_bytes));
+            row(
+                "gateway anonymous memory per connection",
+                kb(m.anon_per_connection_bytes),
+            );
+            row(
+                "host kernel TCP memory per connection (both ends)",
+                kb(m.kernel_tcp_per_connection_bytes),
+            );
+            row(
+                "load client RSS per connection (whole worker processes)",
+                kb(m.client_rss_per_connection_bytes),
+            );
+        }
+        if let Some(cpu) = &self.cpu {
+            row(
+                "gateway CPU over window",
+                format!(
+                    "{:.2} s in {:.1} s ({:.2} cores); load client {:.2} s, mock {}",
+                    cpu.cpu_s,
+                    cpu.window_s,
+                    cpu.cores_busy,
+                    cpu.client_cpu_s,
+                    cpu.mock_cpu_s.map_or("–".into(), |s| format!("{s:.2} s"))
+                ),
+            );
+            row(
+                "gateway CPU per delivered event",
+                cpu.us_per_event.map_or("–".into(), |us| {
+                    format!("{us:.2} µs ({us:.2} s per million events)")
+                }),
+            );
+        }
+        if let Some(drain) = &self.drain {
+            row(
+                "drain: all clients notified after SIGTERM",
+                drain
+                    .all_clients_notified_after_s
+                    .map_or("–".into(), |s| format!("{s:.2} s")),
+            );
+            row(
+                "drain: gateway exit",
+                drain
+                    .exit
+                    .as_ref()
+                    .map_or("did not exit in time".into(), |e| {
+                        let code = e
+                            .code
+                            .map_or("unknown (signal or attached)".into(), |c| c.to_string());
+                        format!("after {:.2} s, code {code}", e.after_s)
+                    }),
+            );
+            row(
+                "drain: done / told to reconnect / tokens lost in finished generations",
+                format!(
+                    "{} / {} / {}",
+                    drain.clients_done,
+                    drain.clients_told_to_reconnect,
+                    drain.lost_tokens_in_finished
+                ),
+            );
+        }
+        row(
+            "run time",
+            format!(
+                "{:.1} s{}",
+                self.duration_s,
+                if self.timed_out {
+                    " (hit time limit)"
+                } else {
+                    ""
+                }
+            ),
+        );
+        for w in self.preflight.warnings.iter().chain(&self.warnings) {
+            let _ = writeln!(md, "\n> warning: {w}");
+        }
+        md
+    }
+}
+
+/// `YYYY-MM-DDTHH:MM:SSZ` for a Unix time, without a date crate (Howard Hinnant's algorithm).
+pub fn utc_timestamp(unix_s: u64) -> String {
+    let days = (unix_s / 86_400) as i64;
+    let secs = unix_s % 86_400;
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!(
+        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}Z",
+        secs / 3600,
+        secs % 3600 / 60,
+        secs % 60
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn utc_timestamps() {
+        assert_eq!(utc_timestamp(0), "1970-01-01T00:00:00Z");
+        assert_eq!(utc_timestamp(1_795_651_200), "2026-11-26T00:00:00Z");
+        assert_eq!(utc_timestamp(951_782_400 + 3661), "2000-02-29T01:01:01Z");
+    }
+
+    #[test]
+    fn cpu_per_event() {
+        let cpu = Cpu::new(10.0, 2.0, 1_000_000);
+        assert_eq!(cpu.us_per_event, Some(2.0));
+        assert_eq!(cpu.cpu_s_per_million_events, Some(2.0));
+        assert_eq!(cpu.cores_busy, 0.2);
+        assert_eq!(Cpu::new(1.0, 1.0, 0).us_per_event, None);
+    }
+}

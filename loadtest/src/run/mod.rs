@@ -1,0 +1,222 @@
+//! The coordinator: checks limits, starts (or attaches to) the gateway, then hands over to
+//! `phases` (set up, ramp, ending) while `monitor` samples, and assembles and writes the
+//! result.
+
+mod monitor;
+mod phases;
+mod setup;
+
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use anyhow::{bail, Context, Result};
+use clap::Args;
+
+use crate::client::subscriber::unix_micros;
+use crate::gateway::Gateway;
+use crate::metrics::limits::{
+    gateway_capacity, preflight, raise_nofile, workers_needed, GATEWAY_FD_MARGIN,
+};
+use crate::report::{chart, Connections, Machine, Memory, RunResult};
+use crate::scenario::{Overrides, Plan, Scenario, ScenarioName};
+
+#[derive(Debug, Args)]
+pub struct RunArgs {
+    #[arg(value_enum)]
+    pub scenario: ScenarioName,
+    #[command(flatten)]
+    pub overrides: Overrides,
+    /// Client worker processes; raised automatically so each stays under its open-file limit.
+    #[arg(long)]
+    pub workers: Option<u64>,
+    /// Cap N at what one gateway process can hold here instead of failing.
+    #[arg(long)]
+    pub cap: bool,
+    /// tokenfan binary to spawn (as `serve` and, separately, `mock-upstream`).
+    #[arg(long, default_value = "target/release/tokenfan")]
+    pub gateway_bin: PathBuf,
+    /// Extra flag for the spawned `tokenfan serve`, repeatable: `--gateway-arg=--channel-capacity=32`.
+    #[arg(long = "gateway-arg", allow_hyphen_values = true)]
+    pub gateway_args: Vec<String>,
+    /// Target a running gateway (`http://127.0.0.1:8080`) instead of spawning one.
+    #[arg(long)]
+    pub url: Option<String>,
+    /// PID of the `--url` gateway, for memory and CPU figures (and SIGTERM in `drain`).
+    #[arg(long, requires = "url")]
+    pub pid: Option<u32>,
+    /// JSON result path; charts are written beside it (`NAME.rss.svg`, `NAME.latency.svg`).
+    #[arg(long)]
+    pub out: Option<PathBuf>,
+    /// Seed for drawn knobs (tokens per generation, subscribers per generation, stall subset).
+    #[arg(long, default_value_t = 1)]
+    pub seed: u64,
+}
+
+/// Runs one scenario to completion (or its time limit) and returns the result.
+pub async fn run(args: &RunArgs, command: String) -> Result<RunResult> {
+    let t0 = Instant::now();
+    let started_utc = crate::report::utc_timestamp(unix_micros() / 1_000_000);
+    let scenario = Scenario::resolve(args.scenario, &args.overrides)?;
+    let mut plan = Plan::build(&scenario, args.seed)?;
+    let requested = plan.connections();
+    let mut warnings = Vec::new();
+
+    let (own_nofile, _) = raise_nofile()?;
+    let checks = preflight(requested);
+    if !checks.errors.is_empty() {
+        bail!(
+            "this host cannot carry the run:\n  {}",
+            checks.errors.join("\n  ")
+        );
+    }
+    for w in &checks.warnings {
+        eprintln!("warning: {w}");
+    }
+
+    let log_prefix = output_stem(args)?;
+    let mut gateway = match &args.url {
+        Some(url) => Gateway::attach(url, args.pid).await?,
+        None => {
+            let extra = spawn_args(&scenario, &args.gateway_args, own_nofile);
+            Gateway::spawn(&args.gateway_bin, &extra, &log_prefix).await?
+        }
+    };
+    let pid = gateway.info.pid;
+    let mut capacity = None;
+    if let Some(pid) = pid {
+        let cap = gateway_capacity(pid, scenario.generations)?;
+        if let Some(max) = cap.max_connections.filter(|&max| requested > max) {
+            let message = cap.wall_message(pid, requested);
+            if !args.cap {
+                gateway.stop().await;
+                bail!(message);
+            }
+            eprintln!("warning: {message}\nwarning: capping at {max} connections (--cap)");
+            warnings.push(format!("capped at {max}: {message}"));
+            plan.cap(max);
+        }
+        capacity = Some(cap);
+    } else {
+        warnings.push("no gateway pid: memory and CPU were not measured".into());
+    }
+    let n = plan.connections();
+    let workers = args
+        .workers
+        .unwrap_or(1)
+        .max(workers_needed(n, own_nofile))
+        .min(n.max(1));
+
+    let result = phases::measure(&scenario, &plan, &mut gateway, workers, t0).await;
+    let gateway_info = gateway.info.clone();
+    gateway.stop().await;
+    let outcome = result?;
+    warnings.extend(outcome.warnings.iter().cloned());
+    let result = RunResult {
+        zero_loss: outcome.zero_loss(),
+        scenario,
+        command,
+        started_utc,
+        machine: Machine::this(),
+        gateway: gateway_info,
+        capacity,
+        preflight: checks,
+        warnings,
+        connections: Connections {
+            requested,
+            planned: n,
+            capped: n < requested,
+            workers,
+            peak_connected: outcome.peak_connected,
+        },
+        ramp: outcome.ramp,
+        delivery: outcome.totals,
+        latency: outcome.latency,
+        latency_curve: outcome.latency_curve,
+        memory: outcome
+            .before
+            .map(|b| Memory::new(b, outcome.steady, outcome.after)),
+        cpu: outcome.cpu,
+        drain: outcome.drain,
+        ramp_points: outcome.points,
+        timed_out: outcome.timed_out,
+        duration_s: t0.elapsed().as_secs_f64(),
+    };
+    write_outputs(args, &result, &log_prefix)?;
+    Ok(result)
+}
+
+/// Flags for a spawned gateway: the scenario's, then the user's, after defaults that keep
+/// admission control out of the measurement — creation is not rate limited, and the connection
+/// limit is the open-files wall rather than the gateway's conservative default reserve. A
+/// default is left out when the scenario or user sets the same flag.
+fn spawn_args(scenario: &Scenario, user: &[String], nofile: u64) -> Vec<String> {
+    // Never below the cap `gateway_capacity` computes (which also subtracts the fds in use).
+    let max_connections = nofile.saturating_sub(scenario.generations + GATEWAY_FD_MARGIN);
+    let defaults = [
+        format!("--create-rate={}", 1_000_000),
+        format!("--create-burst={}", 1_000_000),
+        format!("--max-connections={max_connections}"),
+    ];
+    let given: Vec<&String> = scenario.gateway_args.iter().chain(user).collect();
+    let flag = |arg: &str| arg.split('=').next().unwrap_or(arg).to_string();
+    let mut args: Vec<String> = defaults
+        .into_iter()
+        .filter(|d| !given.iter().any(|g| flag(g) == flag(d)))
+        .collect();
+    args.extend(given.into_iter().cloned());
+    args
+}
+
+/// `results/NAME` from `--out results/NAME.json`, or `results/<scenario>` by default.
+fn output_stem(args: &RunArgs) -> Result<PathBuf> {
+    let out = args.out.clone().unwrap_or_else(|| {
+        PathBuf::from("results").join(format!("{:?}.json", args.scenario).to_lowercase())
+    });
+    if let Some(dir) = out.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir).with_context(|| format!("create {}", dir.display()))?;
+    }
+    Ok(out.with_extension(""))
+}
+
+fn write_outputs(args: &RunArgs, result: &RunResult, stem: &Path) -> Result<()> {
+    let json_path = args
+        .out
+        .clone()
+        .unwrap_or_else(|| stem.with_extension("json"));
+    let json = serde_json::to_string_pretty(result).context("encode result")?;
+    std::fs::write(&json_path, json).with_context(|| format!("write {}", json_path.display()))?;
+    let with_suffix = |suffix: &str| {
+        let mut name = stem.as_os_str().to_os_string();
+        name.push(suffix);
+        PathBuf::from(name)
+    };
+    if !result.ramp_points.is_empty() {
+        chart::rss_against_connections(&result.ramp_points, &with_suffix(".rss.svg"))?;
+    }
+    let curve = &result.latency_curve;
+    if !curve.is_empty() {
+        let title = format!(
+            "Delivery latency, {:?}, {} connections",
+            result.scenario.name, result.connections.planned
+        );
+        chart::latency_distribution(curve, &title, &with_suffix(".latency.svg"))?;
+    }
+    eprintln!("wrote {} (+ charts beside it)", json_path.display());
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn spawn_args_keep_admission_out_of_the_way_unless_overridden() {
+        let drain = Scenario::resolve(ScenarioName::Drain, &Overrides::default()).unwrap();
+        let args = spawn_args(&drain, &["--create-rate=5".to_string()], 20_000);
+        assert!(args.contains(&"--drain-deadline=5s".to_string()));
+        assert!(args.contains(&"--max-connections=18936".to_string()));
+        assert!(args.contains(&"--create-rate=5".to_string()));
+        assert!(!args.contains(&"--create-rate=1000000".to_string()));
+        assert!(args.contains(&"--create-burst=1000000".to_string()));
+    }
+}

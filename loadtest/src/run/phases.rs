@@ -1,0 +1,291 @@
+//! The phases of a run once the gateway is up: set up, ramp, the scenario's ending (hold and
+//! leave, stream to the end, or SIGTERM and drain), a stop at the time limit, the after
+//! snapshot, and the sums of what the workers saw.
+
+use std::time::{Duration, Instant};
+
+use anyhow::Result;
+
+use super::monitor::{all_connected, Monitor, WindowMark};
+use super::setup::{create_generations, worker_specs};
+use crate::client::stats::Counters;
+use crate::client::subscriber::unix_micros;
+use crate::fleet::Fleet;
+use crate::gateway::Gateway;
+use crate::metrics::latency::{new_histogram, quantile_curve, LatencySummary};
+use crate::metrics::snapshot::{RampPoint, Snapshot};
+use crate::report::{Cpu, Drain, Ramp};
+use crate::scenario::{Ending, Plan, Scenario};
+
+const SETTLE: Duration = Duration::from_secs(2);
+/// Assumed creation rate, used only to plan when the first token should be emitted.
+const CREATE_PER_S: f64 = 1000.0;
+
+/// Everything measured while the clients ran.
+pub struct Outcome {
+    pub ending: Ending,
+    pub planned: u64,
+    pub totals: Counters,
+    pub latency: LatencySummary,
+    pub latency_curve: Vec<(f64, u64)>,
+    pub before: Option<Snapshot>,
+    pub steady: Option<Snapshot>,
+    pub after: Option<Snapshot>,
+    pub ramp: Ramp,
+    pub cpu: Option<Cpu>,
+    pub drain: Option<Drain>,
+    pub points: Vec<RampPoint>,
+    pub peak_connected: i64,
+    pub timed_out: bool,
+    pub warnings: Vec<String>,
+}
+
+impl Outcome {
+    /// Every client got every token once, in order, and finished the way the scenario ends.
+    pub fn zero_loss(&self) -> bool {
+        let t = &self.totals;
+        let finished = t.done + t.generation_errors;
+        let everyone_finished = match self.ending {
+            Ending::AllDone => finished >= self.planned,
+            Ending::Leave => t.left >= self.planned,
+            Ending::Drain => finished + t.shutdown_reconnects >= self.planned,
+        };
+        t.delivery_errors() == 0 && t.gave_up == 0 && everyone_finished && !self.timed_out
+    }
+}
+
+/// What the scenario's ending measured.
+struct Ended {
+    /// A later steady snapshot (`idle` takes it at the end of its hold).
+    steady: Option<Snapshot>,
+    window_end: WindowMark,
+    drain: Option<Drain>,
+}
+
+pub async fn measure(
+    scenario: &Scenario,
+    plan: &Plan,
+    gateway: &mut Gateway,
+    workers: u64,
+    t0: Instant,
+) -> Result<Outcome> {
+    let n = plan.connections();
+    let addr = gateway.info.addr;
+    // All generations hold their first token until the ramp should be over, so latency is
+    // measured on live fan-out rather than on replay to late joiners.
+    let stream_at = Instant::now()
+        + Duration::from_secs_f64(
+            plan.generations.len() as f64 / CREATE_PER_S
+                + scenario.ramp_s(n)
+                + scenario.start_margin_s,
+        );
+    eprintln!(
+        "creating {} generations, then {n} connections at {}/s over {workers} worker(s); first token in {:.1} s",
+        plan.generations.len(),
+        scenario.ramp_rate,
+        stream_at.saturating_duration_since(Instant::now()).as_secs_f64()
+    );
+    let ids = create_generations(addr, scenario, plan, stream_at).await?;
+    let specs = worker_specs(scenario, plan, &ids, addr, workers);
+    let before = gateway
+        .info
+        .pid
+        .map(|pid| Snapshot::take(pid, t0.elapsed().as_secs_f64(), 0))
+        .transpose()?;
+    let deadline = t0 + Duration::from_secs(scenario.time_limit_s);
+    let fleet = Fleet::spawn(&specs).await?;
+    let mut monitor = Monitor::new(fleet, gateway, t0, deadline, n);
+    let mut warnings = Vec::new();
+
+    let ramp = ramp(&mut monitor, gateway, scenario, n, &mut warnings).await;
+    let window_start = monitor.window_mark(monitor.fleet.totals().tokens);
+    // Memory with everyone connected.
+    let steady = monitor.snapshot();
+    let ended = match scenario.ending {
+        Ending::Leave => hold_and_leave(&mut monitor, gateway, scenario).await,
+        Ending::AllDone => stream_to_the_end(&mut monitor, gateway).await,
+        Ending::Drain => sigterm_and_drain(&mut monitor, gateway, scenario, stream_at, n).await?,
+    };
+    if monitor.timed_out {
+        warnings.push(format!(
+            "hit the {} s time limit: clients were told to leave",
+            scenario.time_limit_s
+        ));
+        stop(&mut monitor, gateway).await;
+    }
+    let after = if scenario.ending == Ending::Drain {
+        None
+    } else {
+        let settle_until = Instant::now() + SETTLE;
+        monitor
+            .wait("after", settle_until, |_, _| false, gateway)
+            .await;
+        monitor.snapshot()
+    };
+    let cpu = window_start.cpu_until(&ended.window_end);
+    let (totals, hist) = collect(&mut monitor, &mut warnings)?;
+    let Monitor {
+        fleet,
+        points,
+        peak_connected,
+        timed_out,
+        ..
+    } = monitor;
+    fleet.reap(Duration::from_secs(5)).await;
+    Ok(Outcome {
+        ending: scenario.ending,
+        planned: n,
+        latency: LatencySummary::of(&hist),
+        latency_curve: quantile_curve(&hist),
+        totals,
+        before,
+        steady: ended.steady.or(steady),
+        after,
+        ramp,
+        cpu,
+        drain: ended.drain,
+        points,
+        peak_connected,
+        timed_out,
+        warnings,
+    })
+}
+
+/// Waits until every client is connected (or its time is up: three times the planned ramp).
+async fn ramp(
+    monitor: &mut Monitor,
+    gateway: &mut Gateway,
+    scenario: &Scenario,
+    n: u64,
+    warnings: &mut Vec<String>,
+) -> Ramp {
+    let start = Instant::now();
+    let until = start + Duration::from_secs_f64(scenario.ramp_s(n) * 3.0 + 15.0);
+    monitor
+        .wait("ramp", until, |t, _| all_connected(t, n), gateway)
+        .await;
+    let totals = monitor.fleet.totals();
+    if !all_connected(&totals, n) {
+        warnings.push(format!(
+            "ramp incomplete: {} of {n} connected when the ramp's time ran out",
+            totals.connected
+        ));
+    }
+    let duration_s = start.elapsed().as_secs_f64();
+    Ramp {
+        duration_s,
+        rate_per_s: totals.connected.max(0) as f64 / duration_s,
+    }
+}
+
+/// `idle`: everyone holds their stream, then all leave at once.
+async fn hold_and_leave(
+    monitor: &mut Monitor,
+    gateway: &mut Gateway,
+    scenario: &Scenario,
+) -> Ended {
+    let hold_until = Instant::now() + Duration::from_secs_f64(scenario.hold_s.max(0.0));
+    monitor
+        .wait("hold", hold_until, |_, _| false, gateway)
+        .await;
+    let steady = monitor.snapshot();
+    let window_end = monitor.window_mark(monitor.fleet.totals().tokens);
+    monitor.fleet.leave().await;
+    let deadline = monitor.deadline;
+    monitor
+        .wait("leaving", deadline, |_, m| m.fleet.all_final(), gateway)
+        .await;
+    Ended {
+        steady,
+        window_end,
+        drain: None,
+    }
+}
+
+/// Every client reads until its generation's `done`.
+async fn stream_to_the_end(monitor: &mut Monitor, gateway: &mut Gateway) -> Ended {
+    let deadline = monitor.deadline;
+    monitor
+        .wait("streaming", deadline, |_, m| m.fleet.all_final(), gateway)
+        .await;
+    Ended {
+        steady: None,
+        window_end: monitor.window_mark(monitor.fleet.totals().tokens),
+        drain: None,
+    }
+}
+
+/// `drain`: SIGTERM a fixed time into streaming, then wait for every client and the exit.
+async fn sigterm_and_drain(
+    monitor: &mut Monitor,
+    gateway: &mut Gateway,
+    scenario: &Scenario,
+    stream_at: Instant,
+    n: u64,
+) -> Result<Ended> {
+    let sigterm_at = stream_at + Duration::from_secs_f64(scenario.drain_after_s);
+    monitor
+        .wait("streaming", sigterm_at, |_, m| m.fleet.all_final(), gateway)
+        .await;
+    let window_end = monitor.window_mark(monitor.fleet.totals().tokens);
+    let sigterm_unix_us = unix_micros();
+    let sigterm_run_s = monitor.at_s();
+    gateway.sigterm()?;
+    monitor.sigterm_at = Some(Instant::now());
+    let deadline = monitor.deadline;
+    monitor
+        .wait(
+            "draining",
+            deadline,
+            |_, m| m.fleet.all_final() && m.exit.is_some(),
+            gateway,
+        )
+        .await;
+    let t = monitor.fleet.totals();
+    let notified = t.done + t.generation_errors + t.shutdown_reconnects;
+    let drain = Drain {
+        sigterm_at_s: sigterm_run_s,
+        all_clients_notified_after_s: (notified >= n && t.last_terminal_us >= sigterm_unix_us)
+            .then(|| (t.last_terminal_us - sigterm_unix_us) as f64 / 1e6),
+        exit: monitor.exit.clone(),
+        clients_done: t.done,
+        clients_told_to_reconnect: t.shutdown_reconnects,
+        lost_tokens_in_finished: t.lost_tokens,
+    };
+    Ok(Ended {
+        steady: None,
+        window_end,
+        drain: Some(drain),
+    })
+}
+
+/// The time limit passed: tell every client to leave and give the workers 15 s to report.
+async fn stop(monitor: &mut Monitor, gateway: &mut Gateway) {
+    monitor.fleet.leave().await;
+    let grace = Instant::now() + Duration::from_secs(15);
+    monitor.deadline = grace;
+    monitor
+        .wait("stopping", grace, |_, m| m.fleet.all_final(), gateway)
+        .await;
+}
+
+/// Sums the workers' final counters and merges their latency histograms.
+fn collect(
+    monitor: &mut Monitor,
+    warnings: &mut Vec<String>,
+) -> Result<(Counters, hdrhistogram::Histogram<u64>)> {
+    monitor.fleet.poll();
+    let mut totals = Counters::default();
+    let mut hist = new_histogram()?;
+    for (counters, buckets) in monitor.fleet.finals() {
+        totals.add(counters);
+        buckets.add_to(&mut hist)?;
+    }
+    if !monitor.fleet.lost_workers.is_empty() {
+        warnings.push(format!(
+            "workers {:?} ended without a final report; their last progress is counted",
+            monitor.fleet.lost_workers
+        ));
+    }
+    Ok((totals, hist))
+}
