@@ -19,7 +19,7 @@ use std::{
 use axum::{
     body::Body,
     extract::{Request, State},
-    http::{header, HeaderMap, HeaderValue, StatusCode},
+    http::{HeaderMap, HeaderValue, StatusCode},
     middleware::Next,
     response::{IntoResponse, Response},
     Extension, Json,
@@ -287,15 +287,7 @@ fn stream_response(subscription: Subscription, meta: Meta) -> Response {
         meta,
         phase: Phase::Start,
     };
-    let mut response = Response::new(Body::from_stream(stream));
-    let headers = response.headers_mut();
-    headers.insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("text/event-stream"),
-    );
-    headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
-    headers.insert("x-accel-buffering", HeaderValue::from_static("no"));
-    response
+    super::events::event_stream(Body::from_stream(stream))
 }
 
 /// The body of one streaming completion: a subscription to the generation that re-encodes

@@ -87,7 +87,8 @@ pub async fn over_capacity() -> Response {
     event_stream(Body::from(frame::reconnect(retry, "over_capacity")))
 }
 
-fn event_stream(body: Body) -> Response {
+/// A `text/event-stream` response around `body`.
+pub(crate) fn event_stream(body: Body) -> Response {
     let mut response = Response::new(body);
     let headers = response.headers_mut();
     headers.insert(
