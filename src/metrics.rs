@@ -6,7 +6,7 @@
 
 use std::sync::OnceLock;
 
-use metrics::{counter, describe_counter, describe_gauge, describe_histogram, Unit};
+use metrics::{counter, describe_counter, describe_gauge, describe_histogram, Counter, Unit};
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 
 use crate::hub::generation::FanOut;
@@ -108,11 +108,27 @@ fn describe() {
     );
 }
 
+/// The per-token counters, looked up in the recorder once: `counter!` hashes the name and
+/// searches the registry on every call, which showed in profiles of the token path.
+struct TokenCounters {
+    tokens: Counter,
+    delivered: Counter,
+    evicted: Counter,
+}
+
 /// Counts one token's fan-out: one update per token, whatever the number of subscribers.
+/// Called only after [`install`] (by a generation's task), so the cached handles are the
+/// recorder's.
 pub fn record_fan_out(fan_out: FanOut) {
-    counter!(TOKENS).increment(1);
-    counter!(EVENTS_DELIVERED).increment(fan_out.delivered);
+    static COUNTERS: OnceLock<TokenCounters> = OnceLock::new();
+    let counters = COUNTERS.get_or_init(|| TokenCounters {
+        tokens: counter!(TOKENS),
+        delivered: counter!(EVENTS_DELIVERED),
+        evicted: counter!(EVICTIONS, "reason" => "slow_consumer"),
+    });
+    counters.tokens.increment(1);
+    counters.delivered.increment(fan_out.delivered);
     if fan_out.evicted > 0 {
-        counter!(EVICTIONS, "reason" => "slow_consumer").increment(fan_out.evicted);
+        counters.evicted.increment(fan_out.evicted);
     }
 }

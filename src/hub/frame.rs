@@ -4,6 +4,8 @@
 //! the log and to every subscriber (a reference-count increment each), so fan-out costs no
 //! allocation per subscriber.
 
+use std::io::Write;
+
 use bytes::{BufMut, Bytes, BytesMut};
 use serde::Serialize;
 
@@ -17,16 +19,19 @@ pub fn token(index: u64, text: &str) -> Bytes {
         index: u64,
         text: &'a str,
     }
-    event(Some(index), "token", &Data { index, text })
+    // Sized for the whole frame up front: growing a 64-byte buffer was a realloc per token.
+    let capacity = TOKEN_FRAME_OVERHEAD + text.len() + text.len() / 8;
+    encode(capacity, Some(index), None, "token", &Data { index, text })
 }
+
+/// `id:`, `event: token`, `data:` and the JSON around the text, with room for long indexes.
+const TOKEN_FRAME_OVERHEAD: usize = 80;
 
 /// A complete event with an optional `id`, a name and a JSON `data` line.
 ///
 /// JSON never contains a raw newline, so a single `data:` line is always a faithful encoding.
 pub fn event(id: Option<u64>, name: &str, data: &impl Serialize) -> Bytes {
-    let mut buf = BytesMut::with_capacity(64).writer();
-    write_event(&mut buf, id, None, name, data);
-    buf.into_inner().freeze()
+    encode(128, id, None, name, data)
 }
 
 /// `retry: <ms>\nevent: reconnect\ndata: {"reason":"…"}\n\n`: asks an `EventSource` to come back
@@ -36,24 +41,17 @@ pub fn reconnect(retry_ms: u64, reason: &str) -> Bytes {
     struct Data<'a> {
         reason: &'a str,
     }
-    let mut buf = BytesMut::with_capacity(64).writer();
-    write_event(
-        &mut buf,
-        None,
-        Some(retry_ms),
-        "reconnect",
-        &Data { reason },
-    );
-    buf.into_inner().freeze()
+    encode(64, None, Some(retry_ms), "reconnect", &Data { reason })
 }
 
-fn write_event(
-    out: &mut impl std::io::Write,
+fn encode(
+    capacity: usize,
     id: Option<u64>,
     retry_ms: Option<u64>,
     name: &str,
     data: &impl Serialize,
-) {
+) -> Bytes {
+    let mut out = BytesMut::with_capacity(capacity).writer();
     // Writing into memory cannot fail, and serializing these plain structs cannot either; the
     // results are ignored rather than unwrapped to keep this path panic-free.
     if let Some(id) = id {
@@ -63,8 +61,9 @@ fn write_event(
         let _ = writeln!(out, "retry: {ms}");
     }
     let _ = write!(out, "event: {name}\ndata: ");
-    let _ = serde_json::to_writer(&mut *out, data);
+    let _ = serde_json::to_writer(&mut out, data);
     let _ = out.write_all(b"\n\n");
+    out.into_inner().freeze()
 }
 
 #[cfg(test)]
