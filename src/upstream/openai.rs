@@ -11,6 +11,7 @@ use std::{
     borrow::Cow,
     fmt,
     marker::PhantomData,
+    pin::Pin,
     sync::Arc,
     time::{Duration, SystemTime},
 };
@@ -26,7 +27,7 @@ use serde::{
     Deserialize, Deserializer,
 };
 use serde_json::{Map, Value};
-use tokio::time::{timeout_at, Instant};
+use tokio::time::{timeout_at, Instant, Sleep};
 
 use super::{sse::SseDecoder, UpstreamError, UpstreamEvent};
 use crate::config::UpstreamConfig;
@@ -70,7 +71,8 @@ impl Upstream {
             .default_headers(default_headers(config)?)
             .user_agent(concat!("tokenfan/", env!("CARGO_PKG_VERSION")))
             .connect_timeout(config.connect_timeout)
-            .read_timeout(config.idle_timeout)
+            // No reqwest `read_timeout`: the reader's own deadline covers idle gaps (and the
+            // first-token and total deadlines); a second timer per chunk only cost CPU.
             // No cap on idle connections per host: over HTTP/1.1 each running generation holds
             // one connection, and the next wave of generations should find them all pooled.
             .pool_idle_timeout(POOL_IDLE_TIMEOUT)
@@ -409,6 +411,10 @@ struct Reader {
     pending: ChunkEvents,
     deadlines: Deadlines,
     idle_timeout: Duration,
+    /// One timer for the whole call, moved forward before each read: pushing a deadline later
+    /// is an atomic update, where a fresh timeout per chunk registers in and leaves the timer
+    /// wheel under its lock every time (visible in profiles of the token path).
+    deadline: Pin<Box<Sleep>>,
     token_seen: bool,
     finish_seen: bool,
     done: bool,
@@ -422,6 +428,7 @@ impl Reader {
             pending: ChunkEvents::default(),
             deadlines,
             idle_timeout,
+            deadline: Box::pin(tokio::time::sleep_until(deadlines.first_token)),
             token_seen: false,
             finish_seen: false,
             done: false,
@@ -478,12 +485,11 @@ impl Reader {
         if idle < deadline {
             (deadline, which) = (idle, "idle");
         }
-        match timeout_at(deadline, self.response.chunk()).await {
-            Err(_) => Err(UpstreamError::Timeout(which)),
-            Ok(Ok(chunk)) => Ok(chunk),
-            // reqwest's own read timeout, set to the same idle timeout.
-            Ok(Err(error)) if error.is_timeout() => Err(UpstreamError::Timeout("idle")),
-            Ok(Err(error)) => Err(UpstreamError::Interrupted(describe(error))),
+        self.deadline.as_mut().reset(deadline);
+        tokio::select! {
+            biased;
+            chunk = self.response.chunk() => chunk.map_err(|error| UpstreamError::Interrupted(describe(error))),
+            () = self.deadline.as_mut() => Err(UpstreamError::Timeout(which)),
         }
     }
 
