@@ -13,7 +13,13 @@
 //! With a store shared by several instances, step 2 becomes "reconnect everyone at once, the
 //! generation continues elsewhere": [`run`] is the one place to change.
 
-use std::time::{Duration, Instant};
+use std::{
+    sync::{
+        atomic::{AtomicU8, Ordering},
+        Arc,
+    },
+    time::{Duration, Instant},
+};
 
 use rand::Rng;
 use tokio_util::{
@@ -31,9 +37,24 @@ const CLOSE_GRACE: Duration = Duration::from_millis(500);
 /// How often the drain checks whether everything has ended.
 const IDLE_POLL: Duration = Duration::from_millis(20);
 
+/// How far the drain has gone; only ever moves forward.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+#[repr(u8)]
+pub enum Phase {
+    Serving = 0,
+    /// Step 1 on: no new work.
+    Draining = 1,
+    /// Step 4: the listener stops accepting.
+    Closing = 2,
+    /// Step 4, after the flush grace: every connection is dropped.
+    Killed = 3,
+}
+
 /// The drain state, shared (cheap clones) by the server, handlers and subscriber streams.
 #[derive(Clone)]
 pub struct Drain {
+    /// The current [`Phase`], readable with one atomic load (checking a token takes a mutex).
+    phase: Arc<AtomicU8>,
     draining: CancellationToken,
     closing: CancellationToken,
     killed: CancellationToken,
@@ -43,6 +64,7 @@ pub struct Drain {
 impl Drain {
     pub fn new(reconnect_spread: Duration) -> Self {
         Self {
+            phase: Arc::new(AtomicU8::new(Phase::Serving as u8)),
             draining: CancellationToken::new(),
             closing: CancellationToken::new(),
             killed: CancellationToken::new(),
@@ -50,9 +72,30 @@ impl Drain {
         }
     }
 
+    pub fn phase(&self) -> Phase {
+        match self.phase.load(Ordering::SeqCst) {
+            0 => Phase::Serving,
+            1 => Phase::Draining,
+            2 => Phase::Closing,
+            _ => Phase::Killed,
+        }
+    }
+
     /// Whether the gateway has stopped taking new work.
     pub fn is_draining(&self) -> bool {
-        self.draining.is_cancelled()
+        self.phase() >= Phase::Draining
+    }
+
+    /// Moves to `phase`, then fires its signal: whoever is woken by the signal already sees
+    /// the new phase.
+    fn enter(&self, phase: Phase) {
+        self.phase.fetch_max(phase as u8, Ordering::SeqCst);
+        match phase {
+            Phase::Serving => {}
+            Phase::Draining => self.draining.cancel(),
+            Phase::Closing => self.closing.cancel(),
+            Phase::Killed => self.killed.cancel(),
+        }
     }
 
     pub fn draining(&self) -> WaitForCancellationFuture<'_> {
@@ -82,7 +125,7 @@ pub async fn run(drain: &Drain, hub: &Hub, connections: &TaskTracker, deadline: 
     let started = Instant::now();
     info!(deadline = ?deadline, "drain started: not ready, refusing new work");
     ::metrics::counter!(metrics::DRAIN_STARTED).increment(1);
-    drain.draining.cancel();
+    drain.enter(Phase::Draining);
 
     let finished_in_time = tokio::time::timeout(deadline, everything_ended(hub))
         .await
@@ -100,7 +143,7 @@ pub async fn run(drain: &Drain, hub: &Hub, connections: &TaskTracker, deadline: 
         );
     }
 
-    drain.closing.cancel();
+    drain.enter(Phase::Closing);
     connections.close();
     if tokio::time::timeout(FLUSH_GRACE, connections.wait())
         .await
@@ -110,11 +153,11 @@ pub async fn run(drain: &Drain, hub: &Hub, connections: &TaskTracker, deadline: 
             open = connections.len(),
             "drain: force-closing connections that did not flush"
         );
-        drain.killed.cancel();
+        drain.enter(Phase::Killed);
         // Connection tasks end at their next poll; this wait is bounded for a stuck runtime.
         let _ = tokio::time::timeout(CLOSE_GRACE, connections.wait()).await;
     }
-    drain.killed.cancel();
+    drain.enter(Phase::Killed);
     hub.close();
     let elapsed = started.elapsed();
     ::metrics::histogram!(metrics::DRAIN_DURATION).record(elapsed.as_secs_f64());
