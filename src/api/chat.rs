@@ -433,4 +433,34 @@ mod tests {
 "#
         );
     }
+
+    #[test]
+    fn ending_has_the_finish_chunk_usage_and_done() {
+        let meta = Meta {
+            id: "chatcmpl-x".into(),
+            created: 7,
+            model: "m".into(),
+            include_usage: true,
+        };
+        let snapshot = Snapshot {
+            id: "gen_x".into(),
+            status: Status::Completed,
+            text: "Hi".into(),
+            token_count: 1,
+            finish_reason: Some("length".into()),
+            usage: Some(json!({"prompt_tokens": 9, "completion_tokens": 1, "total_tokens": 10})),
+            error: None,
+        };
+        assert_eq!(
+            &meta.ending(&snapshot)[..],
+            concat!(
+                r#"data: {"id":"chatcmpl-x","object":"chat.completion.chunk","created":7,"model":"m","choices":[{"index":0,"delta":{},"logprobs":null,"finish_reason":"length"}],"usage":null}"#,
+                "\n\n",
+                r#"data: {"id":"chatcmpl-x","object":"chat.completion.chunk","created":7,"model":"m","choices":[],"usage":{"completion_tokens":1,"prompt_tokens":9,"total_tokens":10}}"#,
+                "\n\n",
+                "data: [DONE]\n\n",
+            )
+            .as_bytes()
+        );
+    }
 }

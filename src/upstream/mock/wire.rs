@@ -381,3 +381,46 @@ fn write_data(buf: &mut Vec<u8>, value: &impl Serialize) -> Result<(), Abort> {
     buf.extend_from_slice(b"\n\n");
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn frames_keep_their_exact_bytes() {
+        let meta = Meta {
+            id: "chatcmpl-mock1".into(),
+            created: 7,
+            model: "m".into(),
+        };
+        let role = Delta {
+            role: Some("assistant"),
+            content: Some(""),
+        };
+        let token = Delta {
+            role: None,
+            content: Some("Hi \"you\""),
+        };
+        let frames = [
+            meta.frame(role).unwrap(),
+            meta.frame(token).unwrap(),
+            meta.end_frame("stop", Some(Usage::new(9, 2)), true)
+                .unwrap(),
+        ]
+        .concat();
+        assert_eq!(
+            String::from_utf8(frames).unwrap(),
+            concat!(
+                r#"data: {"id":"chatcmpl-mock1","object":"chat.completion.chunk","created":7,"model":"m","choices":[{"index":0,"delta":{"role":"assistant","content":""},"finish_reason":null}]}"#,
+                "\n\n",
+                r#"data: {"id":"chatcmpl-mock1","object":"chat.completion.chunk","created":7,"model":"m","choices":[{"index":0,"delta":{"content":"Hi \"you\""},"finish_reason":null}]}"#,
+                "\n\n",
+                r#"data: {"id":"chatcmpl-mock1","object":"chat.completion.chunk","created":7,"model":"m","choices":[{"index":0,"delta":{},"finish_reason":"stop"}]}"#,
+                "\n\n",
+                r#"data: {"id":"chatcmpl-mock1","object":"chat.completion.chunk","created":7,"model":"m","choices":[],"usage":{"prompt_tokens":9,"completion_tokens":2,"total_tokens":11}}"#,
+                "\n\n",
+                "data: [DONE]\n\n",
+            )
+        );
+    }
+}
