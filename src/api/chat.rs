@@ -367,14 +367,19 @@ mod tests {
         assert!(options(json!({"stream": true, "stream_options": {"include_usage": 1}})).is_err());
     }
 
-    #[test]
-    fn chunks_look_like_openai_chunks() {
-        let meta = Meta {
+    /// A completion whose client asked for usage.
+    fn usage_meta() -> Meta {
+        Meta {
             id: "chatcmpl-x".into(),
             created: 7,
             model: "m".into(),
             include_usage: true,
-        };
+        }
+    }
+
+    #[test]
+    fn chunks_look_like_openai_chunks() {
+        let meta = usage_meta();
         let mut out = BytesMut::new();
         meta.write_choice(&mut out, Delta::content("Hi \"you\""), None);
         assert_eq!(
@@ -387,12 +392,7 @@ mod tests {
 
     #[test]
     fn ending_has_the_finish_chunk_usage_and_done() {
-        let meta = Meta {
-            id: "chatcmpl-x".into(),
-            created: 7,
-            model: "m".into(),
-            include_usage: true,
-        };
+        let meta = usage_meta();
         let snapshot = Snapshot {
             id: "gen_x".into(),
             status: Status::Completed,
