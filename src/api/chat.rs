@@ -33,6 +33,7 @@ use super::{auth, error::ApiError, generations::start, App};
 use crate::{
     access::KeyId,
     hub::{frame, Delivery, Generation, HubError, Snapshot, Status, Subscription},
+    upstream::chunk::{self, Chunk, ChunkChoice, Delta},
 };
 
 /// The response header naming the generation behind a completion.
@@ -139,41 +140,13 @@ struct Meta {
     include_usage: bool,
 }
 
-#[derive(Serialize)]
-struct Chunk<'a> {
-    id: &'a str,
-    object: &'static str,
-    created: u64,
-    model: &'a str,
-    choices: &'a [ChunkChoice<'a>],
-    /// OpenAI sends `"usage": null` on every chunk but the last when usage was asked for.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    usage: Option<&'a Value>,
-}
-
-#[derive(Serialize)]
-struct ChunkChoice<'a> {
-    index: u32,
-    delta: Delta<'a>,
-    logprobs: Option<()>,
-    finish_reason: Option<&'a str>,
-}
-
-#[derive(Default, Serialize)]
-struct Delta<'a> {
-    #[serde(skip_serializing_if = "Option::is_none")]
-    role: Option<&'static str>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    content: Option<&'a str>,
-}
-
 impl Meta {
     /// Appends one `data: <chunk>` event with a single choice.
     fn write_choice(&self, out: &mut BytesMut, delta: Delta<'_>, finish_reason: Option<&str>) {
         let choice = ChunkChoice {
             index: 0,
             delta,
-            logprobs: None,
+            logprobs: Some(()),
             finish_reason,
         };
         let usage = self.include_usage.then_some(&Value::Null);
@@ -181,17 +154,8 @@ impl Meta {
     }
 
     fn write_chunk(&self, out: &mut BytesMut, choices: &[ChunkChoice<'_>], usage: Option<&Value>) {
-        write_data(
-            out,
-            &Chunk {
-                id: &self.id,
-                object: "chat.completion.chunk",
-                created: self.created,
-                model: &self.model,
-                choices,
-                usage,
-            },
-        );
+        let chunk = Chunk::new(&self.id, self.created, &self.model, choices, usage);
+        write_data(out, &chunk);
     }
 
     /// The end of a stream: finish reason, usage if asked for, `[DONE]`; or OpenAI's in-stream
@@ -214,11 +178,9 @@ impl Meta {
 }
 
 fn write_data(out: &mut BytesMut, data: &impl Serialize) {
-    out.put_slice(b"data: ");
     // Serializing these plain structs into memory cannot fail; ignoring the result keeps this
     // path panic-free.
-    let _ = serde_json::to_writer(out.writer(), data);
-    out.put_slice(b"\n\n");
+    let _ = chunk::write_data(out, data);
 }
 
 /// Why an ended generation did not complete, as an OpenAI client is told.
@@ -309,22 +271,15 @@ impl CompletionStream {
     fn tokens(&self, from: u64, to: u64) -> Bytes {
         let mut out = BytesMut::new();
         for text in self.subscription.generation().token_texts(from, to) {
-            let delta = Delta {
-                role: None,
-                content: Some(&text),
-            };
-            self.meta.write_choice(&mut out, delta, None);
+            self.meta
+                .write_choice(&mut out, Delta::content(&text), None);
         }
         out.freeze()
     }
 
     fn role(&self) -> Bytes {
         let mut out = BytesMut::new();
-        let role = Delta {
-            role: Some("assistant"),
-            content: Some(""),
-        };
-        self.meta.write_choice(&mut out, role, None);
+        self.meta.write_choice(&mut out, Delta::role(), None);
         out.freeze()
     }
 }
@@ -412,25 +367,51 @@ mod tests {
         assert!(options(json!({"stream": true, "stream_options": {"include_usage": 1}})).is_err());
     }
 
-    #[test]
-    fn chunks_look_like_openai_chunks() {
-        let meta = Meta {
+    /// A completion whose client asked for usage.
+    fn usage_meta() -> Meta {
+        Meta {
             id: "chatcmpl-x".into(),
             created: 7,
             model: "m".into(),
             include_usage: true,
-        };
+        }
+    }
+
+    #[test]
+    fn chunks_look_like_openai_chunks() {
+        let meta = usage_meta();
         let mut out = BytesMut::new();
-        let delta = Delta {
-            role: None,
-            content: Some("Hi \"you\""),
-        };
-        meta.write_choice(&mut out, delta, None);
+        meta.write_choice(&mut out, Delta::content("Hi \"you\""), None);
         assert_eq!(
             &out[..],
             br#"data: {"id":"chatcmpl-x","object":"chat.completion.chunk","created":7,"model":"m","choices":[{"index":0,"delta":{"content":"Hi \"you\""},"logprobs":null,"finish_reason":null}],"usage":null}
 
 "#
+        );
+    }
+
+    #[test]
+    fn ending_has_the_finish_chunk_usage_and_done() {
+        let meta = usage_meta();
+        let snapshot = Snapshot {
+            id: "gen_x".into(),
+            status: Status::Completed,
+            text: "Hi".into(),
+            token_count: 1,
+            finish_reason: Some("length".into()),
+            usage: Some(json!({"prompt_tokens": 9, "completion_tokens": 1, "total_tokens": 10})),
+            error: None,
+        };
+        assert_eq!(
+            &meta.ending(&snapshot)[..],
+            concat!(
+                r#"data: {"id":"chatcmpl-x","object":"chat.completion.chunk","created":7,"model":"m","choices":[{"index":0,"delta":{},"logprobs":null,"finish_reason":"length"}],"usage":null}"#,
+                "\n\n",
+                r#"data: {"id":"chatcmpl-x","object":"chat.completion.chunk","created":7,"model":"m","choices":[],"usage":{"completion_tokens":1,"prompt_tokens":9,"total_tokens":10}}"#,
+                "\n\n",
+                "data: [DONE]\n\n",
+            )
+            .as_bytes()
         );
     }
 }

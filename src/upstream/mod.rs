@@ -5,8 +5,10 @@
 //! token, so a retry can never duplicate tokens) and every upstream timeout. It knows nothing of
 //! subscribers or HTTP handlers: the hub drives it, one task per generation.
 //!
-//! [`mock`] is the embedded OpenAI-compatible mock LLM, the default upstream.
+//! [`mock`] is the embedded OpenAI-compatible mock LLM, the default upstream; [`chunk`] the
+//! `chat.completion.chunk` it writes, which the OpenAI-compatible endpoint writes too.
 
+pub mod chunk;
 pub mod mock;
 mod openai;
 pub mod sse;

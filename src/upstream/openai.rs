@@ -832,11 +832,32 @@ mod tests {
         (events, None)
     }
 
+    /// Plays one response to the first connection (a retry fails to connect) and runs a
+    /// stream against it.
+    async fn run_response(response: &[&str]) -> (Vec<UpstreamEvent>, Option<UpstreamError>) {
+        let provider = provider(vec![vec![Step::Write(response.concat())]]).await;
+        run(config(), &provider.base_url).await
+    }
+
+    /// Checks that a call whose first connection gets `first` is retried, once, and streams
+    /// the second connection's answer.
+    async fn retried_then_streams(first: Vec<Step>) {
+        let mut provider = provider(vec![first, ok_stream()]).await;
+
+        let (events, error) = run(config(), &provider.base_url).await;
+
+        assert!(error.is_none(), "{error:?}");
+        assert_eq!(events, hi_stop());
+        provider.requests.recv().await.unwrap();
+        provider.requests.recv().await.unwrap();
+    }
+
+    fn hi() -> UpstreamEvent {
+        UpstreamEvent::Token("Hi".to_owned())
+    }
+
     fn hi_stop() -> Vec<UpstreamEvent> {
-        vec![
-            UpstreamEvent::Token("Hi".to_owned()),
-            UpstreamEvent::Finish("stop".to_owned()),
-        ]
+        vec![hi(), UpstreamEvent::Finish("stop".to_owned())]
     }
 
     #[tokio::test]
@@ -899,39 +920,24 @@ mod tests {
             "",
             r#"{"error":{"message":"overloaded"}}"#,
         );
-        let mut provider = provider(vec![vec![Step::Write(overloaded)], ok_stream()]).await;
 
-        let (events, error) = run(config(), &provider.base_url).await;
-
-        assert!(error.is_none(), "{error:?}");
-        assert_eq!(events, hi_stop());
-        provider.requests.recv().await.unwrap();
-        provider.requests.recv().await.unwrap();
+        retried_then_streams(vec![Step::Write(overloaded)]).await;
     }
 
     #[tokio::test]
     async fn connection_closed_before_any_response_is_retried() {
         let hang_up = vec![];
-        let mut provider = provider(vec![hang_up, ok_stream()]).await;
 
-        let (events, error) = run(config(), &provider.base_url).await;
-
-        assert!(error.is_none(), "{error:?}");
-        assert_eq!(events, hi_stop());
-        provider.requests.recv().await.unwrap();
-        provider.requests.recv().await.unwrap();
+        retried_then_streams(hang_up).await;
     }
 
     #[tokio::test]
     async fn too_many_requests_waits_for_retry_after() {
         let limited = http_error("429 Too Many Requests", "retry-after: 1\r\n", "{}");
-        let provider = provider(vec![vec![Step::Write(limited)], ok_stream()]).await;
         let started = std::time::Instant::now();
 
-        let (events, error) = run(config(), &provider.base_url).await;
+        retried_then_streams(vec![Step::Write(limited)]).await;
 
-        assert!(error.is_none(), "{error:?}");
-        assert_eq!(events, hi_stop());
         // The 10 ms backoff was replaced by the provider's second.
         assert!(started.elapsed() >= Duration::from_secs(1));
     }
@@ -943,10 +949,9 @@ mod tests {
             "retry-after: 18446744073709551615\r\n", // u64::MAX seconds: must not overflow
             r#"{"error":{"message":"Rate limit reached","type":"requests"}}"#,
         );
-        let provider = provider(vec![vec![Step::Write(limited)]]).await;
         let started = std::time::Instant::now();
 
-        let (events, error) = run(config(), &provider.base_url).await;
+        let (events, error) = run_response(&[&limited]).await;
 
         assert!(events.is_empty());
         assert!(
@@ -1015,12 +1020,11 @@ mod tests {
     async fn mid_stream_error_object_is_a_provider_error() {
         let failure =
             r#"{"error":{"message":"mock failure","type":"server_error","code":"mock_error"}}"#;
-        let body = [SSE_HEAD, &token("Hi"), &event(failure), LAST_CHUNK];
-        let provider = provider(vec![vec![Step::Write(body.concat())]]).await;
 
-        let (events, error) = run(config(), &provider.base_url).await;
+        let (events, error) =
+            run_response(&[SSE_HEAD, &token("Hi"), &event(failure), LAST_CHUNK]).await;
 
-        assert_eq!(events, [UpstreamEvent::Token("Hi".to_owned())]);
+        assert_eq!(events, [hi()]);
         assert!(
             matches!(&error, Some(UpstreamError::Provider(message)) if message == "mock failure"),
             "{error:?}"
@@ -1029,17 +1033,11 @@ mod tests {
 
     #[tokio::test]
     async fn invalid_json_chunk_is_a_protocol_error() {
-        let body = [
-            SSE_HEAD,
-            &token("Hi"),
-            &event("{\"choices\": [tru"),
-            LAST_CHUNK,
-        ];
-        let provider = provider(vec![vec![Step::Write(body.concat())]]).await;
+        let truncated = event("{\"choices\": [tru");
 
-        let (events, error) = run(config(), &provider.base_url).await;
+        let (events, error) = run_response(&[SSE_HEAD, &token("Hi"), &truncated, LAST_CHUNK]).await;
 
-        assert_eq!(events, [UpstreamEvent::Token("Hi".to_owned())]);
+        assert_eq!(events, [hi()]);
         assert!(
             matches!(error, Some(UpstreamError::Protocol(_))),
             "{error:?}"
@@ -1048,10 +1046,8 @@ mod tests {
 
     #[tokio::test]
     async fn body_ending_after_finish_without_done_completes() {
-        let body = [SSE_HEAD, &token("Hi"), &finish("stop"), LAST_CHUNK];
-        let provider = provider(vec![vec![Step::Write(body.concat())]]).await;
-
-        let (events, error) = run(config(), &provider.base_url).await;
+        let (events, error) =
+            run_response(&[SSE_HEAD, &token("Hi"), &finish("stop"), LAST_CHUNK]).await;
 
         assert!(error.is_none(), "{error:?}");
         assert_eq!(events, hi_stop());
@@ -1059,12 +1055,9 @@ mod tests {
 
     #[tokio::test]
     async fn body_ending_without_finish_is_interrupted() {
-        let body = [SSE_HEAD, &token("Hi"), LAST_CHUNK];
-        let provider = provider(vec![vec![Step::Write(body.concat())]]).await;
+        let (events, error) = run_response(&[SSE_HEAD, &token("Hi"), LAST_CHUNK]).await;
 
-        let (events, error) = run(config(), &provider.base_url).await;
-
-        assert_eq!(events, [UpstreamEvent::Token("Hi".to_owned())]);
+        assert_eq!(events, [hi()]);
         assert!(
             matches!(error, Some(UpstreamError::Interrupted(_))),
             "{error:?}"
@@ -1078,7 +1071,7 @@ mod tests {
 
         let (events, error) = run(config(), &provider.base_url).await;
 
-        assert_eq!(events, [UpstreamEvent::Token("Hi".to_owned())]);
+        assert_eq!(events, [hi()]);
         assert!(
             matches!(error, Some(UpstreamError::Interrupted(_))),
             "{error:?}"
@@ -1096,7 +1089,7 @@ mod tests {
 
         let (events, error) = run(config, &provider.base_url).await;
 
-        assert_eq!(events, [UpstreamEvent::Token("Hi".to_owned())]);
+        assert_eq!(events, [hi()]);
         assert!(
             matches!(error, Some(UpstreamError::Timeout("idle"))),
             "{error:?}"
@@ -1150,9 +1143,8 @@ mod tests {
     async fn non_event_stream_success_is_a_protocol_error() {
         let json_200 = "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 2\r\n\
                         connection: close\r\n\r\n{}";
-        let provider = provider(vec![vec![Step::Write(json_200.to_owned())]]).await;
 
-        let (events, error) = run(config(), &provider.base_url).await;
+        let (events, error) = run_response(&[json_200]).await;
 
         assert!(events.is_empty());
         assert!(
@@ -1167,10 +1159,7 @@ mod tests {
         let mut provider = provider(vec![vec![Step::Write(body.concat()), Step::Hang]]).await;
         let upstream = Upstream::new(&config(), &provider.base_url).unwrap();
         let mut stream = Box::pin(upstream.stream(request()));
-        assert_eq!(
-            stream.next().await.unwrap().unwrap(),
-            UpstreamEvent::Token("Hi".to_owned())
-        );
+        assert_eq!(stream.next().await.unwrap().unwrap(), hi());
 
         drop(stream);
 

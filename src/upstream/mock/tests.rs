@@ -126,9 +126,8 @@ fn now_micros() -> u128 {
         .as_micros()
 }
 
-/// Sends `body` over a raw socket and reads a chunked response until its terminating chunk;
-/// returns it and how many reads it took.
-async fn raw_stream(addr: SocketAddr, body: &Value) -> (String, usize) {
+/// Sends `body` as a chat request over a raw socket, for tests that read the bytes of the answer.
+async fn raw_post(addr: SocketAddr, body: &Value) -> TcpStream {
     let body = body.to_string();
     let mut socket = TcpStream::connect(addr).await.unwrap();
     let request = format!(
@@ -136,6 +135,13 @@ async fn raw_stream(addr: SocketAddr, body: &Value) -> (String, usize) {
         body.len()
     );
     socket.write_all(request.as_bytes()).await.unwrap();
+    socket
+}
+
+/// Sends `body` over a raw socket and reads a chunked response until its terminating chunk;
+/// returns it and how many reads it took.
+async fn raw_stream(addr: SocketAddr, body: &Value) -> (String, usize) {
+    let mut socket = raw_post(addr, body).await;
     let (mut received, mut reads) = (Vec::new(), 0);
     let mut buf = [0; 4096];
     while !received.ends_with(b"\r\n0\r\n\r\n") {
@@ -164,14 +170,7 @@ fn dechunk(mut body: &str) -> Vec<&str> {
 
 /// Sends `body` over a raw socket and returns everything until the server closes it.
 async fn raw_exchange(addr: SocketAddr, body: &Value) -> String {
-    let body = body.to_string();
-    let mut socket = TcpStream::connect(addr).await.unwrap();
-    let head = format!(
-        "POST /v1/chat/completions HTTP/1.1\r\nhost: mock\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n",
-        body.len()
-    );
-    socket.write_all(head.as_bytes()).await.unwrap();
-    socket.write_all(body.as_bytes()).await.unwrap();
+    let mut socket = raw_post(addr, body).await;
     let mut received = Vec::new();
     let mut buf = [0; 4096];
     loop {

@@ -18,6 +18,7 @@ use serde::Serialize;
 use tokio_util::sync::CancellationToken;
 
 use super::script::{Beat, Script};
+use crate::upstream::chunk::{self, Chunk, ChunkChoice, Delta};
 
 /// Who a completion is: the fields every chunk repeats.
 #[derive(Debug)]
@@ -42,32 +43,6 @@ impl Usage {
             total_tokens: prompt_tokens.saturating_add(completion_tokens),
         }
     }
-}
-
-#[derive(Serialize)]
-struct Chunk<'a> {
-    id: &'a str,
-    object: &'static str,
-    created: u64,
-    model: &'a str,
-    choices: &'a [ChunkChoice<'a>],
-    #[serde(skip_serializing_if = "Option::is_none")]
-    usage: Option<Usage>,
-}
-
-#[derive(Serialize)]
-struct ChunkChoice<'a> {
-    index: u32,
-    delta: Delta<'a>,
-    finish_reason: Option<&'static str>,
-}
-
-#[derive(Default, Serialize)]
-struct Delta<'a> {
-    #[serde(skip_serializing_if = "Option::is_none")]
-    role: Option<&'static str>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    content: Option<&'a str>,
 }
 
 #[derive(Serialize)]
@@ -190,14 +165,8 @@ fn sse_frames(
     let state = (script, meta, stopping);
     stream::unfold(state, move |(mut script, meta, stopping)| async move {
         let frame = match script.advance(&stopping).await? {
-            Beat::Role => meta.frame(Delta {
-                role: Some("assistant"),
-                content: Some(""),
-            }),
-            Beat::Token(text) => meta.frame(Delta {
-                role: None,
-                content: Some(text),
-            }),
+            Beat::Role => meta.frame(Delta::role()),
+            Beat::Token(text) => meta.frame(Delta::content(text)),
             Beat::Finish {
                 reason,
                 completion_tokens,
@@ -287,15 +256,12 @@ impl Meta {
         }
     }
 
-    fn chunk<'a>(&'a self, choices: &'a [ChunkChoice<'a>], usage: Option<Usage>) -> Chunk<'a> {
-        Chunk {
-            id: &self.id,
-            object: "chat.completion.chunk",
-            created: self.created,
-            model: &self.model,
-            choices,
-            usage,
-        }
+    fn chunk<'a>(
+        &'a self,
+        choices: &'a [ChunkChoice<'a>],
+        usage: Option<Usage>,
+    ) -> Chunk<'a, Usage> {
+        Chunk::new(&self.id, self.created, &self.model, choices, usage)
     }
 
     fn frame(&self, delta: Delta<'_>) -> Result<Bytes, Abort> {
@@ -316,7 +282,7 @@ impl Meta {
         let mut buf = Vec::with_capacity(512);
         self.write_choice(&mut buf, Delta::default(), Some(reason))?;
         if let Some(usage) = usage {
-            write_data(&mut buf, &self.chunk(&[], Some(usage)))?;
+            chunk::write_data(&mut buf, &self.chunk(&[], Some(usage)))?;
         }
         if done {
             buf.extend_from_slice(b"data: [DONE]\n\n");
@@ -344,9 +310,10 @@ impl Meta {
         let choices = [ChunkChoice {
             index: 0,
             delta,
+            logprobs: None,
             finish_reason,
         }];
-        write_data(buf, &self.chunk(&choices, None))
+        Ok(chunk::write_data(buf, &self.chunk(&choices, None))?)
     }
 
     fn completion(&self, text: &str, finish_reason: &'static str, usage: Usage) -> Response {
@@ -371,13 +338,41 @@ impl Meta {
 
 fn data_frame(value: &impl Serialize) -> Result<Bytes, Abort> {
     let mut buf = Vec::with_capacity(128);
-    write_data(&mut buf, value)?;
+    chunk::write_data(&mut buf, value)?;
     Ok(buf.into())
 }
 
-fn write_data(buf: &mut Vec<u8>, value: &impl Serialize) -> Result<(), Abort> {
-    buf.extend_from_slice(b"data: ");
-    serde_json::to_writer(&mut *buf, value)?;
-    buf.extend_from_slice(b"\n\n");
-    Ok(())
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn frames_keep_their_exact_bytes() {
+        let meta = Meta {
+            id: "chatcmpl-mock1".into(),
+            created: 7,
+            model: "m".into(),
+        };
+        let frames = [
+            meta.frame(Delta::role()).unwrap(),
+            meta.frame(Delta::content("Hi \"you\"")).unwrap(),
+            meta.end_frame("stop", Some(Usage::new(9, 2)), true)
+                .unwrap(),
+        ]
+        .concat();
+        assert_eq!(
+            String::from_utf8(frames).unwrap(),
+            concat!(
+                r#"data: {"id":"chatcmpl-mock1","object":"chat.completion.chunk","created":7,"model":"m","choices":[{"index":0,"delta":{"role":"assistant","content":""},"finish_reason":null}]}"#,
+                "\n\n",
+                r#"data: {"id":"chatcmpl-mock1","object":"chat.completion.chunk","created":7,"model":"m","choices":[{"index":0,"delta":{"content":"Hi \"you\""},"finish_reason":null}]}"#,
+                "\n\n",
+                r#"data: {"id":"chatcmpl-mock1","object":"chat.completion.chunk","created":7,"model":"m","choices":[{"index":0,"delta":{},"finish_reason":"stop"}]}"#,
+                "\n\n",
+                r#"data: {"id":"chatcmpl-mock1","object":"chat.completion.chunk","created":7,"model":"m","choices":[],"usage":{"prompt_tokens":9,"completion_tokens":2,"total_tokens":11}}"#,
+                "\n\n",
+                "data: [DONE]\n\n",
+            )
+        );
+    }
 }
