@@ -148,6 +148,10 @@ impl Connection {
             .timer(TokioTimer::new())
             .header_read_timeout(self.header_read_timeout)
             .max_buf_size(self.max_header_bytes)
+            // hyper then copies each small SSE chunk (with its chunked-encoding framing) into
+            // its write buffer and sends it with one send(2), which costs the kernel less than a
+            // writev(2) of three slices (~7 % of the CPU per delivered event in a profile).
+            .writev(false)
             .keep_alive(!self.one_request_only);
         let connection = builder.serve_connection(self.io, self.service);
         let mut connection = pin!(connection);

@@ -92,11 +92,17 @@ impl AsyncWrite for WriteTimeout {
         self.check(cx, poll)
     }
 
-    /// Not vectored on purpose: hyper then copies each small SSE chunk (with its chunked-encoding
-    /// framing) into its write buffer and sends it with one `send`, which costs the kernel less
-    /// than `writev` of three slices (measured per delivered event).
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        let poll = Pin::new(&mut self.stream).poll_write_vectored(cx, bufs);
+        self.check(cx, poll)
+    }
+
     fn is_write_vectored(&self) -> bool {
-        false
+        self.stream.is_write_vectored()
     }
 
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
