@@ -2,6 +2,7 @@
 //! drawn as SVG charts beside the JSON.
 
 pub mod chart;
+pub mod soak;
 
 use std::fmt::Write as _;
 
@@ -35,6 +36,7 @@ pub struct RunResult {
     pub memory: Option<Memory>,
     pub cpu: Option<Cpu>,
     pub drain: Option<Drain>,
+    pub soak: Option<soak::Soak>,
     pub ramp_points: Vec<RampPoint>,
     pub timed_out: bool,
     pub duration_s: f64,
@@ -176,7 +178,7 @@ fn ms(us: u64) -> String {
     format!("{:.2} ms", us as f64 / 1000.0)
 }
 
-fn mib(bytes: u64) -> String {
+pub(crate) fn mib(bytes: u64) -> String {
     format!("{:.1} MiB", bytes as f64 / (1024.0 * 1024.0))
 }
 
@@ -185,6 +187,15 @@ fn kb(bytes: Option<f64>) -> String {
 }
 
 impl RunResult {
+    /// The checks that failed: delivery (`zero_loss`) in every scenario, the soak's others.
+    pub fn failures(&self) -> Vec<&'static str> {
+        match &self.soak {
+            Some(soak) => soak.failures(),
+            None if !self.zero_loss => vec!["delivery"],
+            None => Vec::new(),
+        }
+    }
+
     pub fn markdown(&self) -> String {
         let mut md = String::new();
         let d = &self.delivery;
@@ -238,6 +249,10 @@ impl RunResult {
         row(
             "done / generation errors",
             format!("{} / {}", d.done, d.generation_errors),
+        );
+        row(
+            "endings other than planned / error ids ≠ tokens received",
+            format!("{} / {}", d.unexpected_endings, d.error_mismatches),
         );
         row(
             "evictions / shutdown reconnects / reconnects",
@@ -338,6 +353,11 @@ impl RunResult {
                     drain.lost_tokens_in_finished
                 ),
             );
+        }
+        if let Some(soak) = &self.soak {
+            for (k, v) in soak.rows() {
+                row(&k, v);
+            }
         }
         row(
             "run time",

@@ -5,6 +5,7 @@
 mod monitor;
 mod phases;
 mod setup;
+mod soak;
 
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -18,7 +19,7 @@ use crate::metrics::limits::{
     gateway_capacity, preflight, raise_nofile, workers_needed, GATEWAY_FD_MARGIN,
 };
 use crate::report::{chart, Connections, Machine, Memory, RunResult};
-use crate::scenario::{Overrides, Plan, Scenario, ScenarioName};
+use crate::scenario::{Ending, Overrides, Plan, Scenario, ScenarioName};
 
 #[derive(Debug, Args)]
 pub struct RunArgs {
@@ -47,7 +48,7 @@ pub struct RunArgs {
     /// JSON result path; charts are written beside it (`NAME.rss.svg`, `NAME.latency.svg`).
     #[arg(long)]
     pub out: Option<PathBuf>,
-    /// Seed for drawn knobs (tokens per generation, subscribers per generation, stall subset).
+    /// Seed for drawn knobs (tokens, subscribers and faults per generation, client behaviours).
     #[arg(long, default_value_t = 1)]
     pub seed: u64,
 }
@@ -78,7 +79,13 @@ pub async fn run(args: &RunArgs, command: String) -> Result<RunResult> {
         Some(url) => Gateway::attach(url, args.pid).await?,
         None => {
             let extra = spawn_args(&scenario, &args.gateway_args, own_nofile);
-            Gateway::spawn(&args.gateway_bin, &extra, &log_prefix).await?
+            Gateway::spawn(
+                &args.gateway_bin,
+                &extra,
+                &scenario.gateway_env,
+                &log_prefix,
+            )
+            .await?
         }
     };
     let pid = gateway.info.pid;
@@ -106,7 +113,10 @@ pub async fn run(args: &RunArgs, command: String) -> Result<RunResult> {
         .max(workers_needed(n, own_nofile))
         .min(n.max(1));
 
-    let result = phases::measure(&scenario, &plan, &mut gateway, workers, t0).await;
+    let result = match scenario.ending {
+        Ending::Churn => soak::measure(&scenario, &mut gateway, workers, args.seed, t0).await,
+        _ => phases::measure(&scenario, &plan, &mut gateway, workers, args.seed, t0).await,
+    };
     let gateway_info = gateway.info.clone();
     gateway.stop().await;
     let outcome = result?;
@@ -137,6 +147,7 @@ pub async fn run(args: &RunArgs, command: String) -> Result<RunResult> {
             .map(|b| Memory::new(b, outcome.steady, outcome.after)),
         cpu: outcome.cpu,
         drain: outcome.drain,
+        soak: outcome.soak,
         ramp_points: outcome.points,
         timed_out: outcome.timed_out,
         duration_s: t0.elapsed().as_secs_f64(),
@@ -190,8 +201,11 @@ fn write_outputs(args: &RunArgs, result: &RunResult, stem: &Path) -> Result<()> 
         name.push(suffix);
         PathBuf::from(name)
     };
-    if !result.ramp_points.is_empty() {
-        chart::rss_against_connections(&result.ramp_points, &with_suffix(".rss.svg"))?;
+    let rss_chart = with_suffix(".rss.svg");
+    match &result.soak {
+        _ if result.ramp_points.is_empty() => {}
+        Some(soak) => chart::rss_over_time(&result.ramp_points, soak, &rss_chart)?,
+        None => chart::rss_against_connections(&result.ramp_points, &rss_chart)?,
     }
     let curve = &result.latency_curve;
     if !curve.is_empty() {
