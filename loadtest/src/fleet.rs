@@ -150,8 +150,11 @@ impl Fleet {
         self.finals.iter().flatten()
     }
 
-    /// Reaps the workers, killing any that do not exit within `grace`.
+    /// Reaps the workers, killing any that do not exit within `grace`. Their stdin is closed
+    /// first: a worker's runtime cannot shut down while its read of an open stdin is pending.
     pub async fn reap(mut self, grace: Duration) {
+        // Dropping the senders ends the writer tasks, which drop the pipes.
+        self.commands.0.clear();
         for child in &mut self.children {
             if tokio::time::timeout(grace, child.wait()).await.is_err() {
                 let _ = child.kill().await;
