@@ -39,6 +39,10 @@ pub struct RunArgs {
     /// Extra flag for the spawned `tokenfan serve`, repeatable: `--gateway-arg=--channel-capacity=32`.
     #[arg(long = "gateway-arg", allow_hyphen_values = true)]
     pub gateway_args: Vec<String>,
+    /// Environment of the spawned gateway, repeatable: `--gateway-env=NAME=value`; replaces the
+    /// scenario's value of NAME (`--gateway-env=_RJEM_MALLOC_CONF=`: jemalloc's defaults).
+    #[arg(long = "gateway-env")]
+    pub gateway_env: Vec<String>,
     /// Target a running gateway (`http://127.0.0.1:8080`) instead of spawning one.
     #[arg(long)]
     pub url: Option<String>,
@@ -79,13 +83,8 @@ pub async fn run(args: &RunArgs, command: String) -> Result<RunResult> {
         Some(url) => Gateway::attach(url, args.pid).await?,
         None => {
             let extra = spawn_args(&scenario, &args.gateway_args, own_nofile);
-            Gateway::spawn(
-                &args.gateway_bin,
-                &extra,
-                &scenario.gateway_env,
-                &log_prefix,
-            )
-            .await?
+            let env = spawn_env(&scenario, &args.gateway_env);
+            Gateway::spawn(&args.gateway_bin, &extra, &env, &log_prefix).await?
         }
     };
     let pid = gateway.info.pid;
@@ -178,6 +177,19 @@ fn spawn_args(scenario: &Scenario, user: &[String], nofile: u64) -> Vec<String> 
     args
 }
 
+/// The scenario's gateway environment with the user's entries in place of the same names.
+fn spawn_env(scenario: &Scenario, user: &[String]) -> Vec<String> {
+    let name = |pair: &String| pair.split('=').next().unwrap_or_default().to_string();
+    let mut env: Vec<String> = scenario
+        .gateway_env
+        .iter()
+        .filter(|pair| !user.iter().any(|u| name(u) == name(pair)))
+        .cloned()
+        .collect();
+    env.extend(user.iter().cloned());
+    env
+}
+
 /// `results/NAME` from `--out results/NAME.json`, or `results/<scenario>` by default.
 fn output_stem(args: &RunArgs) -> Result<PathBuf> {
     let out = args.out.clone().unwrap_or_else(|| {
@@ -232,5 +244,19 @@ mod tests {
         assert!(args.contains(&"--create-rate=5".to_string()));
         assert!(!args.contains(&"--create-rate=1000000".to_string()));
         assert!(args.contains(&"--create-burst=1000000".to_string()));
+    }
+
+    #[test]
+    fn the_users_gateway_env_replaces_the_scenarios() {
+        let soak = Scenario::resolve(ScenarioName::Soak, &Overrides::default()).unwrap();
+        assert!(spawn_env(&soak, &[])[0].starts_with("_RJEM_MALLOC_CONF=background_thread:true"));
+        let env = spawn_env(
+            &soak,
+            &[
+                "_RJEM_MALLOC_CONF=".to_string(),
+                "TOKENFAN_LOG=debug".to_string(),
+            ],
+        );
+        assert_eq!(env, ["_RJEM_MALLOC_CONF=", "TOKENFAN_LOG=debug"]);
     }
 }
