@@ -63,9 +63,10 @@ pub fn rss_against_connections(points: &[RampPoint], path: &Path) -> Result<()> 
 /// The soak's chart: gateway RSS and open connections over the run, with the baseline and
 /// the margin RSS must come back under.
 pub fn rss_over_time(points: &[RampPoint], soak: &Soak, path: &Path) -> Result<()> {
+    // Headroom above both curves keeps the legend clear of them.
     let max_t = points.iter().map(|p| p.at_s).fold(1.0, f64::max);
-    let max_mib = points.iter().map(|p| p.rss_bytes).max().unwrap_or(0) as f64 / MIB * 1.1 + 1.0;
-    let max_conn = points.iter().map(|p| p.connected).max().unwrap_or(0).max(1) as f64 * 1.1;
+    let max_mib = points.iter().map(|p| p.rss_bytes).max().unwrap_or(0) as f64 / MIB * 1.35 + 1.0;
+    let max_conn = points.iter().map(|p| p.connected).max().unwrap_or(0).max(1) as f64 * 1.35;
     let root = canvas(path)?;
     let mut chart = framed(
         &root,

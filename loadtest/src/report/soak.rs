@@ -21,6 +21,9 @@ pub fn margin_for(baseline_bytes: u64) -> u64 {
 #[derive(Debug, Serialize)]
 pub struct Soak {
     pub rounds: Vec<SoakRound>,
+    /// The fresh gateway's RSS: not a baseline, since what the first load grows (allocator
+    /// extents, pools) legitimately stays.
+    pub rss_before_traffic_bytes: Option<u64>,
     /// Settled RSS after the warm-up: what the gateway keeps once it has served this load
     /// (allocator extents, hyper and tokio pools) with nothing open, running or retained.
     pub baseline_rss_bytes: Option<u64>,
@@ -67,7 +70,12 @@ pub struct SoakRound {
 }
 
 impl Soak {
-    pub fn new(rounds: Vec<SoakRound>, baseline_rss_bytes: Option<u64>, delivery: bool) -> Self {
+    pub fn new(
+        rounds: Vec<SoakRound>,
+        rss_before_traffic_bytes: Option<u64>,
+        baseline_rss_bytes: Option<u64>,
+        delivery: bool,
+    ) -> Self {
         let margin_bytes = baseline_rss_bytes.map(margin_for);
         let soaked: Vec<&SoakRound> = rounds.iter().filter(|r| !r.warm_up).collect();
         let rss = baseline_rss_bytes
@@ -87,6 +95,7 @@ impl Soak {
                 rss,
             },
             rounds,
+            rss_before_traffic_bytes,
             baseline_rss_bytes,
             margin_bytes,
             margin_rule: MARGIN_RULE,
@@ -125,9 +134,10 @@ impl Soak {
             ),
         )];
         rows.push((
-            "RSS baseline (settled after warm-up) / margin / peak".into(),
+            "RSS before any traffic / baseline (settled after warm-up) / margin / peak".into(),
             format!(
-                "{} / {} ({}) / {}",
+                "{} / {} / {} ({}) / {}",
+                opt_mib(self.rss_before_traffic_bytes),
                 opt_mib(self.baseline_rss_bytes),
                 opt_mib(self.margin_bytes),
                 self.margin_rule,
@@ -241,7 +251,7 @@ mod tests {
             round("warm-up", true, 40, true),
             round("soak", false, settled_mib, gauges_idle),
         ];
-        Soak::new(rounds, Some(40 << 20), true)
+        Soak::new(rounds, Some(10 << 20), Some(40 << 20), true)
     }
 
     #[test]
@@ -257,7 +267,7 @@ mod tests {
             leak.failures(),
             ["gauges back to 0", "RSS back to baseline"]
         );
-        let unmeasured = Soak::new(vec![round("soak", false, 49, true)], None, false);
+        let unmeasured = Soak::new(vec![round("soak", false, 49, true)], None, None, false);
         assert_eq!(unmeasured.checks.rss, None);
         assert_eq!(unmeasured.failures(), ["delivery"]);
     }

@@ -46,7 +46,7 @@ pub async fn measure(
     let soak = scenario.soak.as_ref().context("the soak needs its knobs")?;
     let deadline = t0 + Duration::from_secs(scenario.time_limit_s);
     let mut warnings = Vec::new();
-    let baseline_before_traffic = gateway
+    let before_traffic = gateway
         .info
         .pid
         .and_then(|pid| crate::metrics::proc::read_rss(pid).ok());
@@ -139,7 +139,7 @@ pub async fn measure(
                  retention alone will exceed"
                     .into(),
             );
-            baseline_before_traffic
+            before_traffic
         }
     };
     let outcome = Outcome {
@@ -165,7 +165,7 @@ pub async fn measure(
     };
     let delivery = outcome.zero_loss();
     Ok(Outcome {
-        soak: Some(Soak::new(run.rounds, baseline, delivery)),
+        soak: Some(Soak::new(run.rounds, before_traffic, baseline, delivery)),
         ..outcome
     })
 }
