@@ -160,6 +160,19 @@ impl Cpu {
             mock_cpu_s: None,
         }
     }
+
+    /// Two windows as one: the soak's rounds, without the settles between them.
+    pub fn plus(self, other: Cpu) -> Cpu {
+        Cpu {
+            client_cpu_s: self.client_cpu_s + other.client_cpu_s,
+            mock_cpu_s: self.mock_cpu_s.zip(other.mock_cpu_s).map(|(a, b)| a + b),
+            ..Cpu::new(
+                self.window_s + other.window_s,
+                self.cpu_s + other.cpu_s,
+                self.token_events + other.token_events,
+            )
+        }
+    }
 }
 
 #[derive(Debug, Serialize)]
@@ -417,5 +430,7 @@ mod tests {
         assert_eq!(cpu.cpu_s_per_million_events, Some(2.0));
         assert_eq!(cpu.cores_busy, 0.2);
         assert_eq!(Cpu::new(1.0, 1.0, 0).us_per_event, None);
+        let both = Cpu::new(10.0, 2.0, 1_000_000).plus(Cpu::new(10.0, 6.0, 1_000_000));
+        assert_eq!((both.window_s, both.us_per_event), (20.0, Some(4.0)));
     }
 }

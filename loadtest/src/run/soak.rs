@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 
-use super::monitor::{Monitor, WindowMark};
+use super::monitor::Monitor;
 use super::phases::{finish, stop, Outcome};
 use super::setup::{create_generations, target, worker_specs};
 use crate::client::stats::Counters;
@@ -20,7 +20,7 @@ use crate::metrics::gauges::{scrape, Gauges};
 use crate::metrics::latency::{new_histogram, quantile_curve, LatencySummary};
 use crate::metrics::snapshot::RampPoint;
 use crate::report::soak::{Soak, SoakRound};
-use crate::report::Ramp;
+use crate::report::{Cpu, Ramp};
 use crate::scenario::{mix, Ending, Plan, Scenario, SoakKnobs};
 
 /// How long the gauges may take to come back to 0 once every generation should have ended.
@@ -52,7 +52,8 @@ pub async fn measure(
         .and_then(|pid| crate::metrics::proc::read_rss(pid).ok());
     let mut run = Run::default();
     let mut hist = new_histogram()?;
-    let mut cpu: Option<(WindowMark, WindowMark)> = None;
+    // Over the soak rounds' churn (not the warm-up, nor the settles between rounds).
+    let mut cpu: Option<Cpu> = None;
     for (name, churn_s, round_seed) in rounds(soak, seed) {
         let warm_up = name == WARM_UP;
         let plan = Plan::churn(scenario, round_seed, churn_s)?;
@@ -72,10 +73,10 @@ pub async fn measure(
         let window_start = monitor.window_mark(0);
         let creation_errors = churn(&mut monitor, gateway, scenario, &plan, &name, churn_s).await;
         let window_end = monitor.window_mark(monitor.fleet.totals().tokens);
-        if !warm_up {
+        if let Some(round_cpu) = window_start.cpu_until(&window_end).filter(|_| !warm_up) {
             cpu = Some(match cpu.take() {
-                Some((first, _)) => (first, window_end),
-                None => (window_start, window_end),
+                Some(sum) => sum.plus(round_cpu),
+                None => round_cpu,
             });
         }
         if creation_errors.count > 0 {
@@ -155,7 +156,7 @@ pub async fn measure(
             duration_s: run.churn_s,
             rate_per_s: run.soak_clients as f64 / run.churn_s.max(f64::EPSILON),
         },
-        cpu: cpu.and_then(|(start, end)| start.cpu_until(&end)),
+        cpu,
         drain: None,
         points: run.points,
         peak_connected: run.peak_connected,
