@@ -10,7 +10,7 @@ mkdir -p "$OUT"
 run() { # name, args...
   local name=$1; shift
   echo "== $name: $LT run $*" >&2
-  "$LT" run "$@" --out "$OUT/$name.json" > "$OUT/$name.md" || echo "!! $name reported a delivery failure" >&2
+  "$LT" run "$@" --out "$OUT/$name.json" > "$OUT/$name.md" || echo "!! $name reported a failed check" >&2
 }
 run idle-5k       idle -n 5000
 run idle-10k      idle -n 10000
@@ -21,3 +21,6 @@ run broadcast-19k broadcast -n 19500 --cap
 run slow-5pct     slow
 run drain-10k     drain -n 10000
 run drain-19k     drain -n 19400 -g 200 --cap
+run soak          soak --seed 1
+run soak-3-rounds soak --seed 1 --rounds 3 --churn-s 12 -n 500 -g 80
+run soak-jemalloc-defaults soak --seed 1 --gateway-env=_RJEM_MALLOC_CONF=

@@ -1,25 +1,26 @@
 //! The coordinator's side of the worker processes: spawn them (this same binary, subcommand
-//! `worker`), hand each its spec, collect their JSON lines, tell them to leave, reap them.
+//! `worker`), hand each its spec, collect their JSON lines, send them commands (generations
+//! created during the run, `leave`), reap them.
 
 use std::process::Stdio;
 use std::time::Duration;
 
 use anyhow::{Context, Result};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
-use tokio::process::{Child, ChildStdin, Command};
+use tokio::process::{Child, Command};
 use tokio::sync::mpsc;
 
 use crate::client::stats::Counters;
 use crate::metrics::latency::Buckets;
 use crate::metrics::proc::{read_cpu_seconds, read_rss};
-use crate::worker::{WorkerReport, WorkerSpec};
+use crate::worker::{Target, WorkerCommand, WorkerReport, WorkerSpec};
 
 /// A worker line, or `None` when its stdout closed.
 type Message = (usize, Option<WorkerReport>);
 
 pub struct Fleet {
     children: Vec<Child>,
-    stdins: Vec<Option<ChildStdin>>,
+    commands: Commands,
     rx: mpsc::UnboundedReceiver<Message>,
     progress: Vec<Counters>,
     finals: Vec<Option<(Counters, Buckets)>>,
@@ -32,7 +33,7 @@ impl Fleet {
         let exe = std::env::current_exe().context("locate own executable for workers")?;
         let (tx, rx) = mpsc::unbounded_channel();
         let mut children = Vec::new();
-        let mut stdins = Vec::new();
+        let mut commands = Vec::new();
         for (index, spec) in specs.iter().enumerate() {
             let mut child = Command::new(&exe)
                 .arg("worker")
@@ -57,12 +58,29 @@ impl Fleet {
                 }
                 let _ = tx.send((index, None));
             });
+            // Commands go through a writer task, so they can be sent from anywhere without
+            // waiting on a worker's pipe.
+            let (command_tx, mut command_rx) = mpsc::unbounded_channel::<WorkerCommand>();
+            tokio::spawn(async move {
+                while let Some(command) = command_rx.recv().await {
+                    let Ok(mut line) = serde_json::to_vec(&command) else {
+                        continue;
+                    };
+                    line.push(b'\n');
+                    if stdin.write_all(&line).await.is_err()
+                        || matches!(command, WorkerCommand::Leave)
+                    {
+                        break;
+                    }
+                }
+                // Dropping stdin closes it: a worker also leaves on EOF.
+            });
             children.push(child);
-            stdins.push(Some(stdin));
+            commands.push(command_tx);
         }
         Ok(Self {
             children,
-            stdins,
+            commands: Commands(commands),
             rx,
             progress: vec![Counters::default(); specs.len()],
             finals: vec![None; specs.len()],
@@ -102,12 +120,13 @@ impl Fleet {
     }
 
     /// Asks every worker to close its clients' streams and finish.
-    pub async fn leave(&mut self) {
-        for stdin in &mut self.stdins {
-            if let Some(mut pipe) = stdin.take() {
-                let _ = pipe.write_all(b"leave\n").await;
-            }
-        }
+    pub fn leave(&self) {
+        self.commands.send(|| WorkerCommand::Leave);
+    }
+
+    /// A handle that tells every worker about generations created during the run.
+    pub fn commands(&self) -> Commands {
+        self.commands.clone()
     }
 
     /// CPU seconds the worker processes have used so far: shows whether the load client,
@@ -131,12 +150,33 @@ impl Fleet {
         self.finals.iter().flatten()
     }
 
-    /// Reaps the workers, killing any that do not exit within `grace`.
+    /// Reaps the workers, killing any that do not exit within `grace`. Their stdin is closed
+    /// first: a worker's runtime cannot shut down while its read of an open stdin is pending.
     pub async fn reap(mut self, grace: Duration) {
+        // Dropping the senders ends the writer tasks, which drop the pipes.
+        self.commands.0.clear();
         for child in &mut self.children {
             if tokio::time::timeout(grace, child.wait()).await.is_err() {
                 let _ = child.kill().await;
             }
+        }
+    }
+}
+
+/// The command channels of every worker of a fleet.
+#[derive(Clone)]
+pub struct Commands(Vec<mpsc::UnboundedSender<WorkerCommand>>);
+
+impl Commands {
+    /// Tells every worker a generation exists (or could not be created: `id` is `None`).
+    pub fn announce(&self, target: &Target) {
+        self.send(|| WorkerCommand::Generation(target.clone()));
+    }
+
+    /// A worker that has already left or exited no longer listens; that is not an error.
+    fn send(&self, command: impl Fn() -> WorkerCommand) {
+        for worker in &self.0 {
+            let _ = worker.send(command());
         }
     }
 }

@@ -41,8 +41,14 @@ pub struct Exit {
 
 impl Gateway {
     /// Starts `bin mock-upstream` and `bin serve` on free loopback ports; their output goes to
-    /// `<log_prefix>.mock.log` and `<log_prefix>.gateway.log`.
-    pub async fn spawn(bin: &Path, extra_args: &[String], log_prefix: &Path) -> Result<Self> {
+    /// `<log_prefix>.mock.log` and `<log_prefix>.gateway.log`. `env` (`NAME=value`) is set
+    /// for the gateway only.
+    pub async fn spawn(
+        bin: &Path,
+        extra_args: &[String],
+        env: &[String],
+        log_prefix: &Path,
+    ) -> Result<Self> {
         if !bin.exists() {
             bail!(
                 "gateway binary {} not found: build it with `cargo build --release` or pass --gateway-bin",
@@ -55,7 +61,7 @@ impl Gateway {
             "--listen".into(),
             mock_addr.to_string(),
         ];
-        let mock = start(bin, &mock_args, &log_file(log_prefix, "mock")?)?;
+        let mock = start(bin, &mock_args, &[], &log_file(log_prefix, "mock")?)?;
         wait_until(mock_addr, "/mock/stats")
             .await
             .context("mock upstream did not start")?;
@@ -69,7 +75,14 @@ impl Gateway {
             format!("http://{mock_addr}/v1"),
         ];
         args.extend_from_slice(extra_args);
-        let child = start(bin, &args, &log_file(log_prefix, "gateway")?)?;
+        let env = env
+            .iter()
+            .map(|pair| {
+                pair.split_once('=')
+                    .with_context(|| format!("gateway environment {pair:?} is not NAME=value"))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let child = start(bin, &args, &env, &log_file(log_prefix, "gateway")?)?;
         wait_until(addr, "/livez")
             .await
             .context("gateway did not become live")?;
@@ -78,8 +91,8 @@ impl Gateway {
                 mode: "spawned",
                 addr,
                 pid: child.id(),
-                command: Some(command_line(bin, &args)),
-                mock_command: Some(command_line(bin, &mock_args)),
+                command: Some(command_line(&env, bin, &args)),
+                mock_command: Some(command_line(&[], bin, &mock_args)),
                 mock_pid: mock.id(),
             },
             child: Some(child),
@@ -159,17 +172,18 @@ impl Gateway {
     }
 }
 
-fn start(bin: &Path, args: &[String], log: &Path) -> Result<Child> {
+fn start(bin: &Path, args: &[String], env: &[(&str, &str)], log: &Path) -> Result<Child> {
     let out = File::create(log).with_context(|| format!("create {}", log.display()))?;
     let err = out.try_clone().context("clone log file handle")?;
     Command::new(bin)
         .args(args)
+        .envs(env.iter().copied())
         .stdin(Stdio::null())
         .stdout(out)
         .stderr(err)
         .kill_on_drop(true)
         .spawn()
-        .with_context(|| format!("spawn {}", command_line(bin, args)))
+        .with_context(|| format!("spawn {}", command_line(env, bin, args)))
 }
 
 fn log_file(prefix: &Path, what: &str) -> Result<PathBuf> {
@@ -181,8 +195,10 @@ fn log_file(prefix: &Path, what: &str) -> Result<PathBuf> {
     Ok(prefix.with_file_name(name))
 }
 
-fn command_line(bin: &Path, args: &[String]) -> String {
-    std::iter::once(bin.display().to_string())
+fn command_line(env: &[(&str, &str)], bin: &Path, args: &[String]) -> String {
+    env.iter()
+        .map(|(name, value)| format!("{name}={value}"))
+        .chain(std::iter::once(bin.display().to_string()))
         .chain(args.iter().cloned())
         .collect::<Vec<_>>()
         .join(" ")

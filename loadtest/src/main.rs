@@ -43,10 +43,14 @@ fn main() -> Result<()> {
                 .context("coordinator runtime")?;
             let result = runtime.block_on(run::run(&args, command))?;
             println!("{}", result.markdown());
-            if result.zero_loss {
+            let failures = result.failures();
+            if failures.is_empty() {
                 Ok(())
             } else {
-                anyhow::bail!("delivery check failed: see the summary above")
+                anyhow::bail!(
+                    "check failed ({}): see the summary above",
+                    failures.join(", ")
+                )
             }
         }
     }

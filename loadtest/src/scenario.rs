@@ -6,7 +6,9 @@ use std::str::FromStr;
 
 use anyhow::{bail, Context, Result};
 use clap::{Args, ValueEnum};
-use serde::{Serialize, Serializer};
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+use crate::client::subscriber::{Behaviour, Expected};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Serialize)]
 #[serde(rename_all = "lowercase")]
@@ -23,6 +25,9 @@ pub enum ScenarioName {
     Slow,
     /// SIGTERM the gateway under load: time until every client got reconnect/done, exit time.
     Drain,
+    /// Bounded churn: clients come, read, stall, drop and leave while generations start and
+    /// fail; then gauges back to 0, RSS back to its warmed-up baseline, every token delivered.
+    Soak,
 }
 
 /// An inclusive integer range, written `20-80` or `50`.
@@ -90,6 +95,14 @@ impl Serialize for Range {
     }
 }
 
+impl<'de> Deserialize<'de> for Range {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        String::deserialize(d)?
+            .parse()
+            .map_err(serde::de::Error::custom)
+    }
+}
+
 /// How a run ends once every client is connected.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "snake_case")]
@@ -100,6 +113,9 @@ pub enum Ending {
     Leave,
     /// After `drain_after_s` of streaming the gateway gets SIGTERM.
     Drain,
+    /// Clients and generations keep arriving for a while (a warm-up, then the soak rounds);
+    /// each round ends when its clients are done and the gateway has settled.
+    Churn,
 }
 
 /// Knob overrides; every field left out keeps the preset's value.
@@ -135,12 +151,36 @@ pub struct Overrides {
     /// Fraction of clients that stop reading (slow), e.g. 0.05.
     #[arg(long)]
     pub stall_fraction: Option<f64>,
-    /// Tokens a stalling client reads before it stops reading.
+    /// Tokens a stalling client reads before it stops reading, e.g. `20` or `10-40`.
     #[arg(long)]
-    pub stall_after: Option<u64>,
+    pub stall_after: Option<Range>,
     /// Seconds a stalling client stops reading, then resumes like a browser would.
     #[arg(long)]
     pub stall_s: Option<f64>,
+    /// Fraction of clients that close their connection mid-stream and come back with
+    /// `Last-Event-ID` (soak), e.g. 0.15.
+    #[arg(long)]
+    pub reconnect_fraction: Option<f64>,
+    /// Fraction of clients that close their connection mid-stream for good (soak).
+    #[arg(long)]
+    pub leave_fraction: Option<f64>,
+    /// Fraction of generations the mock fails: a dropped stream or an error object mid-stream,
+    /// or an HTTP error before the first token (drawn per generation).
+    #[arg(long)]
+    pub fail_fraction: Option<f64>,
+    /// Seconds of churn in each soak round (clients and generations keep arriving).
+    #[arg(long)]
+    pub churn_s: Option<f64>,
+    /// Seconds of the same churn before the soak, after which the RSS baseline is taken.
+    #[arg(long)]
+    pub warmup_s: Option<f64>,
+    /// Soak rounds after the warm-up; RSS is compared after each (a leak grows with rounds).
+    #[arg(long)]
+    pub rounds: Option<u32>,
+    /// Passed to the spawned gateway as `--retention`; the soak waits this long after the last
+    /// generation ended before it measures RSS.
+    #[arg(long)]
+    pub retention_s: Option<f64>,
     /// Seconds of streaming before SIGTERM (drain).
     #[arg(long)]
     pub drain_after_s: Option<f64>,
@@ -160,15 +200,82 @@ pub enum Shape {
     Spread { connections: u64 },
     /// Each generation gets a drawn number of subscribers.
     PerGeneration { subscribers: Range },
+
+    /// Clients arrive evenly over each round's churn time; each follows a generation created
+    /// at most `stream` seconds before it arrives (see [`Plan::churn`]).
+    Churn { connections: u64 },
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct StallKnobs {
     pub fraction: f64,
-    pub after_tokens: u64,
+    pub after_tokens: Range,
     pub pause_s: f64,
     /// SO_RCVBUF of stalling clients, so back-pressure reaches the gateway after kilobytes.
     pub recv_buffer: u32,
+}
+
+/// Clients that close their connection mid-stream: some come back, some do not.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct DropKnobs {
+    pub reconnect_fraction: f64,
+    pub leave_fraction: f64,
+    pub after_tokens: Range,
+    /// How long a reconnecting client stays away before it resumes with `Last-Event-ID`.
+    pub away_ms: Range,
+}
+
+/// What clients do besides reading to the end, as fractions of all clients.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct ClientMix {
+    pub stall: Option<StallKnobs>,
+    pub drops: Option<DropKnobs>,
+}
+
+impl ClientMix {
+    /// The behaviour of client `index`: a fixed pseudo-random draw for a seed, so a run is
+    /// repeatable and the fractions hold over many clients.
+    pub fn behaviour(&self, index: u64, seed: u64) -> Behaviour {
+        let draw = mix(seed ^ mix(index ^ 0x51a11));
+        let unit = (draw % 1_000_000) as f64 / 1_000_000.0;
+        let second = mix(draw);
+        let mut edge = 0.0;
+        if let Some(s) = &self.stall {
+            edge += s.fraction;
+            if unit < edge {
+                return Behaviour::Stall {
+                    after_tokens: s.after_tokens.pick(second),
+                    pause_ms: (s.pause_s * 1000.0) as u64,
+                    recv_buffer: s.recv_buffer,
+                };
+            }
+        }
+        if let Some(d) = &self.drops {
+            let after_tokens = d.after_tokens.pick(second);
+            edge += d.reconnect_fraction;
+            if unit < edge {
+                return Behaviour::Reconnect {
+                    after_tokens,
+                    away_ms: d.away_ms.pick(mix(second)),
+                };
+            }
+            edge += d.leave_fraction;
+            if unit < edge {
+                return Behaviour::Leave { after_tokens };
+            }
+        }
+        Behaviour::Read
+    }
+}
+
+/// The soak's rounds and timing.
+#[derive(Debug, Clone, Serialize)]
+pub struct SoakKnobs {
+    pub churn_s: f64,
+    pub warmup_s: f64,
+    pub rounds: u32,
+    /// The gateway's `--retention`: finished generations are freed this long after they end.
+    pub retention_s: f64,
 }
 
 /// A fully resolved scenario.
@@ -183,10 +290,16 @@ pub struct Scenario {
     pub ramp_rate: u64,
     pub start_margin_s: f64,
     pub hold_s: f64,
-    pub stall: Option<StallKnobs>,
+    #[serde(flatten)]
+    pub clients: ClientMix,
+    /// Fraction of generations the mock is told to fail (see [`Fault`]).
+    pub fail_fraction: f64,
     pub drain_after_s: f64,
+    pub soak: Option<SoakKnobs>,
     /// Flags this scenario gives a spawned gateway (`--name=value`), before `--gateway-arg`s.
     pub gateway_args: Vec<String>,
+    /// Environment (`NAME=value`) of a spawned gateway.
+    pub gateway_env: Vec<String>,
     pub ending: Ending,
     pub time_limit_s: u64,
 }
@@ -203,9 +316,12 @@ impl Scenario {
             ramp_rate: 2000,
             start_margin_s: 1.0,
             hold_s: 0.0,
-            stall: None,
+            clients: ClientMix::default(),
+            fail_fraction: 0.0,
             drain_after_s: 0.0,
+            soak: None,
             gateway_args: Vec::new(),
+            gateway_env: Vec::new(),
             ending: Ending::AllDone,
             time_limit_s: 0,
         };
@@ -256,12 +372,15 @@ impl Scenario {
                 tokens: Range::fixed(600),
                 interval_ms: Range::fixed(50),
                 token_bytes: Some(1024),
-                stall: Some(StallKnobs {
-                    fraction: 0.05,
-                    after_tokens: 20,
-                    pause_s: 12.0,
-                    recv_buffer: 4096,
-                }),
+                clients: ClientMix {
+                    stall: Some(StallKnobs {
+                        fraction: 0.05,
+                        after_tokens: Range::fixed(20),
+                        pause_s: 12.0,
+                        recv_buffer: 4096,
+                    }),
+                    drops: None,
+                },
                 gateway_args: vec!["--socket-send-buffer=65536".into()],
                 ..base
             },
@@ -277,6 +396,51 @@ impl Scenario {
                 ending: Ending::Drain,
                 ..base
             },
+            // 2 KB tokens at 10-30 ms behind the `slow` preset's 64 KB send buffer: a stalled
+            // reader is evicted ~2 s into its 3 s stall, well inside its generation's 3-9 s.
+            // The retention outlasts a stall plus the 1 s `retry:`, so every resume finds its
+            // generation; finished generations are freed 6 s after they end, before RSS is
+            // compared. Background purging with a 1 s decay makes jemalloc hand freed pages
+            // back within a second instead of keeping them dirty until the next allocations
+            // (an idle process may never purge): RSS then shows what is still allocated.
+            ScenarioName::Soak => Self {
+                shape: Shape::Churn { connections: 2500 },
+                generations: 400,
+                tokens: Range { min: 150, max: 300 },
+                interval_ms: Range { min: 10, max: 30 },
+                token_bytes: Some(2048),
+                start_margin_s: 0.0,
+                clients: ClientMix {
+                    stall: Some(StallKnobs {
+                        fraction: 0.15,
+                        after_tokens: Range { min: 10, max: 40 },
+                        pause_s: 3.0,
+                        recv_buffer: 4096,
+                    }),
+                    drops: Some(DropKnobs {
+                        reconnect_fraction: 0.15,
+                        leave_fraction: 0.10,
+                        after_tokens: Range { min: 5, max: 150 },
+                        away_ms: Range {
+                            min: 100,
+                            max: 2000,
+                        },
+                    }),
+                },
+                fail_fraction: 0.2,
+                soak: Some(SoakKnobs {
+                    churn_s: 60.0,
+                    warmup_s: 10.0,
+                    rounds: 1,
+                    retention_s: 6.0,
+                }),
+                gateway_args: vec!["--socket-send-buffer=65536".into()],
+                gateway_env: vec![format!(
+                    "{JEMALLOC_CONF_VAR}=background_thread:true,dirty_decay_ms:1000"
+                )],
+                ending: Ending::Churn,
+                ..base
+            },
         }
     }
 
@@ -284,11 +448,17 @@ impl Scenario {
     pub fn resolve(name: ScenarioName, o: &Overrides) -> Result<Self> {
         let mut s = Self::preset(name);
         if let Some(n) = o.connections {
-            s.shape = Shape::Spread { connections: n };
+            s.shape = match s.shape {
+                Shape::Churn { .. } => Shape::Churn { connections: n },
+                _ => Shape::Spread { connections: n },
+            };
         }
         if let Some(subscribers) = o.subscribers {
             if o.connections.is_some() {
                 bail!("give --connections or --subscribers, not both");
+            }
+            if s.soak.is_some() {
+                bail!("soak clients arrive over time: give --connections, not --subscribers");
             }
             s.shape = Shape::PerGeneration { subscribers };
         }
@@ -313,6 +483,11 @@ impl Scenario {
             s.gateway_args.push(format!("--drain-deadline={deadline}"));
         }
         s.apply_stall_overrides(o);
+        s.apply_drop_overrides(o);
+        if let Some(f) = o.fail_fraction {
+            s.fail_fraction = f.clamp(0.0, 1.0);
+        }
+        s.apply_soak_overrides(o)?;
         if s.generations == 0 || s.ramp_rate == 0 {
             bail!("--generations and --ramp-rate must be at least 1");
         }
@@ -324,9 +499,9 @@ impl Scenario {
         if o.stall_fraction.is_none() && o.stall_after.is_none() && o.stall_s.is_none() {
             return;
         }
-        let stall = self.stall.get_or_insert(StallKnobs {
+        let stall = self.clients.stall.get_or_insert(StallKnobs {
             fraction: 0.05,
-            after_tokens: 20,
+            after_tokens: Range::fixed(20),
             pause_s: 20.0,
             recv_buffer: 4096,
         });
@@ -341,6 +516,57 @@ impl Scenario {
         }
     }
 
+    fn apply_drop_overrides(&mut self, o: &Overrides) {
+        if o.reconnect_fraction.is_none() && o.leave_fraction.is_none() {
+            return;
+        }
+        let drops = self.clients.drops.get_or_insert(DropKnobs {
+            reconnect_fraction: 0.0,
+            leave_fraction: 0.0,
+            after_tokens: Range { min: 5, max: 150 },
+            away_ms: Range {
+                min: 100,
+                max: 2000,
+            },
+        });
+        if let Some(f) = o.reconnect_fraction {
+            drops.reconnect_fraction = f.clamp(0.0, 1.0);
+        }
+        if let Some(f) = o.leave_fraction {
+            drops.leave_fraction = f.clamp(0.0, 1.0);
+        }
+    }
+
+    /// Soak timing; the ramp rate follows from clients and churn time, and the gateway gets
+    /// the retention the soak waits for.
+    fn apply_soak_overrides(&mut self, o: &Overrides) -> Result<()> {
+        let given = [o.churn_s, o.warmup_s, o.retention_s]
+            .iter()
+            .any(Option::is_some)
+            || o.rounds.is_some();
+        let (Some(soak), Shape::Churn { connections }) = (self.soak.as_mut(), self.shape) else {
+            if given {
+                bail!("--churn-s, --warmup-s, --rounds and --retention-s are soak knobs");
+            }
+            return Ok(());
+        };
+        if o.ramp_rate.is_some() {
+            bail!("the soak's arrival rate is --connections / --churn-s: leave out --ramp-rate");
+        }
+        soak.churn_s = o.churn_s.unwrap_or(soak.churn_s);
+        soak.warmup_s = o.warmup_s.unwrap_or(soak.warmup_s).max(0.0);
+        soak.rounds = o.rounds.unwrap_or(soak.rounds);
+        soak.retention_s = o.retention_s.unwrap_or(soak.retention_s);
+        if soak.churn_s <= 0.0 || soak.rounds == 0 || soak.retention_s < 0.0 {
+            bail!("--churn-s and --rounds must be positive, --retention-s not negative");
+        }
+        self.ramp_rate = (connections as f64 / soak.churn_s).ceil() as u64;
+        let retention_ms = (soak.retention_s * 1000.0).round() as u64;
+        self.gateway_args
+            .push(format!("--retention={retention_ms}ms"));
+        Ok(())
+    }
+
     /// Seconds the ramp takes at the configured rate, for `connections` clients.
     pub fn ramp_s(&self, connections: u64) -> f64 {
         connections as f64 / self.ramp_rate as f64
@@ -353,13 +579,21 @@ impl Scenario {
 
     fn default_time_limit(&self) -> u64 {
         let connections = match self.shape {
-            Shape::Spread { connections } => connections,
+            Shape::Spread { connections } | Shape::Churn { connections } => connections,
             Shape::PerGeneration { subscribers } => self.generations * subscribers.max,
         };
+        let stall_s = self.clients.stall.as_ref().map_or(0.0, |s| s.pause_s);
+        if let Some(soak) = &self.soak {
+            // Each round: its churn, the last generations' streams, the retention (which
+            // outlasts any resume), the settle polls; the warm-up is one more round.
+            let tail = self.stream_s() + soak.retention_s + SOAK_TAIL_S;
+            let churn = soak.warmup_s + soak.churn_s * f64::from(soak.rounds);
+            return (churn + tail * f64::from(soak.rounds + 1) + 10.0).ceil() as u64;
+        }
         let setup =
             self.generations as f64 / 500.0 + self.ramp_s(connections) + self.start_margin_s;
         let body = match self.ending {
-            Ending::AllDone => self.stream_s() + self.stall.as_ref().map_or(0.0, |s| s.pause_s),
+            Ending::AllDone | Ending::Churn => self.stream_s() + stall_s,
             Ending::Leave => self.hold_s + 10.0,
             Ending::Drain => self.drain_after_s + 60.0,
         };
@@ -367,10 +601,83 @@ impl Scenario {
     }
 }
 
-/// One generation to create: its token count is drawn from the scenario's range.
+/// The variable tokenfan's allocator reads its options from: tikv-jemallocator builds jemalloc
+/// with the `_rjem_` symbol prefix, so plain `MALLOC_CONF` is ignored.
+pub const JEMALLOC_CONF_VAR: &str = "_RJEM_MALLOC_CONF";
+
+/// Seconds a soak round may spend settling beyond its streams and retention: gauges back to 0
+/// (up to 5 s) and RSS no longer falling (up to 15 s, typically 3).
+pub const SOAK_TAIL_S: f64 = 8.0;
+
+/// How the mock is told to fail a generation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fault {
+    /// `fail_after`: the upstream connection drops after this many tokens.
+    Drop { after: u64 },
+    /// `error_after`: the provider sends an error object after this many tokens.
+    Error { after: u64 },
+    /// `status`: the provider answers this HTTP error before any token (5xx are retried first).
+    Status(u16),
+}
+
+/// Statuses a failing generation may get before its first token: one the gateway gives up on
+/// at once, two it retries until its attempts run out.
+const FAULT_STATUSES: [u16; 3] = [400, 500, 503];
+
+/// One generation to create: its token count and fault are drawn from the scenario's knobs.
 #[derive(Debug, Clone, Copy)]
 pub struct GenerationPlan {
     pub tokens: u64,
+    pub fault: Option<Fault>,
+}
+
+impl GenerationPlan {
+    fn draw(s: &Scenario, seed: u64, index: u64) -> Self {
+        let tokens = s.tokens.pick(mix(seed ^ index));
+        let draw = mix(seed ^ index ^ 0xfa17_0000_0000);
+        let fails = ((draw % 1_000_000) as f64) < s.fail_fraction * 1_000_000.0;
+        let fault = fails.then(|| {
+            let which = mix(draw);
+            // Mid-stream faults leave at least one token before and one after.
+            let after = Range {
+                min: 1,
+                max: tokens.saturating_sub(1).max(1),
+            }
+            .pick(mix(which));
+            match which % 3 {
+                0 => Fault::Drop { after },
+                1 => Fault::Error { after },
+                _ => Fault::Status(FAULT_STATUSES[(mix(which) % 3) as usize]),
+            }
+        });
+        Self { tokens, fault }
+    }
+
+    /// How the generation ends: with `done` after all its tokens, or with `error` after the
+    /// tokens before its fault.
+    pub fn expected(&self) -> Expected {
+        let tokens = match self.fault {
+            None => self.tokens,
+            Some(Fault::Drop { after } | Fault::Error { after }) => after.min(self.tokens),
+            Some(Fault::Status(_)) => 0,
+        };
+        Expected {
+            tokens,
+            completes: self.fault.is_none(),
+        }
+    }
+
+    /// The mock knobs for this generation's length and fault.
+    pub fn mock_knobs(&self) -> serde_json::Value {
+        let mut knobs = serde_json::json!({ "tokens": self.tokens });
+        match self.fault {
+            None => {}
+            Some(Fault::Drop { after }) => knobs["fail_after"] = after.into(),
+            Some(Fault::Error { after }) => knobs["error_after"] = after.into(),
+            Some(Fault::Status(status)) => knobs["status"] = status.into(),
+        }
+        knobs
+    }
 }
 
 /// Which generations exist and which one each client follows.
@@ -382,15 +689,15 @@ pub struct Plan {
 }
 
 impl Plan {
+    /// The plan of a whole run; for a churn scenario, of one soak round.
     pub fn build(s: &Scenario, seed: u64) -> Result<Self> {
-        let g = u32::try_from(s.generations).context("too many generations")?;
-        let generations = (0..u64::from(g))
-            .map(|i| GenerationPlan {
-                tokens: s.tokens.pick(mix(seed ^ i)),
-            })
-            .collect();
+        if let Some(soak) = &s.soak {
+            return Self::churn(s, seed, soak.churn_s);
+        }
+        let generations = Self::draw_generations(s, seed, s.generations)?;
+        let g = generations.len() as u32;
         let assignments = match s.shape {
-            Shape::Spread { connections } => (0..connections)
+            Shape::Spread { connections } | Shape::Churn { connections } => (0..connections)
                 .map(|c| (c % u64::from(g)) as u32)
                 .collect(),
             Shape::PerGeneration { subscribers } => (0..g)
@@ -404,6 +711,44 @@ impl Plan {
             generations,
             assignments,
         })
+    }
+
+    /// One churn round of `duration_s`, at the scenario's rates: generations are created evenly
+    /// over the round and client `k` arrives at `k / N` of it. Each client follows a generation
+    /// created up to one typical stream (shortest tokens × mean interval) before it arrives —
+    /// never one not created yet — so most join a running generation part-way (replaying
+    /// what they missed), some catch only its end.
+    pub fn churn(s: &Scenario, seed: u64, duration_s: f64) -> Result<Self> {
+        let (Shape::Churn { connections }, Some(soak)) = (s.shape, &s.soak) else {
+            bail!("a churn plan needs a soak scenario");
+        };
+        let share = duration_s / soak.churn_s;
+        let n = (connections as f64 * share).round() as u64;
+        let g = ((s.generations as f64 * share).round() as u64).max(1);
+        let generations = Self::draw_generations(s, seed, g)?;
+        let typical_stream_s =
+            (s.tokens.min * (s.interval_ms.min + s.interval_ms.max)) as f64 / 2.0 / 1000.0;
+        let lag = Range {
+            min: 0,
+            max: (typical_stream_s * g as f64 / duration_s) as u64,
+        };
+        let assignments = (0..n)
+            .map(|k| {
+                let newest = k * g / n.max(1);
+                newest.saturating_sub(lag.pick(mix(seed ^ k ^ 0x1a6))) as u32
+            })
+            .collect();
+        Ok(Self {
+            generations,
+            assignments,
+        })
+    }
+
+    fn draw_generations(s: &Scenario, seed: u64, count: u64) -> Result<Vec<GenerationPlan>> {
+        u32::try_from(count).context("too many generations")?;
+        Ok((0..count)
+            .map(|i| GenerationPlan::draw(s, seed, i))
+            .collect())
     }
 
     pub fn connections(&self) -> u64 {
@@ -422,11 +767,6 @@ pub fn mix(x: u64) -> u64 {
     z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
     z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
     z ^ (z >> 31)
-}
-
-/// Whether client `index` is one of the stalling ones (a fixed pseudo-random subset).
-pub fn stalls(index: u64, fraction: f64) -> bool {
-    (mix(index ^ 0x51a11) % 1_000_000) < (fraction * 1_000_000.0) as u64
 }
 
 #[cfg(test)]
@@ -511,9 +851,132 @@ mod tests {
     }
 
     #[test]
-    fn stall_subset_has_the_requested_fraction() {
-        let stalled = (0..100_000).filter(|&i| stalls(i, 0.05)).count();
+    fn behaviours_are_drawn_by_seed_in_the_requested_fractions() {
+        let soak = Scenario::resolve(ScenarioName::Soak, &Overrides::default()).unwrap();
+        let count = |seed: u64| {
+            let mut counts = [0usize; 4];
+            for index in 0..100_000 {
+                counts[match soak.clients.behaviour(index, seed) {
+                    Behaviour::Read => 0,
+                    Behaviour::Stall { after_tokens, .. } => {
+                        assert!((10..=40).contains(&after_tokens));
+                        1
+                    }
+                    Behaviour::Reconnect { away_ms, .. } => {
+                        assert!((100..=2000).contains(&away_ms));
+                        2
+                    }
+                    Behaviour::Leave { .. } => 3,
+                }] += 1;
+            }
+            counts
+        };
+        let counts = count(1);
+        for (got, want) in counts.iter().zip([0.60, 0.15, 0.15, 0.10]) {
+            let want = (want * 100_000.0) as usize;
+            assert!(got.abs_diff(want) < 1_000, "{counts:?}");
+        }
+        assert_eq!(count(1), counts, "a seed fixes every client's behaviour");
+        let changed = (0..1000)
+            .filter(|&i| soak.clients.behaviour(i, 1) != soak.clients.behaviour(i, 2))
+            .count();
+        assert!(changed > 300, "another seed draws again: {changed}");
+        let slow = Scenario::resolve(ScenarioName::Slow, &Overrides::default()).unwrap();
+        let stalled = (0..100_000)
+            .filter(|&i| slow.clients.behaviour(i, 1) != Behaviour::Read)
+            .count();
         assert!((4_500..5_500).contains(&stalled), "{stalled}");
-        assert_eq!((0..1000).filter(|&i| stalls(i, 0.0)).count(), 0);
+        assert!((0..1000).all(|i| ClientMix::default().behaviour(i, 1) == Behaviour::Read));
+    }
+
+    #[test]
+    fn soak_fails_a_fifth_of_its_generations_in_every_way() {
+        let soak = Scenario::resolve(ScenarioName::Soak, &Overrides::default()).unwrap();
+        let plan = Plan::build(&soak, 1).unwrap();
+        assert_eq!(plan.generations.len(), 400);
+        let failing: Vec<_> = plan
+            .generations
+            .iter()
+            .filter(|g| g.fault.is_some())
+            .collect();
+        assert!((60..=100).contains(&failing.len()), "{}", failing.len());
+        for g in &plan.generations {
+            let expected = g.expected();
+            let knobs = g.mock_knobs();
+            assert_eq!(knobs["tokens"], g.tokens);
+            match g.fault {
+                None => assert_eq!(
+                    expected,
+                    Expected {
+                        tokens: g.tokens,
+                        completes: true
+                    }
+                ),
+                Some(Fault::Drop { after }) => {
+                    assert!(after >= 1 && after < g.tokens);
+                    assert_eq!(knobs["fail_after"], after);
+                    assert_eq!(
+                        expected,
+                        Expected {
+                            tokens: after,
+                            completes: false
+                        }
+                    );
+                }
+                Some(Fault::Error { after }) => {
+                    assert_eq!(knobs["error_after"], after);
+                    assert_eq!(expected.tokens, after);
+                }
+                Some(Fault::Status(status)) => {
+                    assert_eq!(knobs["status"], status);
+                    assert_eq!(expected.tokens, 0);
+                }
+            }
+        }
+        for kind in 0..3 {
+            assert!(failing.iter().any(|g| match g.fault {
+                Some(Fault::Drop { .. }) => kind == 0,
+                Some(Fault::Error { .. }) => kind == 1,
+                Some(Fault::Status(_)) => kind == 2,
+                None => false,
+            }));
+        }
+    }
+
+    #[test]
+    fn churn_clients_follow_a_generation_created_shortly_before_they_arrive() {
+        let soak = Scenario::resolve(
+            ScenarioName::Soak,
+            &Overrides {
+                connections: Some(600),
+                churn_s: Some(30.0),
+                ..Overrides::default()
+            },
+        )
+        .unwrap();
+        assert_eq!(soak.ramp_rate, 20);
+        assert!(soak
+            .gateway_args
+            .contains(&"--retention=6000ms".to_string()));
+        let plan = Plan::build(&soak, 1).unwrap();
+        assert_eq!((plan.connections(), plan.generations.len()), (600, 400));
+        // A typical stream is 150 tokens × 20 ms = 3 s: 40 generations at 400 per 30 s.
+        for (k, &g) in plan.assignments.iter().enumerate() {
+            let newest = (k as u64 * 400 / 600) as u32;
+            assert!(g <= newest && newest - g <= 40, "client {k} follows {g}");
+        }
+        let warm_up = Plan::churn(&soak, 7, 6.0).unwrap();
+        assert_eq!(
+            (warm_up.connections(), warm_up.generations.len()),
+            (120, 80)
+        );
+        assert!(Scenario::resolve(
+            ScenarioName::Chat,
+            &Overrides {
+                rounds: Some(2),
+                ..Overrides::default()
+            }
+        )
+        .is_err());
     }
 }

@@ -18,36 +18,52 @@ use tokio::task::LocalSet;
 
 use crate::client::connect::source_address;
 use crate::client::stats::Counters;
-use crate::client::subscriber::{self, Plan, Policy, Shared, Stall};
+use crate::client::subscriber::{self, Expected, Plan, Policy, Shared};
 use crate::metrics::latency::{new_histogram, Buckets};
-use crate::scenario::stalls;
+use crate::scenario::ClientMix;
 
 const PROGRESS_EVERY: Duration = Duration::from_millis(250);
 /// Clients are started in small batches on this tick rather than one timer per client.
 const RAMP_TICK: Duration = Duration::from_millis(10);
 
+/// A generation clients may follow: its id (`None`: it could not be created) and, when the
+/// coordinator knows it, how it will end.
 #[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct StallSpec {
-    pub fraction: f64,
-    pub after_tokens: u64,
-    pub pause_ms: u64,
-    pub recv_buffer: u32,
+pub struct Target {
+    pub index: u32,
+    pub id: Option<String>,
+    pub expect: Option<Expected>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct WorkerSpec {
     pub gateway: SocketAddr,
-    pub generations: Vec<String>,
+    /// Generations created before the worker starts; a churn run announces the others on
+    /// stdin as it creates them, and a client waits (in arrival order) for its generation.
+    pub generations: Vec<Target>,
     /// Generation index of each of this worker's clients.
     pub assignments: Vec<u32>,
-    /// Global index of `assignments[0]`: picks source addresses and the stalling subset.
+    /// Global index of `assignments[0]`: picks source addresses and behaviours.
     pub first_client: u64,
     /// This worker's share of the ramp, in clients per second.
     pub ramp_rate: f64,
-    pub stall: Option<StallSpec>,
+    /// Seconds before the first client is due (churn: clients arrive in global index order).
+    pub ramp_delay_s: f64,
+    pub clients: ClientMix,
+    pub seed: u64,
     pub resume_after_shutdown: bool,
     pub max_reconnects: u32,
     pub read_buffer: usize,
+}
+
+/// One stdin line of a worker after its spec.
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum WorkerCommand {
+    /// A generation was created (or failed to be) during the run.
+    Generation(Target),
+    /// Close every stream and finish.
+    Leave,
 }
 
 /// One stdout line of a worker.
@@ -59,6 +75,29 @@ pub enum WorkerReport {
         counters: Counters,
         latency: Buckets,
     },
+}
+
+/// A generation as this worker knows it.
+enum Known {
+    Created(Rc<str>, Option<Expected>),
+    Missing,
+}
+
+/// Generations by index, filled from the spec and from announcements.
+#[derive(Default)]
+struct Generations(Vec<Option<Known>>);
+
+impl Generations {
+    fn learn(&mut self, target: Target) {
+        let index = target.index as usize;
+        if self.0.len() <= index {
+            self.0.resize_with(index + 1, || None);
+        }
+        self.0[index] = Some(match target.id {
+            Some(id) => Known::Created(Rc::from(id), target.expect),
+            None => Known::Missing,
+        });
+    }
 }
 
 /// Entry point of `tokenfan-loadtest worker`.
@@ -77,13 +116,20 @@ async fn run() -> Result<()> {
         .await
         .context("read worker spec")?
         .context("no worker spec on stdin")?;
-    let spec: WorkerSpec = serde_json::from_str(&line).context("parse worker spec")?;
+    let mut spec: WorkerSpec = serde_json::from_str(&line).context("parse worker spec")?;
+    let generations = Rc::new(RefCell::new(Generations::default()));
+    for target in std::mem::take(&mut spec.generations) {
+        generations.borrow_mut().learn(target);
+    }
     let (leave_tx, leave_rx) = watch::channel(false);
+    let announced = generations.clone();
     tokio::task::spawn_local(async move {
         // `leave`, or the coordinator going away (EOF), ends every client.
-        while let Ok(Some(cmd)) = stdin.next_line().await {
-            if cmd.trim() == "leave" {
-                break;
+        while let Ok(Some(line)) = stdin.next_line().await {
+            match serde_json::from_str(&line) {
+                Ok(WorkerCommand::Generation(target)) => announced.borrow_mut().learn(target),
+                Ok(WorkerCommand::Leave) => break,
+                Err(error) => eprintln!("worker: ignoring command {line:?}: {error}"),
             }
         }
         let _ = leave_tx.send(true);
@@ -100,7 +146,7 @@ async fn run() -> Result<()> {
             backoff: Duration::from_secs(1),
         },
     });
-    let ramp = tokio::task::spawn_local(ramp(spec, shared.clone(), leave_rx));
+    let ramp = tokio::task::spawn_local(ramp(spec, shared.clone(), generations, leave_rx));
     let mut ticker = tokio::time::interval(PROGRESS_EVERY);
     loop {
         ticker.tick().await;
@@ -116,17 +162,14 @@ async fn run() -> Result<()> {
 }
 
 /// Starts this worker's clients at its share of the ramp rate, until all started or `leave`.
-async fn ramp(spec: WorkerSpec, shared: Rc<Shared>, leave: watch::Receiver<bool>) {
-    let generations: Vec<Rc<str>> = spec
-        .generations
-        .iter()
-        .map(|g| Rc::from(g.as_str()))
-        .collect();
-    let stall = spec.stall.as_ref().map(|s| Stall {
-        after_tokens: s.after_tokens,
-        pause: Duration::from_millis(s.pause_ms),
-        recv_buffer: s.recv_buffer,
-    });
+/// A client whose generation is not announced yet holds back the ones after it.
+async fn ramp(
+    spec: WorkerSpec,
+    shared: Rc<Shared>,
+    generations: Rc<RefCell<Generations>>,
+    leave: watch::Receiver<bool>,
+) {
+    tokio::time::sleep(Duration::from_secs_f64(spec.ramp_delay_s.max(0.0))).await;
     let start = Instant::now();
     let mut ticker = tokio::time::interval(RAMP_TICK);
     let mut started = 0usize;
@@ -134,26 +177,36 @@ async fn ramp(spec: WorkerSpec, shared: Rc<Shared>, leave: watch::Receiver<bool>
         ticker.tick().await;
         let due = ((start.elapsed().as_secs_f64() * spec.ramp_rate) as usize + 1)
             .min(spec.assignments.len());
-        for local in started..due {
-            let index = spec.first_client + local as u64;
-            let Some(generation) = generations.get(spec.assignments[local] as usize) else {
-                // Cannot happen with a coordinator-built spec; never leave the count hanging.
-                shared.counters.borrow_mut().ended += 1;
-                continue;
+        while started < due {
+            let index = spec.first_client + started as u64;
+            let generation = match generations
+                .borrow()
+                .0
+                .get(spec.assignments[started] as usize)
+            {
+                Some(Some(Known::Created(id, expect))) => Some((id.clone(), *expect)),
+                Some(Some(Known::Missing)) => None,
+                Some(None) | None => break,
             };
-            let stalls_here = spec
-                .stall
-                .as_ref()
-                .is_some_and(|s| stalls(index, s.fraction));
-            let plan = Plan {
-                generation: generation.clone(),
-                source: source_address(index),
-                stall: stall.filter(|_| stalls_here),
-            };
-            tokio::task::spawn_local(subscriber::run(plan, shared.clone()));
+            match generation {
+                Some((generation, expect)) => {
+                    let plan = Plan {
+                        generation,
+                        expect,
+                        source: source_address(index),
+                        behaviour: spec.clients.behaviour(index, spec.seed),
+                    };
+                    tokio::task::spawn_local(subscriber::run(plan, shared.clone()));
+                }
+                None => {
+                    let mut counters = shared.counters.borrow_mut();
+                    counters.no_generation += 1;
+                    counters.ended += 1;
+                }
+            }
+            shared.counters.borrow_mut().started += 1;
+            started += 1;
         }
-        shared.counters.borrow_mut().started += (due - started) as u64;
-        started = due;
     }
 }
 

@@ -32,8 +32,13 @@ pub struct Counters {
     pub done_mismatches: u64,
     /// Tokens a `done` event announced that this client never received.
     pub lost_tokens: u64,
-    /// `error` terminal events (the generation failed).
+    /// `error` terminal events (the generation failed); `error_mismatches` of them had an id ≠
+    /// tokens received.
     pub generation_errors: u64,
+    pub error_mismatches: u64,
+    /// Terminal events other than the coordinator planned: `done` for a generation told to
+    /// fail or the reverse, or a token count other than the planned one (0 when unknown).
+    pub unexpected_endings: u64,
     /// `event: reconnect` with reason slow_consumer.
     pub evictions: u64,
     /// `event: reconnect` with reason shutdown.
@@ -44,8 +49,14 @@ pub struct Counters {
     pub protocol_errors: u64,
     pub unknown_events: u64,
     pub keepalives: u64,
-    /// Clients that stopped reading on purpose (the `slow` scenario).
+    /// Clients that stopped reading on purpose (`slow`, `soak`).
     pub stalls: u64,
+    /// Clients that closed their connection on purpose and came back (`soak`).
+    pub disconnects: u64,
+    /// Clients that closed their connection on purpose for good (`soak`).
+    pub left_midstream: u64,
+    /// Clients never started because their generation could not be created.
+    pub no_generation: u64,
     /// Clients that finished: with `done`/`error`, by leaving, by giving up, on shutdown.
     pub ended: u64,
     pub left: u64,
@@ -78,6 +89,8 @@ impl Counters {
             done_mismatches,
             lost_tokens,
             generation_errors,
+            error_mismatches,
+            unexpected_endings,
             evictions,
             shutdown_reconnects,
             other_reconnects,
@@ -86,6 +99,9 @@ impl Counters {
             unknown_events,
             keepalives,
             stalls,
+            disconnects,
+            left_midstream,
+            no_generation,
             ended,
             left,
             gave_up
@@ -99,6 +115,8 @@ impl Counters {
         self.duplicate_tokens
             + self.missing_tokens
             + self.done_mismatches
+            + self.error_mismatches
+            + self.unexpected_endings
             + self.lost_tokens
             + self.protocol_errors
     }

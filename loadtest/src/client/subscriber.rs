@@ -1,7 +1,8 @@
 //! One SSE subscriber: connects from its source address, reads the stream through the chunked
-//! decoder and SSE parser, checks every token id arrives exactly once and in order, records
-//! receipt − emit latency, and reconnects with `Last-Event-ID` after `event: reconnect` the way a
-//! browser's EventSource does.
+//! decoder and SSE parser, checks every token id arrives exactly once and in order and that the
+//! generation ends as planned, records receipt − emit latency, and reconnects with
+//! `Last-Event-ID` after `event: reconnect` the way a browser's EventSource does. Its
+//! [`Behaviour`] may also make it stall, close its connection and come back, or leave.
 //!
 //! All subscribers of a worker run on one thread (a `LocalSet`), so they share plain
 //! `RefCell` counters instead of atomics; no borrow is held across an `.await`.
@@ -12,6 +13,7 @@ use std::rc::Rc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use hdrhistogram::Histogram;
+use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::watch;
@@ -50,18 +52,51 @@ pub struct Policy {
     pub backoff: Duration,
 }
 
-/// A client that stops reading after some tokens, to be evicted as a slow consumer.
-#[derive(Debug, Clone, Copy)]
-pub struct Stall {
-    pub after_tokens: u64,
-    pub pause: Duration,
-    pub recv_buffer: u32,
+/// What a client does besides reading, once it has read `after_tokens` tokens.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Behaviour {
+    /// Reads to the end.
+    Read,
+    /// Stops reading for a while, to be evicted as a slow consumer, then reads on (and resumes
+    /// after the `event: reconnect` behind its backlog).
+    Stall {
+        after_tokens: u64,
+        pause_ms: u64,
+        /// SO_RCVBUF, so back-pressure reaches the gateway after kilobytes.
+        recv_buffer: u32,
+    },
+    /// Closes its connection, then comes back after `away_ms` with `Last-Event-ID`.
+    Reconnect { after_tokens: u64, away_ms: u64 },
+    /// Closes its connection and does not come back.
+    Leave { after_tokens: u64 },
+}
+
+impl Behaviour {
+    fn after_tokens(&self) -> Option<u64> {
+        match *self {
+            Self::Read => None,
+            Self::Stall { after_tokens, .. }
+            | Self::Reconnect { after_tokens, .. }
+            | Self::Leave { after_tokens } => Some(after_tokens),
+        }
+    }
+}
+
+/// How a generation will end, when the coordinator knows it (it told the mock): checked
+/// against the terminal event each client receives.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Expected {
+    pub tokens: u64,
+    /// `done` after all its tokens; false: `error` after `tokens`.
+    pub completes: bool,
 }
 
 pub struct Plan {
     pub generation: Rc<str>,
+    pub expect: Option<Expected>,
     pub source: Ipv4Addr,
-    pub stall: Option<Stall>,
+    pub behaviour: Behaviour,
 }
 
 /// How one connection ended.
@@ -73,12 +108,17 @@ enum SessionEnd {
     },
     /// Connect failure, HTTP error, or the stream ended without an event saying why.
     Failed,
+    /// The client closed the connection on purpose; it comes back after this long, or never.
+    Closed {
+        back_after: Option<Duration>,
+    },
 }
 
 /// Per-client state that survives reconnections.
 struct Progress {
     next_id: u64,
-    stalled: bool,
+    /// The client's behaviour has happened (once per client).
+    acted: bool,
 }
 
 /// Runs one subscriber until its generation ends, it gives up, or the worker says leave.
@@ -86,7 +126,7 @@ pub async fn run(plan: Plan, shared: Rc<Shared>) {
     let mut leave = shared.leave.clone();
     let mut progress = Progress {
         next_id: 0,
-        stalled: false,
+        acted: false,
     };
     let mut buf = vec![0u8; shared.policy.read_buffer.max(MIN_READ_BUFFER)];
     let mut attempts = 0u32;
@@ -96,7 +136,7 @@ pub async fn run(plan: Plan, shared: Rc<Shared>) {
             _ = leave.wait_for(|go| *go) => break true,
         };
         let wait = match end {
-            SessionEnd::Terminal => break false,
+            SessionEnd::Terminal | SessionEnd::Closed { back_after: None } => break false,
             SessionEnd::Reconnect { shutdown: true, .. }
                 if !shared.policy.resume_after_shutdown =>
             {
@@ -104,6 +144,9 @@ pub async fn run(plan: Plan, shared: Rc<Shared>) {
             }
             SessionEnd::Reconnect { retry, .. } => retry,
             SessionEnd::Failed => shared.policy.backoff,
+            SessionEnd::Closed {
+                back_after: Some(away),
+            } => away,
         };
         attempts += 1;
         if attempts > shared.policy.max_reconnects {
@@ -138,7 +181,10 @@ async fn session(
     progress: &mut Progress,
     buf: &mut [u8],
 ) -> SessionEnd {
-    let recv_buffer = plan.stall.map(|s| s.recv_buffer);
+    let recv_buffer = match plan.behaviour {
+        Behaviour::Stall { recv_buffer, .. } => Some(recv_buffer),
+        _ => None,
+    };
     let mut stream = match connect_from(plan.source, shared.gateway, recv_buffer).await {
         Ok(stream) => stream,
         Err(_) => {
@@ -167,7 +213,8 @@ async fn session(
         chunked: chunked.then(ChunkedDecoder::default),
         parser: SseParser::default(),
         subscribed_at,
-        record_latency: plan.stall.is_none(),
+        record_latency: !matches!(plan.behaviour, Behaviour::Stall { .. }),
+        expect: plan.expect,
         end: None,
     };
     let mut range = body_start..filled;
@@ -181,12 +228,9 @@ async fn session(
             }
             return reader.finish(shared.policy.backoff);
         }
-        if let Some(stall) = plan.stall {
-            if !progress.stalled && progress.next_id >= stall.after_tokens {
-                progress.stalled = true;
-                shared.counters.borrow_mut().stalls += 1;
-                tokio::time::sleep(stall.pause).await;
-            }
+        if let Some(end) = act(plan.behaviour, progress, shared).await {
+            shared.counters.borrow_mut().keepalives += reader.parser.comments();
+            return end;
         }
         match stream.read(buf).await {
             Ok(0) | Err(_) => {
@@ -196,6 +240,34 @@ async fn session(
                 return SessionEnd::Failed;
             }
             Ok(n) => range = 0..n,
+        }
+    }
+}
+
+/// Carries out the client's behaviour once it has read enough tokens: a stall sleeps here
+/// (the socket stays open, unread); closing ends the session.
+async fn act(behaviour: Behaviour, progress: &mut Progress, shared: &Shared) -> Option<SessionEnd> {
+    let after = behaviour.after_tokens()?;
+    if progress.acted || progress.next_id < after {
+        return None;
+    }
+    progress.acted = true;
+    match behaviour {
+        Behaviour::Read => None,
+        Behaviour::Stall { pause_ms, .. } => {
+            shared.counters.borrow_mut().stalls += 1;
+            tokio::time::sleep(Duration::from_millis(pause_ms)).await;
+            None
+        }
+        Behaviour::Reconnect { away_ms, .. } => {
+            shared.counters.borrow_mut().disconnects += 1;
+            Some(SessionEnd::Closed {
+                back_after: Some(Duration::from_millis(away_ms)),
+            })
+        }
+        Behaviour::Leave { .. } => {
+            shared.counters.borrow_mut().left_midstream += 1;
+            Some(SessionEnd::Closed { back_after: None })
         }
     }
 }
@@ -236,6 +308,7 @@ struct StreamReader {
     parser: SseParser,
     subscribed_at: u64,
     record_latency: bool,
+    expect: Option<Expected>,
     end: Option<SessionEnd>,
 }
 
@@ -254,11 +327,17 @@ impl StreamReader {
             parser,
             subscribed_at,
             record_latency,
+            expect,
             end,
         } = self;
         let mut handle = |ev: SseEvent<'_>| {
             if end.is_none() {
-                *end = on_event(ev, now, *subscribed_at, *record_latency, progress, shared);
+                let timing = Timing {
+                    now,
+                    subscribed_at: *subscribed_at,
+                    record: *record_latency,
+                };
+                *end = on_event(ev, timing, *expect, progress, shared);
             }
         };
         match chunked {
@@ -290,14 +369,26 @@ impl StreamReader {
     }
 }
 
-fn on_event(
-    ev: SseEvent<'_>,
+/// When an event arrived, and whether its latency is recorded.
+#[derive(Clone, Copy)]
+struct Timing {
     now: u64,
     subscribed_at: u64,
-    record_latency: bool,
+    record: bool,
+}
+
+fn on_event(
+    ev: SseEvent<'_>,
+    timing: Timing,
+    expect: Option<Expected>,
     progress: &mut Progress,
     shared: &Shared,
 ) -> Option<SessionEnd> {
+    let Timing {
+        now,
+        subscribed_at,
+        record: record_latency,
+    } = timing;
     let mut counters = shared.counters.borrow_mut();
     match ev.kind {
         EventKind::Token => {
@@ -330,8 +421,16 @@ fn on_event(
         }
         EventKind::Done | EventKind::Error => {
             counters.last_terminal_us = counters.last_terminal_us.max(now);
-            if ev.kind == EventKind::Error {
+            let completed = ev.kind == EventKind::Done;
+            if expect.is_some_and(|e| e.completes != completed || e.tokens != progress.next_id) {
+                counters.unexpected_endings += 1;
+            }
+            if !completed {
                 counters.generation_errors += 1;
+                // Its id is the token count, like `done`'s: the tokens before it all arrived.
+                if ev.id != Some(progress.next_id) {
+                    counters.error_mismatches += 1;
+                }
                 return Some(SessionEnd::Terminal);
             }
             counters.done += 1;
@@ -427,8 +526,9 @@ mod tests {
         });
         let plan = Plan {
             generation: Rc::from("gen_1"),
+            expect: None,
             source: Ipv4Addr::new(127, 0, 0, 1),
-            stall: None,
+            behaviour: Behaviour::Read,
         };
         LocalSet::new().run_until(run(plan, shared.clone())).await;
         let counters = shared.counters.borrow().clone();

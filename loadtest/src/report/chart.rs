@@ -1,29 +1,46 @@
-//! SVG charts: gateway RSS against open connections (sampled during the run) and the latency
-//! distribution on a "nines" axis. SVG needs no fonts or system libraries to render.
+//! SVG charts: gateway RSS against open connections (sampled during the run), the soak's RSS
+//! and open connections over time, and the latency distribution on a "nines" axis. SVG needs
+//! no fonts or system libraries to render.
 
 use std::path::Path;
 
 use anyhow::{anyhow, Result};
 use plotters::prelude::*;
 
+use super::soak::Soak;
 use crate::metrics::snapshot::RampPoint;
 
 const MIB: f64 = 1024.0 * 1024.0;
 const SIZE: (u32, u32) = (900, 540);
 
+type Canvas<'p> = DrawingArea<SVGBackend<'p>, plotters::coord::Shift>;
+
+/// A white SVG canvas written to `path`.
+fn canvas(path: &Path) -> Result<Canvas<'_>> {
+    let root = SVGBackend::new(path, SIZE).into_drawing_area();
+    root.fill(&WHITE).map_err(|e| anyhow!("chart: {e}"))?;
+    Ok(root)
+}
+
+/// What every chart shares: its title, margin, and room for the axis labels.
+fn framed<'a, 'b, 'p>(
+    root: &'a Canvas<'p>,
+    title: &'b str,
+) -> ChartBuilder<'a, 'b, SVGBackend<'p>> {
+    let mut builder = ChartBuilder::on(root);
+    builder
+        .caption(title, ("sans-serif", 22))
+        .margin(16)
+        .x_label_area_size(44)
+        .y_label_area_size(70);
+    builder
+}
+
 pub fn rss_against_connections(points: &[RampPoint], path: &Path) -> Result<()> {
     let max_x = points.iter().map(|p| p.connected).max().unwrap_or(0).max(1) as f64;
     let max_y = points.iter().map(|p| p.rss_bytes).max().unwrap_or(0) as f64 / MIB * 1.1 + 1.0;
-    let root = SVGBackend::new(path, SIZE).into_drawing_area();
-    root.fill(&WHITE).map_err(|e| anyhow!("chart: {e}"))?;
-    let mut chart = ChartBuilder::on(&root)
-        .caption(
-            "Gateway RSS against open SSE connections",
-            ("sans-serif", 22),
-        )
-        .margin(16)
-        .x_label_area_size(44)
-        .y_label_area_size(70)
+    let root = canvas(path)?;
+    let mut chart = framed(&root, "Gateway RSS against open SSE connections")
         .build_cartesian_2d(0f64..max_x * 1.02, 0f64..max_y)
         .map_err(|e| anyhow!("chart: {e}"))?;
     chart
@@ -43,18 +60,83 @@ pub fn rss_against_connections(points: &[RampPoint], path: &Path) -> Result<()> 
     root.present().map_err(|e| anyhow!("chart: {e}"))
 }
 
+/// The soak's chart: gateway RSS and open connections over the run, with the baseline and
+/// the margin RSS must come back under.
+pub fn rss_over_time(points: &[RampPoint], soak: &Soak, path: &Path) -> Result<()> {
+    // Headroom above both curves keeps the legend clear of them.
+    let max_t = points.iter().map(|p| p.at_s).fold(1.0, f64::max);
+    let max_mib = points.iter().map(|p| p.rss_bytes).max().unwrap_or(0) as f64 / MIB * 1.35 + 1.0;
+    let max_conn = points.iter().map(|p| p.connected).max().unwrap_or(0).max(1) as f64 * 1.35;
+    let root = canvas(path)?;
+    let mut chart = framed(
+        &root,
+        "Gateway RSS and open SSE connections during the soak",
+    )
+    .right_y_label_area_size(70)
+    .build_cartesian_2d(0f64..max_t, 0f64..max_mib)
+    .map_err(|e| anyhow!("chart: {e}"))?
+    .set_secondary_coord(0f64..max_t, 0f64..max_conn);
+    chart
+        .configure_mesh()
+        .x_desc("seconds since start")
+        .y_desc("gateway RSS (MiB)")
+        .draw()
+        .map_err(|e| anyhow!("chart: {e}"))?;
+    chart
+        .configure_secondary_axes()
+        .y_desc("open SSE connections")
+        .draw()
+        .map_err(|e| anyhow!("chart: {e}"))?;
+    chart
+        .draw_secondary_series(LineSeries::new(
+            points.iter().map(|p| (p.at_s, p.connected.max(0) as f64)),
+            &GREEN,
+        ))
+        .map_err(|e| anyhow!("chart: {e}"))?
+        .label("open connections (right)")
+        .legend(|(x, y)| PathElement::new([(x, y), (x + 20, y)], GREEN));
+    let limits = soak
+        .baseline_rss_bytes
+        .zip(soak.margin_bytes)
+        .map(|(base, margin)| {
+            [
+                (base, "baseline", BLACK),
+                (base + margin, "baseline + margin", RED),
+            ]
+        });
+    for (bytes, label, color) in limits.into_iter().flatten() {
+        let y = bytes as f64 / MIB;
+        chart
+            .draw_series(LineSeries::new([(0.0, y), (max_t, y)], &color))
+            .map_err(|e| anyhow!("chart: {e}"))?
+            .label(label)
+            .legend(move |(x, y)| PathElement::new([(x, y), (x + 20, y)], color));
+    }
+    chart
+        .draw_series(LineSeries::new(
+            points.iter().map(|p| (p.at_s, p.rss_bytes as f64 / MIB)),
+            &BLUE,
+        ))
+        .map_err(|e| anyhow!("chart: {e}"))?
+        .label("gateway RSS (left)")
+        .legend(|(x, y)| PathElement::new([(x, y), (x + 20, y)], BLUE));
+    chart
+        .configure_series_labels()
+        .background_style(WHITE.mix(0.8))
+        .border_style(BLACK)
+        .position(SeriesLabelPosition::UpperLeft)
+        .draw()
+        .map_err(|e| anyhow!("chart: {e}"))?;
+    root.present().map_err(|e| anyhow!("chart: {e}"))
+}
+
 /// `curve` is (quantile, latency µs) as made by `metrics::latency::quantile_curve`.
 pub fn latency_distribution(curve: &[(f64, u64)], title: &str, path: &Path) -> Result<()> {
     let nines = |q: f64| -(1.0 - q).max(1e-5).log10();
     let max_ms = curve.iter().map(|p| p.1).max().unwrap_or(1) as f64 / 1000.0;
     let min_ms = curve.iter().map(|p| p.1).min().unwrap_or(1).max(1) as f64 / 1000.0;
-    let root = SVGBackend::new(path, SIZE).into_drawing_area();
-    root.fill(&WHITE).map_err(|e| anyhow!("chart: {e}"))?;
-    let mut chart = ChartBuilder::on(&root)
-        .caption(title, ("sans-serif", 22))
-        .margin(16)
-        .x_label_area_size(44)
-        .y_label_area_size(70)
+    let root = canvas(path)?;
+    let mut chart = framed(&root, title)
         .build_cartesian_2d(0f64..5f64, (min_ms * 0.8..max_ms * 1.25).log_scale())
         .map_err(|e| anyhow!("chart: {e}"))?;
     chart

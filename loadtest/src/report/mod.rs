@@ -2,6 +2,7 @@
 //! drawn as SVG charts beside the JSON.
 
 pub mod chart;
+pub mod soak;
 
 use std::fmt::Write as _;
 
@@ -35,6 +36,7 @@ pub struct RunResult {
     pub memory: Option<Memory>,
     pub cpu: Option<Cpu>,
     pub drain: Option<Drain>,
+    pub soak: Option<soak::Soak>,
     pub ramp_points: Vec<RampPoint>,
     pub timed_out: bool,
     pub duration_s: f64,
@@ -158,6 +160,19 @@ impl Cpu {
             mock_cpu_s: None,
         }
     }
+
+    /// Two windows as one: the soak's rounds, without the settles between them.
+    pub fn plus(self, other: Cpu) -> Cpu {
+        Cpu {
+            client_cpu_s: self.client_cpu_s + other.client_cpu_s,
+            mock_cpu_s: self.mock_cpu_s.zip(other.mock_cpu_s).map(|(a, b)| a + b),
+            ..Cpu::new(
+                self.window_s + other.window_s,
+                self.cpu_s + other.cpu_s,
+                self.token_events + other.token_events,
+            )
+        }
+    }
 }
 
 #[derive(Debug, Serialize)]
@@ -176,7 +191,7 @@ fn ms(us: u64) -> String {
     format!("{:.2} ms", us as f64 / 1000.0)
 }
 
-fn mib(bytes: u64) -> String {
+pub(crate) fn mib(bytes: u64) -> String {
     format!("{:.1} MiB", bytes as f64 / (1024.0 * 1024.0))
 }
 
@@ -185,6 +200,15 @@ fn kb(bytes: Option<f64>) -> String {
 }
 
 impl RunResult {
+    /// The checks that failed: delivery (`zero_loss`) in every scenario, the soak's others.
+    pub fn failures(&self) -> Vec<&'static str> {
+        match &self.soak {
+            Some(soak) => soak.failures(),
+            None if !self.zero_loss => vec!["delivery"],
+            None => Vec::new(),
+        }
+    }
+
     pub fn markdown(&self) -> String {
         let mut md = String::new();
         let d = &self.delivery;
@@ -238,6 +262,10 @@ impl RunResult {
         row(
             "done / generation errors",
             format!("{} / {}", d.done, d.generation_errors),
+        );
+        row(
+            "endings other than planned / error ids ≠ tokens received",
+            format!("{} / {}", d.unexpected_endings, d.error_mismatches),
         );
         row(
             "evictions / shutdown reconnects / reconnects",
@@ -339,6 +367,11 @@ impl RunResult {
                 ),
             );
         }
+        if let Some(soak) = &self.soak {
+            for (k, v) in soak.rows() {
+                row(&k, v);
+            }
+        }
         row(
             "run time",
             format!(
@@ -397,5 +430,7 @@ mod tests {
         assert_eq!(cpu.cpu_s_per_million_events, Some(2.0));
         assert_eq!(cpu.cores_busy, 0.2);
         assert_eq!(Cpu::new(1.0, 1.0, 0).us_per_event, None);
+        let both = Cpu::new(10.0, 2.0, 1_000_000).plus(Cpu::new(10.0, 6.0, 1_000_000));
+        assert_eq!((both.window_s, both.us_per_event), (20.0, Some(4.0)));
     }
 }

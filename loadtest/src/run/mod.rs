@@ -5,6 +5,7 @@
 mod monitor;
 mod phases;
 mod setup;
+mod soak;
 
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -18,7 +19,7 @@ use crate::metrics::limits::{
     gateway_capacity, preflight, raise_nofile, workers_needed, GATEWAY_FD_MARGIN,
 };
 use crate::report::{chart, Connections, Machine, Memory, RunResult};
-use crate::scenario::{Overrides, Plan, Scenario, ScenarioName};
+use crate::scenario::{Ending, Overrides, Plan, Scenario, ScenarioName};
 
 #[derive(Debug, Args)]
 pub struct RunArgs {
@@ -38,6 +39,10 @@ pub struct RunArgs {
     /// Extra flag for the spawned `tokenfan serve`, repeatable: `--gateway-arg=--channel-capacity=32`.
     #[arg(long = "gateway-arg", allow_hyphen_values = true)]
     pub gateway_args: Vec<String>,
+    /// Environment of the spawned gateway, repeatable: `--gateway-env=NAME=value`; replaces the
+    /// scenario's value of NAME (`--gateway-env=_RJEM_MALLOC_CONF=`: jemalloc's defaults).
+    #[arg(long = "gateway-env")]
+    pub gateway_env: Vec<String>,
     /// Target a running gateway (`http://127.0.0.1:8080`) instead of spawning one.
     #[arg(long)]
     pub url: Option<String>,
@@ -47,7 +52,7 @@ pub struct RunArgs {
     /// JSON result path; charts are written beside it (`NAME.rss.svg`, `NAME.latency.svg`).
     #[arg(long)]
     pub out: Option<PathBuf>,
-    /// Seed for drawn knobs (tokens per generation, subscribers per generation, stall subset).
+    /// Seed for drawn knobs (tokens, subscribers and faults per generation, client behaviours).
     #[arg(long, default_value_t = 1)]
     pub seed: u64,
 }
@@ -78,7 +83,8 @@ pub async fn run(args: &RunArgs, command: String) -> Result<RunResult> {
         Some(url) => Gateway::attach(url, args.pid).await?,
         None => {
             let extra = spawn_args(&scenario, &args.gateway_args, own_nofile);
-            Gateway::spawn(&args.gateway_bin, &extra, &log_prefix).await?
+            let env = spawn_env(&scenario, &args.gateway_env);
+            Gateway::spawn(&args.gateway_bin, &extra, &env, &log_prefix).await?
         }
     };
     let pid = gateway.info.pid;
@@ -106,7 +112,10 @@ pub async fn run(args: &RunArgs, command: String) -> Result<RunResult> {
         .max(workers_needed(n, own_nofile))
         .min(n.max(1));
 
-    let result = phases::measure(&scenario, &plan, &mut gateway, workers, t0).await;
+    let result = match scenario.ending {
+        Ending::Churn => soak::measure(&scenario, &mut gateway, workers, args.seed, t0).await,
+        _ => phases::measure(&scenario, &plan, &mut gateway, workers, args.seed, t0).await,
+    };
     let gateway_info = gateway.info.clone();
     gateway.stop().await;
     let outcome = result?;
@@ -137,6 +146,7 @@ pub async fn run(args: &RunArgs, command: String) -> Result<RunResult> {
             .map(|b| Memory::new(b, outcome.steady, outcome.after)),
         cpu: outcome.cpu,
         drain: outcome.drain,
+        soak: outcome.soak,
         ramp_points: outcome.points,
         timed_out: outcome.timed_out,
         duration_s: t0.elapsed().as_secs_f64(),
@@ -167,6 +177,19 @@ fn spawn_args(scenario: &Scenario, user: &[String], nofile: u64) -> Vec<String> 
     args
 }
 
+/// The scenario's gateway environment with the user's entries in place of the same names.
+fn spawn_env(scenario: &Scenario, user: &[String]) -> Vec<String> {
+    let name = |pair: &String| pair.split('=').next().unwrap_or_default().to_string();
+    let mut env: Vec<String> = scenario
+        .gateway_env
+        .iter()
+        .filter(|pair| !user.iter().any(|u| name(u) == name(pair)))
+        .cloned()
+        .collect();
+    env.extend(user.iter().cloned());
+    env
+}
+
 /// `results/NAME` from `--out results/NAME.json`, or `results/<scenario>` by default.
 fn output_stem(args: &RunArgs) -> Result<PathBuf> {
     let out = args.out.clone().unwrap_or_else(|| {
@@ -190,8 +213,11 @@ fn write_outputs(args: &RunArgs, result: &RunResult, stem: &Path) -> Result<()> 
         name.push(suffix);
         PathBuf::from(name)
     };
-    if !result.ramp_points.is_empty() {
-        chart::rss_against_connections(&result.ramp_points, &with_suffix(".rss.svg"))?;
+    let rss_chart = with_suffix(".rss.svg");
+    match &result.soak {
+        _ if result.ramp_points.is_empty() => {}
+        Some(soak) => chart::rss_over_time(&result.ramp_points, soak, &rss_chart)?,
+        None => chart::rss_against_connections(&result.ramp_points, &rss_chart)?,
     }
     let curve = &result.latency_curve;
     if !curve.is_empty() {
@@ -218,5 +244,19 @@ mod tests {
         assert!(args.contains(&"--create-rate=5".to_string()));
         assert!(!args.contains(&"--create-rate=1000000".to_string()));
         assert!(args.contains(&"--create-burst=1000000".to_string()));
+    }
+
+    #[test]
+    fn the_users_gateway_env_replaces_the_scenarios() {
+        let soak = Scenario::resolve(ScenarioName::Soak, &Overrides::default()).unwrap();
+        assert!(spawn_env(&soak, &[])[0].starts_with("_RJEM_MALLOC_CONF=background_thread:true"));
+        let env = spawn_env(
+            &soak,
+            &[
+                "_RJEM_MALLOC_CONF=".to_string(),
+                "TOKENFAN_LOG=debug".to_string(),
+            ],
+        );
+        assert_eq!(env, ["_RJEM_MALLOC_CONF=", "TOKENFAN_LOG=debug"]);
     }
 }

@@ -7,13 +7,14 @@ use std::time::{Duration, Instant};
 use anyhow::Result;
 
 use super::monitor::{all_connected, Monitor, WindowMark};
-use super::setup::{create_generations, worker_specs};
+use super::setup::{create_generations, target, worker_specs};
 use crate::client::stats::Counters;
 use crate::client::subscriber::unix_micros;
 use crate::fleet::Fleet;
 use crate::gateway::Gateway;
 use crate::metrics::latency::{new_histogram, quantile_curve, LatencySummary};
 use crate::metrics::snapshot::{RampPoint, Snapshot};
+use crate::report::soak::Soak;
 use crate::report::{Cpu, Drain, Ramp};
 use crate::scenario::{Ending, Plan, Scenario};
 
@@ -38,6 +39,7 @@ pub struct Outcome {
     pub peak_connected: i64,
     pub timed_out: bool,
     pub warnings: Vec<String>,
+    pub soak: Option<Soak>,
 }
 
 impl Outcome {
@@ -49,6 +51,8 @@ impl Outcome {
             Ending::AllDone => finished >= self.planned,
             Ending::Leave => t.left >= self.planned,
             Ending::Drain => finished + t.shutdown_reconnects >= self.planned,
+            // Clients that left mid-stream on purpose are the only ones without an ending.
+            Ending::Churn => finished + t.left_midstream >= self.planned,
         };
         t.delivery_errors() == 0 && t.gave_up == 0 && everyone_finished && !self.timed_out
     }
@@ -67,6 +71,7 @@ pub async fn measure(
     plan: &Plan,
     gateway: &mut Gateway,
     workers: u64,
+    seed: u64,
     t0: Instant,
 ) -> Result<Outcome> {
     let n = plan.connections();
@@ -85,8 +90,23 @@ pub async fn measure(
         scenario.ramp_rate,
         stream_at.saturating_duration_since(Instant::now()).as_secs_f64()
     );
-    let ids = create_generations(addr, scenario, plan, stream_at).await?;
-    let specs = worker_specs(scenario, plan, &ids, addr, workers);
+    let mut ids = vec![None; plan.generations.len()];
+    let now = Instant::now();
+    create_generations(
+        addr,
+        scenario,
+        plan,
+        |_| (now, stream_at),
+        |index, id| {
+            ids[index] = Some(id?);
+            Ok(())
+        },
+    )
+    .await?;
+    let targets: Vec<_> = (ids.into_iter().enumerate())
+        .map(|(index, id)| target(scenario, plan, index, id))
+        .collect();
+    let specs = worker_specs(scenario, plan, &targets, addr, workers, seed);
     let before = gateway
         .info
         .pid
@@ -103,7 +123,8 @@ pub async fn measure(
     let steady = monitor.snapshot();
     let ended = match scenario.ending {
         Ending::Leave => hold_and_leave(&mut monitor, gateway, scenario).await,
-        Ending::AllDone => stream_to_the_end(&mut monitor, gateway).await,
+        // A churn run has its own phases (`soak`); were one to come here, it streams to the end.
+        Ending::AllDone | Ending::Churn => stream_to_the_end(&mut monitor, gateway).await,
         Ending::Drain => sigterm_and_drain(&mut monitor, gateway, scenario, stream_at, n).await?,
     };
     if monitor.timed_out {
@@ -123,31 +144,24 @@ pub async fn measure(
         monitor.snapshot()
     };
     let cpu = window_start.cpu_until(&ended.window_end);
-    let (totals, hist) = collect(&mut monitor, &mut warnings)?;
-    let Monitor {
-        fleet,
-        points,
-        peak_connected,
-        timed_out,
-        ..
-    } = monitor;
-    fleet.reap(Duration::from_secs(5)).await;
+    let finished = finish(monitor, &mut warnings).await?;
     Ok(Outcome {
         ending: scenario.ending,
         planned: n,
-        latency: LatencySummary::of(&hist),
-        latency_curve: quantile_curve(&hist),
-        totals,
+        latency: LatencySummary::of(&finished.hist),
+        latency_curve: quantile_curve(&finished.hist),
+        totals: finished.totals,
         before,
         steady: ended.steady.or(steady),
         after,
         ramp,
         cpu,
         drain: ended.drain,
-        points,
-        peak_connected,
-        timed_out,
+        points: finished.points,
+        peak_connected: finished.peak_connected,
+        timed_out: finished.timed_out,
         warnings,
+        soak: None,
     })
 }
 
@@ -190,7 +204,7 @@ async fn hold_and_leave(
         .await;
     let steady = monitor.snapshot();
     let window_end = monitor.window_mark(monitor.fleet.totals().tokens);
-    monitor.fleet.leave().await;
+    monitor.fleet.leave();
     let deadline = monitor.deadline;
     monitor
         .wait("leaving", deadline, |_, m| m.fleet.all_final(), gateway)
@@ -260,13 +274,43 @@ async fn sigterm_and_drain(
 }
 
 /// The time limit passed: tell every client to leave and give the workers 15 s to report.
-async fn stop(monitor: &mut Monitor, gateway: &mut Gateway) {
-    monitor.fleet.leave().await;
+pub(super) async fn stop(monitor: &mut Monitor, gateway: &mut Gateway) {
+    monitor.fleet.leave();
     let grace = Instant::now() + Duration::from_secs(15);
     monitor.deadline = grace;
     monitor
         .wait("stopping", grace, |_, m| m.fleet.all_final(), gateway)
         .await;
+}
+
+/// What a fleet leaves when its clients are done: their summed counters and merged latency
+/// histogram, and what the monitor sampled.
+pub(super) struct Finished {
+    pub totals: Counters,
+    pub hist: hdrhistogram::Histogram<u64>,
+    pub points: Vec<RampPoint>,
+    pub peak_connected: i64,
+    pub timed_out: bool,
+}
+
+/// Collects the workers' final reports, then reaps them.
+pub(super) async fn finish(mut monitor: Monitor, warnings: &mut Vec<String>) -> Result<Finished> {
+    let (totals, hist) = collect(&mut monitor, warnings)?;
+    let Monitor {
+        fleet,
+        points,
+        peak_connected,
+        timed_out,
+        ..
+    } = monitor;
+    fleet.reap(Duration::from_secs(5)).await;
+    Ok(Finished {
+        totals,
+        hist,
+        points,
+        peak_connected,
+        timed_out,
+    })
 }
 
 /// Sums the workers' final counters and merges their latency histograms.

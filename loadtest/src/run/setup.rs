@@ -1,69 +1,100 @@
-//! Setting a run up on the gateway: creating the generations (each holding its first token
-//! until the ramp should be over) and cutting the clients into worker specs.
+//! Setting a run up on the gateway: creating the generations (all before the clients come,
+//! each holding its first token until the ramp should be over; or on a schedule while they
+//! come) and cutting the clients into worker specs.
 
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use serde_json::json;
-use tokio::task::JoinSet;
+use tokio::task::{JoinError, JoinSet};
 
 use crate::client::http::request;
 use crate::client::subscriber::MIN_READ_BUFFER;
-use crate::scenario::{Ending, Plan, Scenario};
-use crate::worker::{StallSpec, WorkerSpec};
+use crate::scenario::{Ending, GenerationPlan, Plan, Scenario};
+use crate::worker::{Target, WorkerSpec};
 
 /// Concurrent `POST /v1/generations` while setting up.
 const CREATE_CONCURRENCY: usize = 64;
 
+type Creation = Result<(usize, Result<String>), JoinError>;
+
+/// Creates the plan's generations: each not before the first instant `timing(index)` gives,
+/// its first token held until the second. Every id (or creation error) goes to `created` as
+/// soon as it is known; an error `created` returns ends the creation.
 pub async fn create_generations(
     addr: SocketAddr,
     scenario: &Scenario,
     plan: &Plan,
-    stream_at: Instant,
-) -> Result<Vec<String>> {
-    let mut ids = vec![String::new(); plan.generations.len()];
+    timing: impl Fn(usize) -> (Instant, Instant),
+    mut created: impl FnMut(usize, Result<String>) -> Result<()>,
+) -> Result<()> {
+    let mut take = |joined: Creation| -> Result<()> {
+        let (index, id) = joined.context("generation creation task")?;
+        created(index, id)
+    };
     let mut inflight = JoinSet::new();
     for (index, generation) in plan.generations.iter().enumerate() {
-        if inflight.len() >= CREATE_CONCURRENCY {
-            store_created(&mut ids, inflight.join_next().await)?;
+        let (due, first_token_at) = timing(index);
+        loop {
+            if inflight.len() >= CREATE_CONCURRENCY {
+                if let Some(joined) = inflight.join_next().await {
+                    take(joined)?;
+                }
+                continue;
+            }
+            if Instant::now() >= due {
+                break;
+            }
+            tokio::select! {
+                () = tokio::time::sleep_until(due.into()) => {}
+                Some(joined) = inflight.join_next() => take(joined)?,
+            }
         }
-        let first_token_ms = stream_at
+        let first_token_ms = first_token_at
             .saturating_duration_since(Instant::now())
             .as_millis() as u64;
-        let mut mock = json!({
-            "tokens": generation.tokens,
-            "interval_ms": scenario.interval_ms.to_json(),
-            "first_token_ms": first_token_ms,
-            "stamp": true,
-            "seed": index,
-        });
-        if let Some(bytes) = scenario.token_bytes {
-            mock["token_bytes"] = bytes.into();
-        }
-        let body = json!({
-            "model": "tokenfan-loadtest",
-            "messages": [{"role": "user", "content": format!("load test generation {index}")}],
-            "mock": mock,
-        })
-        .to_string();
+        let body = generation_body(scenario, index, generation, first_token_ms);
         inflight.spawn(async move { (index, create_one(addr, body).await) });
     }
     while let Some(joined) = inflight.join_next().await {
-        store_created(&mut ids, Some(joined))?;
-    }
-    Ok(ids)
-}
-
-fn store_created(
-    ids: &mut [String],
-    joined: Option<Result<(usize, Result<String>), tokio::task::JoinError>>,
-) -> Result<()> {
-    if let Some(joined) = joined {
-        let (index, id) = joined.context("generation creation task")?;
-        ids[index] = id?;
+        take(joined)?;
     }
     Ok(())
+}
+
+/// The create request: the plan's length and fault, the scenario's pace, stamped tokens.
+fn generation_body(
+    scenario: &Scenario,
+    index: usize,
+    generation: &GenerationPlan,
+    first_token_ms: u64,
+) -> String {
+    let mut mock = generation.mock_knobs();
+    mock["interval_ms"] = scenario.interval_ms.to_json();
+    mock["first_token_ms"] = first_token_ms.into();
+    mock["stamp"] = true.into();
+    mock["seed"] = index.into();
+    if let Some(bytes) = scenario.token_bytes {
+        mock["token_bytes"] = bytes.into();
+    }
+    json!({
+        "model": "tokenfan-loadtest",
+        "messages": [{"role": "user", "content": format!("load test generation {index}")}],
+        "mock": mock,
+    })
+    .to_string()
+}
+
+/// What the workers are told about a created generation. The ending is known (and checked)
+/// when clients read to the end; not in a drain, which interrupts generations.
+pub fn target(scenario: &Scenario, plan: &Plan, index: usize, id: Option<String>) -> Target {
+    let knows_ending = matches!(scenario.ending, Ending::AllDone | Ending::Churn);
+    Target {
+        index: index as u32,
+        id,
+        expect: knows_ending.then(|| plan.generations[index].expected()),
+    }
 }
 
 async fn create_one(addr: SocketAddr, body: String) -> Result<String> {
@@ -100,35 +131,45 @@ async fn create_one(addr: SocketAddr, body: String) -> Result<String> {
         .context("generation response has no id")
 }
 
+/// Cuts the clients into `workers` contiguous slices. `generations` are the ones created
+/// before the workers start (a churn round announces its generations as it creates them).
 pub fn worker_specs(
     scenario: &Scenario,
     plan: &Plan,
-    ids: &[String],
+    generations: &[Target],
     gateway: SocketAddr,
     workers: u64,
+    seed: u64,
 ) -> Vec<WorkerSpec> {
     let per_worker = plan.assignments.len().div_ceil(workers as usize).max(1);
+    let rate = scenario.ramp_rate as f64;
     plan.assignments
         .chunks(per_worker)
         .enumerate()
-        .map(|(k, slice)| WorkerSpec {
-            gateway,
-            generations: ids.to_vec(),
-            assignments: slice.to_vec(),
-            first_client: (k * per_worker) as u64,
-            ramp_rate: scenario.ramp_rate as f64 / workers as f64,
-            stall: scenario.stall.as_ref().map(|s| StallSpec {
-                fraction: s.fraction,
-                after_tokens: s.after_tokens,
-                pause_ms: (s.pause_s * 1000.0) as u64,
-                recv_buffer: s.recv_buffer,
-            }),
-            resume_after_shutdown: scenario.ending != Ending::Drain,
-            max_reconnects: 20,
-            // Room for a couple of padded events per read, without growing idle clients.
-            read_buffer: scenario.token_bytes.map_or(MIN_READ_BUFFER, |b| {
-                (2 * b as usize + 512).clamp(MIN_READ_BUFFER, 64 * 1024)
-            }),
+        .map(|(k, slice)| {
+            let first_client = (k * per_worker) as u64;
+            // Churn clients arrive in global order, each slice in its own stretch of the round;
+            // otherwise every worker ramps its share from the start.
+            let (ramp_rate, ramp_delay_s) = match scenario.ending {
+                Ending::Churn => (rate, first_client as f64 / rate),
+                _ => (rate / workers as f64, 0.0),
+            };
+            WorkerSpec {
+                gateway,
+                generations: generations.to_vec(),
+                assignments: slice.to_vec(),
+                first_client,
+                ramp_rate,
+                ramp_delay_s,
+                clients: scenario.clients.clone(),
+                seed,
+                resume_after_shutdown: scenario.ending != Ending::Drain,
+                max_reconnects: 20,
+                // Room for a couple of padded events per read, without growing idle clients.
+                read_buffer: scenario.token_bytes.map_or(MIN_READ_BUFFER, |b| {
+                    (2 * b as usize + 512).clamp(MIN_READ_BUFFER, 64 * 1024)
+                }),
+            }
         })
         .collect()
 }
