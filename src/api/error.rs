@@ -54,6 +54,10 @@ pub enum ApiError {
     RateLimited(Duration),
     #[error("this generation has as many subscribers as allowed")]
     TooManySubscribers,
+    #[error("malformed HTTP request: {0}")]
+    MalformedRequest(&'static str),
+    #[error("request head is larger than {0} bytes or has too many headers")]
+    HeadTooLarge(usize),
 }
 
 impl ApiError {
@@ -64,7 +68,9 @@ impl ApiError {
             | Self::BodyRead(_)
             | Self::InvalidIdempotencyKey
             | Self::InvalidLastEventId
-            | Self::InvalidQuery(_) => StatusCode::BAD_REQUEST,
+            | Self::InvalidQuery(_)
+            | Self::MalformedRequest(_) => StatusCode::BAD_REQUEST,
+            Self::HeadTooLarge(_) => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
             Self::BodyTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             Self::UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             Self::Hub(HubError::IdempotencyKeyReused) => StatusCode::UNPROCESSABLE_ENTITY,
@@ -104,6 +110,8 @@ impl ApiError {
             Self::Denied(Denied::WrongGeneration) => "token_scope",
             Self::RateLimited(_) => "rate_limited",
             Self::TooManySubscribers => "too_many_subscribers",
+            Self::MalformedRequest(_) => "malformed_request",
+            Self::HeadTooLarge(_) => "head_too_large",
         }
     }
 

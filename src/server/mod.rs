@@ -1,18 +1,20 @@
 //! The accept loop and the per-connection tasks.
 //!
-//! We accept and spawn connections ourselves (hyper's `http1` connection builder) instead of
-//! `axum::serve`, for three reasons: each connection can be killed (a drain must close
-//! connections whose endless SSE body would otherwise never end — axum #2673), each socket
-//! gets a write timeout, and hyper's per-connection buffers stay about half of what
-//! `axum::serve` costs (measured: ≈12 KB against ≈23 KB per idle SSE connection).
+//! We accept and spawn connections ourselves instead of `axum::serve`, for three reasons: each
+//! connection can be killed (a drain must close connections whose endless SSE body would
+//! otherwise never end — axum #2673), each socket gets a write timeout, and what a connection
+//! costs is ours to choose. A connection that opens with a subscription is served by
+//! `subscriber.rs` (≈4.4 KB per idle subscriber, measured); every other goes to hyper's `http1`
+//! connection builder (≈10.5 KB per idle SSE connection; `axum::serve` ≈23 KB).
 
+mod subscriber;
 mod write_timeout;
 
 use std::{
     future::{poll_fn, Future},
     io,
     net::SocketAddr,
-    pin::pin,
+    pin::{pin, Pin},
     sync::{
         atomic::{AtomicUsize, Ordering},
         Arc,
@@ -116,8 +118,8 @@ impl Server {
             &self.router
         };
         let connection = Connection {
-            io: TokioIo::new(WriteTimeout::new(stream, self.config.write_timeout)),
-            service: TowerToHyperService::new(router.clone()),
+            io: WriteTimeout::new(stream, self.config.write_timeout),
+            router: router.clone(),
             header_read_timeout: self.config.header_read_timeout,
             max_header_bytes: self.max_header_bytes,
             one_request_only: over_capacity || self.drain.is_draining(),
@@ -129,8 +131,8 @@ impl Server {
 }
 
 struct Connection {
-    io: TokioIo<WriteTimeout>,
-    service: TowerToHyperService<Router>,
+    io: WriteTimeout,
+    router: Router,
     header_read_timeout: Duration,
     max_header_bytes: usize,
     /// Connections accepted during a drain or over capacity answer one request (a probe, a
@@ -142,6 +144,31 @@ struct Connection {
 
 impl Connection {
     async fn serve(self) {
+        let first = subscriber::first_request_is_subscription(self.io.stream());
+        let result = match tokio::time::timeout(self.header_read_timeout, first).await {
+            // Nothing useful came within the header timeout: close, as hyper would.
+            Err(_) | Ok(Err(_)) => return,
+            Ok(Ok(true)) => self.serve_subscriber().await,
+            Ok(Ok(false)) => self.serve_with_hyper().await,
+        };
+        if let Err(error) = result {
+            debug!(%error, "connection ended with an error");
+        }
+    }
+
+    async fn serve_subscriber(self) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+        let limits = subscriber::Limits {
+            header_read_timeout: self.header_read_timeout,
+            max_head_bytes: self.max_header_bytes,
+        };
+        let serve = subscriber::serve(self.io, self.router, limits);
+        // A stream outlives the start of a drain by design (it ends with the generation or
+        // with the drain's reconnect event); only the kill cuts it.
+        let served = until_killed(&self.drain, serve, None::<fn(Pin<&mut _>)>).await;
+        Ok(served.unwrap_or(Ok(()))?)
+    }
+
+    async fn serve_with_hyper(self) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
         let accepted_while_draining = self.drain.is_draining();
         let mut builder = http1::Builder::new();
         builder
@@ -153,43 +180,54 @@ impl Connection {
             // writev(2) of three slices (~7 % of the CPU per delivered event in a profile).
             .writev(false)
             .keep_alive(!self.one_request_only);
-        let connection = builder.serve_connection(self.io, self.service);
-        let mut connection = pin!(connection);
-        let mut draining = pin!(self.drain.draining());
-        let mut killed = pin!(self.drain.killed());
-        let mut graceful = accepted_while_draining;
-        // The drain phase when the drain's signals were last polled (`None`: never).
-        let mut seen = None;
-
-        let result = poll_fn(|cx| {
-            if let Poll::Ready(result) = connection.as_mut().poll(cx) {
-                return Poll::Ready(result);
-            }
-            // The task is woken for every event it writes. Polling the drain's signals each
-            // time took two shared mutexes per event (~3 % of the CPU per delivered event,
-            // measured); once polled, a signal wakes the task by itself (a spawned task keeps
-            // one waker for life), so they need another look only when the phase has moved.
-            let phase = self.drain.phase();
-            if seen == Some(phase) {
-                return Poll::Pending;
-            }
-            seen = Some(phase);
-            if killed.as_mut().poll(cx).is_ready() {
-                return Poll::Ready(Ok(()));
-            }
-            if !graceful && draining.as_mut().poll(cx).is_ready() {
-                // Let the response in flight (often an SSE stream) finish, then close.
-                connection.as_mut().graceful_shutdown();
-                graceful = true;
-                cx.waker().wake_by_ref();
-            }
-            Poll::Pending
-        })
-        .await;
-        if let Err(error) = result {
-            debug!(%error, "connection ended with an error");
-        }
+        let connection =
+            builder.serve_connection(TokioIo::new(self.io), TowerToHyperService::new(self.router));
+        // Let the response in flight (often an SSE stream) finish, then close.
+        let graceful = (!accepted_while_draining).then_some(
+            |connection: Pin<&mut http1::Connection<_, _>>| connection.graceful_shutdown(),
+        );
+        let served = until_killed(&self.drain, connection, graceful).await;
+        Ok(served.unwrap_or(Ok(()))?)
     }
+}
+
+/// Polls `work` until it ends (`Some` of its output) or the drain kills every connection
+/// (`None`); `on_draining` runs once when the drain begins.
+async fn until_killed<F: Future>(
+    drain: &Drain,
+    work: F,
+    mut on_draining: Option<impl FnOnce(Pin<&mut F>)>,
+) -> Option<F::Output> {
+    let mut work = pin!(work);
+    let mut draining = pin!(drain.draining());
+    let mut killed = pin!(drain.killed());
+    // The drain phase when the drain's signals were last polled (`None`: never).
+    let mut seen = None;
+    poll_fn(|cx| {
+        if let Poll::Ready(output) = work.as_mut().poll(cx) {
+            return Poll::Ready(Some(output));
+        }
+        // The task is woken for every event it writes. Polling the drain's signals each
+        // time took two shared mutexes per event (~3 % of the CPU per delivered event,
+        // measured); once polled, a signal wakes the task by itself (a spawned task keeps
+        // one waker for life), so they need another look only when the phase has moved.
+        let phase = drain.phase();
+        if seen == Some(phase) {
+            return Poll::Pending;
+        }
+        seen = Some(phase);
+        if killed.as_mut().poll(cx).is_ready() {
+            return Poll::Ready(None);
+        }
+        if on_draining.is_some() && draining.as_mut().poll(cx).is_ready() {
+            if let Some(on_draining) = on_draining.take() {
+                on_draining(work.as_mut());
+            }
+            cx.waker().wake_by_ref();
+        }
+        Poll::Pending
+    })
+    .await
 }
 
 /// Keeps the open-connections count (for the limit) and gauge right however a connection

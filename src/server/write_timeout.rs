@@ -41,6 +41,10 @@ impl WriteTimeout {
         }
     }
 
+    pub fn stream(&self) -> &TcpStream {
+        &self.stream
+    }
+
     /// Called with the result of a write: progress disarms the timer, a blocked write arms it
     /// (once) and fails when it fires.
     fn check<T>(&mut self, cx: &mut Context<'_>, poll: Poll<io::Result<T>>) -> Poll<io::Result<T>> {
