@@ -7,7 +7,7 @@
 //! `subscriber.rs` (≈4.4 KB per idle subscriber, measured); every other goes to hyper's `http1`
 //! connection builder (≈10.5 KB per idle SSE connection; `axum::serve` ≈23 KB).
 
-mod subscriber;
+pub mod subscriber;
 mod write_timeout;
 
 use std::{

@@ -23,7 +23,7 @@ use axum::{
     response::IntoResponse,
     Router,
 };
-use bytes::{Buf, Bytes};
+use bytes::{Buf, Bytes, BytesMut};
 use tokio::{
     io::{AsyncReadExt, AsyncWrite, AsyncWriteExt},
     net::TcpStream,
@@ -43,6 +43,8 @@ const PEEK_BYTES: usize = 256;
 const PEEK_RETRY: Duration = Duration::from_millis(5);
 /// Most headers a subscription request may carry (hyper's default is 100 too).
 const MAX_HEADERS: usize = 100;
+/// Most bytes of ready frames gathered into one write.
+const MAX_BATCH_BYTES: usize = 16 * 1024;
 /// A subscriber never sends after its request; bytes past this are a misbehaving peer.
 const MAX_STRAY_BYTES: usize = 4096;
 
@@ -65,7 +67,7 @@ pub async fn first_request_is_subscription(stream: &TcpStream) -> io::Result<boo
 
 /// `Some(true)` for a subscription's request line, `Some(false)` for anything else, `None`
 /// while the bytes seen so far do not tell.
-fn is_subscription_line(start: &[u8], no_more: bool) -> Option<bool> {
+pub fn is_subscription_line(start: &[u8], no_more: bool) -> Option<bool> {
     if start.len() < SUBSCRIPTION_PREFIX.len() {
         return (!SUBSCRIPTION_PREFIX.starts_with(start)).then_some(false);
     }
@@ -109,13 +111,7 @@ pub async fn serve(mut io: WriteTimeout, router: Router, limits: Limits) -> io::
         body_length(parts.status, &body),
     ))
     .await?;
-    BodyWriter {
-        io: &mut io,
-        body,
-        pending: Bytes::new(),
-        stray: 0,
-    }
-    .await?;
+    BodyWriter::new(&mut io, body).await?;
     io.shutdown().await
 }
 
@@ -144,7 +140,7 @@ async fn read_request(io: &mut WriteTimeout, max: usize) -> Result<Request<Body>
 }
 
 /// The request in `head`, `None` while incomplete.
-fn parse_request(head: &[u8], max: usize) -> Result<Option<Request<Body>>, ApiError> {
+pub fn parse_request(head: &[u8], max: usize) -> Result<Option<Request<Body>>, ApiError> {
     let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
     let mut parsed = httparse::Request::new(&mut headers);
     match parsed.parse(head) {
@@ -207,19 +203,33 @@ fn encode_head(status: StatusCode, headers: &header::HeaderMap, length: Option<u
     head
 }
 
-/// Writes the body's frames as they come (one `send` each, the frame already encoded), and
-/// notices a peer that hangs up while there is nothing to write — otherwise a silent generation
-/// would keep a departed subscriber until the next keep-alive.
+/// Writes the body's frames as they come, and notices a peer that hangs up while there is
+/// nothing to write — otherwise a silent generation would keep a departed subscriber until the
+/// next keep-alive. Frames that are ready together (a lagging reader's backlog, a replay step
+/// and the first live token) go out in one `send`; a reader that keeps up gets one per event,
+/// without a copy.
 struct BodyWriter<'a> {
     io: &'a mut WriteTimeout,
     body: Body,
-    /// What is left of the frame being written.
+    /// What is left to write of the frames taken from the body.
     pending: Bytes,
+    /// The body has no more frames.
+    body_done: bool,
     /// Bytes the peer sent after its request.
     stray: usize,
 }
 
 impl BodyWriter<'_> {
+    fn new(io: &mut WriteTimeout, body: Body) -> BodyWriter<'_> {
+        BodyWriter {
+            io,
+            body,
+            pending: Bytes::new(),
+            body_done: false,
+            stray: 0,
+        }
+    }
+
     /// Ready when the peer has closed its side (or sent far more than a subscriber ever would).
     fn poll_peer_gone(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         let stream = self.io.stream();
@@ -239,6 +249,45 @@ impl BodyWriter<'_> {
             }
         }
     }
+
+    /// The body's next data, `None` at its end. Our bodies carry no trailers.
+    fn poll_data(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<Option<Bytes>>> {
+        if self.body_done {
+            return Poll::Ready(Ok(None));
+        }
+        let data = match ready!(Pin::new(&mut self.body).poll_frame(cx)) {
+            None => {
+                self.body_done = true;
+                None
+            }
+            Some(frame) => Some(
+                frame
+                    .map_err(io::Error::other)?
+                    .into_data()
+                    .unwrap_or_default(),
+            ),
+        };
+        Poll::Ready(Ok(data))
+    }
+
+    /// Takes the frames that are ready now, up to `MAX_BATCH_BYTES`, into `pending`. `Ready`
+    /// with `false` when the body has ended and nothing is left to write.
+    fn poll_fill(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<bool>> {
+        let Some(first) = ready!(self.poll_data(cx))? else {
+            return Poll::Ready(Ok(false));
+        };
+        let mut batch: Option<BytesMut> = None;
+        while batch.as_ref().map_or(first.len(), BytesMut::len) < MAX_BATCH_BYTES {
+            let Poll::Ready(Some(next)) = self.poll_data(cx)? else {
+                break;
+            };
+            batch
+                .get_or_insert_with(|| BytesMut::from(&first[..]))
+                .extend_from_slice(&next);
+        }
+        self.pending = batch.map_or(first, BytesMut::freeze);
+        Poll::Ready(Ok(true))
+    }
 }
 
 impl Future for BodyWriter<'_> {
@@ -251,12 +300,9 @@ impl Future for BodyWriter<'_> {
                 if let Poll::Ready(gone) = this.poll_peer_gone(cx) {
                     return Poll::Ready(gone);
                 }
-                let frame = match ready!(Pin::new(&mut this.body).poll_frame(cx)) {
-                    None => return Poll::Ready(Ok(())),
-                    Some(frame) => frame.map_err(io::Error::other)?,
-                };
-                // A data frame; our bodies have no trailers.
-                this.pending = frame.into_data().unwrap_or_default();
+                if !ready!(this.poll_fill(cx))? {
+                    return Poll::Ready(Ok(()));
+                }
                 continue;
             }
             let written = ready!(Pin::new(&mut *this.io).poll_write(cx, &this.pending))?;
