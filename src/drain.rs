@@ -23,7 +23,7 @@ use std::{
 
 use rand::Rng;
 use tokio_util::{
-    sync::{CancellationToken, WaitForCancellationFuture},
+    sync::{CancellationToken, WaitForCancellationFuture, WaitForCancellationFutureOwned},
     task::TaskTracker,
 };
 use tracing::info;
@@ -98,8 +98,8 @@ impl Drain {
         }
     }
 
-    pub fn draining(&self) -> WaitForCancellationFuture<'_> {
-        self.draining.cancelled()
+    pub fn draining(&self) -> WaitForCancellationFutureOwned {
+        self.draining.clone().cancelled_owned()
     }
 
     /// Fires when the listener must stop accepting.
@@ -108,8 +108,8 @@ impl Drain {
     }
 
     /// Fires when every connection must be dropped at once.
-    pub fn killed(&self) -> WaitForCancellationFuture<'_> {
-        self.killed.cancelled()
+    pub fn killed(&self) -> WaitForCancellationFutureOwned {
+        self.killed.clone().cancelled_owned()
     }
 
     /// A `retry:` for a client sent away by the shutdown, drawn uniformly over the spread window

@@ -11,29 +11,35 @@ pub mod subscriber;
 mod write_timeout;
 
 use std::{
-    future::{poll_fn, Future},
+    future::Future,
     io,
     net::SocketAddr,
-    pin::{pin, Pin},
+    pin::Pin,
     sync::{
         atomic::{AtomicUsize, Ordering},
         Arc,
     },
-    task::Poll,
+    task::{Context, Poll},
     time::Duration,
 };
 
 use axum::Router;
+use futures_util::FutureExt;
 use hyper::server::conn::http1;
 use hyper_util::{
     rt::{TokioIo, TokioTimer},
     service::TowerToHyperService,
 };
+use pin_project_lite::pin_project;
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
-use tokio_util::task::TaskTracker;
+use tokio_util::{sync::WaitForCancellationFutureOwned, task::TaskTracker};
 use tracing::{debug, warn};
 
-use crate::{config::ConnectionConfig, drain::Drain, metrics};
+use crate::{
+    config::ConnectionConfig,
+    drain::{Drain, Phase},
+    metrics,
+};
 use write_timeout::WriteTimeout;
 
 /// Longest pause after a failed accept (e.g. out of file descriptors).
@@ -124,9 +130,10 @@ impl Server {
             max_header_bytes: self.max_header_bytes,
             one_request_only: over_capacity || self.drain.is_draining(),
             drain: self.drain.clone(),
+            connections: self.connections.clone(),
             _open: guard,
         };
-        self.connections.spawn(connection.serve());
+        self.connections.spawn(connection.start());
     }
 }
 
@@ -139,24 +146,27 @@ struct Connection {
     /// reconnect event) and close.
     one_request_only: bool,
     drain: Drain,
+    connections: TaskTracker,
     _open: OpenConnection,
 }
 
 impl Connection {
-    async fn serve(self) {
+    /// Looks at the connection's first request line, then hands the connection to a task of
+    /// its own that serves it. Two tasks because a task's future is allocated at the size of
+    /// its largest state for the task's whole life: hyper's connection state is ~2 KB, which a
+    /// subscriber's task (~0.5 KB) would otherwise carry too.
+    async fn start(self) {
         let first = subscriber::first_request_is_subscription(self.io.stream());
-        let result = match tokio::time::timeout(self.header_read_timeout, first).await {
-            // Nothing useful came within the header timeout: close, as hyper would.
-            Err(_) | Ok(Err(_)) => return,
-            Ok(Ok(true)) => self.serve_subscriber().await,
-            Ok(Ok(false)) => self.serve_with_hyper().await,
-        };
-        if let Err(error) = result {
-            debug!(%error, "connection ended with an error");
+        let first = tokio::time::timeout(self.header_read_timeout, first);
+        match UntilKilled::kill_only(self.drain.clone(), first).await {
+            // Killed, or nothing useful came within the header timeout: close, as hyper would.
+            None | Some(Err(_) | Ok(Err(_))) => {}
+            Some(Ok(Ok(true))) => self.serve_subscriber(),
+            Some(Ok(Ok(false))) => self.serve_with_hyper(),
         }
     }
 
-    async fn serve_subscriber(self) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+    fn serve_subscriber(self) {
         let limits = subscriber::Limits {
             header_read_timeout: self.header_read_timeout,
             max_head_bytes: self.max_header_bytes,
@@ -164,11 +174,15 @@ impl Connection {
         let serve = subscriber::serve(self.io, self.router, limits);
         // A stream outlives the start of a drain by design (it ends with the generation or
         // with the drain's reconnect event); only the kill cuts it.
-        let served = until_killed(&self.drain, serve, None::<fn(Pin<&mut _>)>).await;
-        Ok(served.unwrap_or(Ok(()))?)
+        let serve = UntilKilled::kill_only(self.drain, serve);
+        let open = self._open;
+        self.connections.spawn(serve.map(move |served| {
+            drop(open);
+            report(served);
+        }));
     }
 
-    async fn serve_with_hyper(self) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+    fn serve_with_hyper(self) {
         let accepted_while_draining = self.drain.is_draining();
         let mut builder = http1::Builder::new();
         builder
@@ -186,48 +200,89 @@ impl Connection {
         let graceful = (!accepted_while_draining).then_some(
             |connection: Pin<&mut http1::Connection<_, _>>| connection.graceful_shutdown(),
         );
-        let served = until_killed(&self.drain, connection, graceful).await;
-        Ok(served.unwrap_or(Ok(()))?)
+        let serve = UntilKilled::new(self.drain, connection, graceful);
+        let open = self._open;
+        self.connections.spawn(serve.map(move |served| {
+            drop(open);
+            report(served);
+        }));
     }
 }
 
-/// Polls `work` until it ends (`Some` of its output) or the drain kills every connection
-/// (`None`); `on_draining` runs once when the drain begins.
-async fn until_killed<F: Future>(
-    drain: &Drain,
-    work: F,
-    mut on_draining: Option<impl FnOnce(Pin<&mut F>)>,
-) -> Option<F::Output> {
-    let mut work = pin!(work);
-    let mut draining = pin!(drain.draining());
-    let mut killed = pin!(drain.killed());
-    // The drain phase when the drain's signals were last polled (`None`: never).
-    let mut seen = None;
-    poll_fn(|cx| {
-        if let Poll::Ready(output) = work.as_mut().poll(cx) {
+/// How a connection ended, for the debug log (`None`: killed by the drain).
+fn report<E: std::fmt::Display>(served: Option<Result<(), E>>) {
+    if let Some(Err(error)) = served {
+        debug!(%error, "connection ended with an error");
+    }
+}
+
+pin_project! {
+    /// Polls `work` until it ends (`Some` of its output) or the drain kills every connection
+    /// (`None`); `on_draining` runs once when the drain begins. A struct rather than an
+    /// `async fn`, which would hold `work` twice (as its argument and as its pinned local):
+    /// this future lives as long as the connection.
+    struct UntilKilled<F, D> {
+        #[pin]
+        work: F,
+        #[pin]
+        draining: WaitForCancellationFutureOwned,
+        #[pin]
+        killed: WaitForCancellationFutureOwned,
+        drain: Drain,
+        on_draining: Option<D>,
+        // The drain phase when the drain's signals were last polled (`None`: never).
+        seen: Option<Phase>,
+    }
+}
+
+impl<F: Future, D: FnOnce(Pin<&mut F>)> UntilKilled<F, D> {
+    fn new(drain: Drain, work: F, on_draining: Option<D>) -> Self {
+        Self {
+            work,
+            draining: drain.draining(),
+            killed: drain.killed(),
+            drain,
+            on_draining,
+            seen: None,
+        }
+    }
+}
+
+impl<F: Future> UntilKilled<F, fn(Pin<&mut F>)> {
+    /// For work that has nothing to do when the drain begins.
+    fn kill_only(drain: Drain, work: F) -> Self {
+        Self::new(drain, work, None)
+    }
+}
+
+impl<F: Future, D: FnOnce(Pin<&mut F>)> Future for UntilKilled<F, D> {
+    type Output = Option<F::Output>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let mut this = self.project();
+        if let Poll::Ready(output) = this.work.as_mut().poll(cx) {
             return Poll::Ready(Some(output));
         }
         // The task is woken for every event it writes. Polling the drain's signals each
         // time took two shared mutexes per event (~3 % of the CPU per delivered event,
         // measured); once polled, a signal wakes the task by itself (a spawned task keeps
         // one waker for life), so they need another look only when the phase has moved.
-        let phase = drain.phase();
-        if seen == Some(phase) {
+        let phase = this.drain.phase();
+        if *this.seen == Some(phase) {
             return Poll::Pending;
         }
-        seen = Some(phase);
-        if killed.as_mut().poll(cx).is_ready() {
+        *this.seen = Some(phase);
+        if this.killed.poll(cx).is_ready() {
             return Poll::Ready(None);
         }
-        if on_draining.is_some() && draining.as_mut().poll(cx).is_ready() {
-            if let Some(on_draining) = on_draining.take() {
-                on_draining(work.as_mut());
+        if this.on_draining.is_some() && this.draining.poll(cx).is_ready() {
+            if let Some(on_draining) = this.on_draining.take() {
+                on_draining(this.work.as_mut());
             }
             cx.waker().wake_by_ref();
         }
         Poll::Pending
-    })
-    .await
+    }
 }
 
 /// Keeps the open-connections count (for the limit) and gauge right however a connection

