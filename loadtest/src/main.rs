@@ -4,6 +4,7 @@
 
 mod client;
 mod fleet;
+mod floor;
 mod gateway;
 mod metrics;
 mod report;
@@ -25,6 +26,8 @@ struct Cli {
 enum Command {
     /// Run a scenario against a spawned or running gateway and report.
     Run(Box<run::RunArgs>),
+    /// The kernel's floor for a fan-out here: bare send(2) calls to N loopback sockets.
+    Floor(floor::FloorArgs),
     /// Internal: one client worker process, driven over stdio by `run`.
     #[command(hide = true)]
     Worker,
@@ -34,6 +37,7 @@ fn main() -> Result<()> {
     let cli = Cli::parse();
     match cli.command {
         Command::Worker => worker::main(),
+        Command::Floor(args) => floor::main(&args),
         Command::Run(args) => {
             let command = std::env::args().collect::<Vec<_>>().join(" ");
             let runtime = tokio::runtime::Builder::new_multi_thread()

@@ -90,6 +90,12 @@ pub fn read_cpu_seconds(pid: u32) -> Result<f64> {
     Ok(ticks as f64 / clock_ticks_per_second())
 }
 
+/// The calling thread's user + system CPU time in seconds (clock-tick resolution).
+pub fn read_thread_cpu_seconds() -> Result<f64> {
+    let ticks = parse_stat_cpu_ticks(&read("/proc/thread-self/stat")?)?;
+    Ok(ticks as f64 / clock_ticks_per_second())
+}
+
 fn clock_ticks_per_second() -> f64 {
     // SAFETY: sysconf has no preconditions.
     let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };

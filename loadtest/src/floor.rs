@@ -1,0 +1,137 @@
+//! `tokenfan-loadtest floor`: what the kernel alone charges for a fan-out on this machine.
+//!
+//! One thread sends a token-sized frame to each of N loopback TCP sockets, `--rate` rounds a
+//! second, with plain blocking `send(2)` calls and nothing else: no runtime, no channels, no
+//! HTTP. Another thread reads every socket, like the load client does. The sender's own CPU
+//! clock, divided by the sends, is the floor that any server writing each subscriber's socket
+//! once per event pays here — including, on loopback, the receiving side's TCP processing,
+//! which the kernel runs in the sender's context. The time one round takes is the floor of
+//! the last subscriber's delivery latency at that N.
+
+use std::{
+    io::Write,
+    net::{TcpListener, TcpStream},
+    thread,
+    time::{Duration, Instant},
+};
+
+use anyhow::{bail, Context, Result};
+
+use crate::metrics::{limits, proc};
+
+#[derive(Debug, clap::Args)]
+pub struct FloorArgs {
+    /// Sockets to send to. Both ends live in this process, so each costs two descriptors.
+    #[arg(short = 'n', long, default_value_t = 9_000)]
+    pub connections: usize,
+    /// Rounds a second (the broadcast preset's token rate).
+    #[arg(long, default_value_t = 20)]
+    pub rate: u32,
+    /// How long to send.
+    #[arg(long, default_value_t = 10)]
+    pub seconds: u64,
+    /// Bytes per send: a mock token frame with its id and `data:` line is about 60.
+    #[arg(long, default_value_t = 60)]
+    pub frame_bytes: usize,
+}
+
+pub fn main(args: &FloorArgs) -> Result<()> {
+    let (soft, _hard) = limits::raise_nofile()?;
+    let needed = 2 * args.connections as u64 + 64;
+    if soft < needed {
+        bail!(
+            "{} sockets need {needed} open files; the limit is {soft}",
+            args.connections
+        );
+    }
+    let (senders, receivers) = connect_pairs(args.connections)?;
+    let reader = thread::spawn(move || read_all(receivers));
+
+    let frame = vec![b'x'; args.frame_bytes];
+    let rounds = u64::from(args.rate) * args.seconds;
+    let period = Duration::from_secs(1) / args.rate;
+    let mut round_times = Vec::new();
+    let cpu_before = proc::read_thread_cpu_seconds()?;
+    let started = Instant::now();
+    for round in 0..rounds {
+        let due = started + period * u32::try_from(round).unwrap_or(u32::MAX);
+        thread::sleep(due.saturating_duration_since(Instant::now()));
+        let begun = Instant::now();
+        for mut socket in &senders {
+            socket.write_all(&frame).context("send")?;
+        }
+        round_times.push(begun.elapsed());
+    }
+    let cpu = proc::read_thread_cpu_seconds()? - cpu_before;
+    drop(senders);
+    let received = reader
+        .join()
+        .map_err(|_| anyhow::anyhow!("reader panicked"))??;
+
+    let sends = rounds * args.connections as u64;
+    let expected = sends * args.frame_bytes as u64;
+    if received != expected {
+        bail!("the reader got {received} bytes, {expected} were sent");
+    }
+    round_times.sort();
+    let at = |q: f64| round_times[((round_times.len() - 1) as f64 * q) as usize];
+    println!(
+        "floor: {} sockets, {rounds} rounds of one {}-byte send each ({} sends)\n\
+         sender CPU: {cpu:.2} s = {:.2} µs per send\n\
+         one round (all sockets once): p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms",
+        args.connections,
+        args.frame_bytes,
+        sends,
+        cpu * 1e6 / sends as f64,
+        at(0.5).as_secs_f64() * 1e3,
+        at(0.99).as_secs_f64() * 1e3,
+        at(1.0).as_secs_f64() * 1e3,
+    );
+    Ok(())
+}
+
+/// `n` connected loopback pairs: (the accepted ends we send on, the connecting ends we read).
+fn connect_pairs(n: usize) -> Result<(Vec<TcpStream>, Vec<TcpStream>)> {
+    let listener = TcpListener::bind("127.0.0.1:0").context("listen")?;
+    let addr = listener.local_addr()?;
+    let mut senders = Vec::with_capacity(n);
+    let mut receivers = Vec::with_capacity(n);
+    for _ in 0..n {
+        receivers.push(TcpStream::connect(addr).context("connect")?);
+        let (accepted, _) = listener.accept().context("accept")?;
+        // As the gateway does: small frames go out at once.
+        accepted.set_nodelay(true)?;
+        senders.push(accepted);
+    }
+    Ok((senders, receivers))
+}
+
+/// Reads every socket to its end on one tokio thread; returns the bytes read.
+fn read_all(receivers: Vec<TcpStream>) -> Result<u64> {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_io()
+        .build()?;
+    runtime.block_on(async {
+        let mut tasks = tokio::task::JoinSet::new();
+        for socket in receivers {
+            socket.set_nonblocking(true)?;
+            let mut socket = tokio::net::TcpStream::from_std(socket)?;
+            tasks.spawn(async move {
+                use tokio::io::AsyncReadExt;
+                let mut buf = [0; 4096];
+                let mut total = 0u64;
+                loop {
+                    match socket.read(&mut buf).await? {
+                        0 => return Ok::<_, std::io::Error>(total),
+                        read => total += read as u64,
+                    }
+                }
+            });
+        }
+        let mut total = 0;
+        while let Some(read) = tasks.join_next().await {
+            total += read??;
+        }
+        Ok(total)
+    })
+}
