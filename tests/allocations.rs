@@ -18,7 +18,6 @@ use std::{
     time::Duration,
 };
 
-use common::chat_request;
 use serde_json::json;
 use tokenfan::{config::Config, upstream::mock};
 use tokio::{
@@ -135,16 +134,7 @@ async fn allocations_per_token(
     // Tokens 20 ms apart: every subscriber is idle again long before the next one, so no
     // queue grows and no write is batched; the first token waits for everyone to subscribe.
     let knobs = json!({"tokens": TO + 20, "interval_ms": 20, "first_token_ms": 1000});
-    let created: serde_json::Value = http
-        .post(format!("http://{gateway}/v1/generations"))
-        .json(&chat_request(knobs))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    let id = created["id"].as_str().unwrap().to_owned();
+    let id = common::create_generation(http, &format!("http://{gateway}"), knobs).await;
     let reached_from = Arc::new(AtomicUsize::new(0));
     let reached_to = Arc::new(AtomicUsize::new(0));
     for _ in 0..subscribers {

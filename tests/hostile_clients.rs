@@ -176,34 +176,45 @@ async fn request_smuggling_shapes_are_answered_once_and_the_connection_closed() 
     gateway.shutdown().await;
 }
 
+/// Both servers of a connection: hyper (any request) and the subscriber path (a request line
+/// that starts a subscription).
 #[tokio::test]
 async fn slowloris_headers_are_cut_off() {
     let gateway =
         Gateway::start_with(|c| c.connection.header_read_timeout = Duration::from_millis(300))
             .await;
-    let mut stream = tokio::net::TcpStream::connect(gateway.addr).await.unwrap();
-    let started = Instant::now();
-    let trickle = async {
-        for byte in b"GET /livez HTTP/1.1\r\nHost: t\r\nX-Slow: "
-            .iter()
-            .chain(b"a".repeat(1000).iter())
-        {
-            if stream.write_all(&[*byte]).await.is_err() {
-                break;
+    for head in [
+        &b"GET /livez HTTP/1.1\r\nHost: t\r\nX-Slow: "[..],
+        b"GET /v1/generations/gen_x/events HTTP/1.1\r\nHost: t\r\nX-Slow: ",
+    ] {
+        let mut stream = tokio::net::TcpStream::connect(gateway.addr).await.unwrap();
+        let started = Instant::now();
+        let trickle = async {
+            for byte in head.iter().chain(b"a".repeat(1000).iter()) {
+                if stream.write_all(&[*byte]).await.is_err() {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
             }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-        let mut rest = Vec::new();
-        let _ = stream.read_to_end(&mut rest).await;
-    };
-    tokio::time::timeout(common::WAIT, trickle)
-        .await
-        .expect("the trickling client was never cut off");
-    assert!(
-        started.elapsed() < Duration::from_secs(3),
-        "cut off only after {:?}",
-        started.elapsed()
-    );
+            let mut rest = Vec::new();
+            let _ = stream.read_to_end(&mut rest).await;
+            rest
+        };
+        let answered = tokio::time::timeout(common::WAIT, trickle)
+            .await
+            .expect("the trickling client was never cut off");
+        let head = String::from_utf8_lossy(head);
+        assert!(
+            answered.is_empty(),
+            "{head}: {}",
+            String::from_utf8_lossy(&answered)
+        );
+        assert!(
+            started.elapsed() < Duration::from_secs(3),
+            "{head}: cut off only after {:?}",
+            started.elapsed()
+        );
+    }
     gateway.shutdown().await;
 }
 

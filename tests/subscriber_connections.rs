@@ -143,60 +143,14 @@ async fn a_subscription_after_other_requests_on_a_kept_alive_connection_is_serve
     gateway.shutdown().await;
 }
 
-#[tokio::test]
-async fn a_subscription_head_sent_slowly_is_cut_off() {
-    let gateway =
-        Gateway::start_with(|c| c.connection.header_read_timeout = Duration::from_millis(300))
-            .await;
-    let mut stream = tokio::net::TcpStream::connect(gateway.addr).await.unwrap();
-    let started = Instant::now();
-    let trickle = async {
-        let head = b"GET /v1/generations/gen_x/events HTTP/1.1\r\nHost: t\r\nX-Slow: ";
-        for byte in head.iter().chain(b"a".repeat(1000).iter()) {
-            if stream.write_all(&[*byte]).await.is_err() {
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-        let mut rest = Vec::new();
-        let _ = stream.read_to_end(&mut rest).await;
-        rest
-    };
-    let answered = tokio::time::timeout(common::WAIT, trickle)
-        .await
-        .expect("the trickling client was never cut off");
-    assert!(
-        answered.is_empty(),
-        "{}",
-        String::from_utf8_lossy(&answered)
-    );
-    assert!(
-        started.elapsed() < Duration::from_secs(3),
-        "cut off only after {:?}",
-        started.elapsed()
-    );
-    gateway.shutdown().await;
-}
-
 /// A generation that sends nothing for a minute: nothing is written to its subscribers, so only
 /// watching the socket tells that they left.
 #[tokio::test]
 async fn subscribers_that_hang_up_on_a_silent_generation_are_let_go_at_once() {
     // A process of its own, so its gauges count this test's clients only.
     let gateway = GatewayProcess::start(&["--keepalive-interval", "1h"]).await;
-    let created: Value = gateway
-        .http
-        .post(gateway.url("/v1/generations"))
-        .json(&common::chat_request(
-            json!({"tokens": 2, "interval_ms": 60_000}),
-        ))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    let id = created["id"].as_str().unwrap();
+    let silent = json!({"tokens": 2, "interval_ms": 60_000});
+    let id = common::create_generation(&gateway.http, &gateway.url(""), silent).await;
     let mut clients = Vec::new();
     for _ in 0..10 {
         let mut stream = tokio::net::TcpStream::connect(&gateway.addr).await.unwrap();

@@ -149,6 +149,20 @@ impl Gateway {
 }
 
 /// A chat request for the mock with these knobs.
+/// Creates a generation with these mock knobs on the gateway at `base` (`http://host:port`)
+/// and returns its id.
+pub async fn create_generation(http: &reqwest::Client, base: &str, mock: Value) -> String {
+    let response = http
+        .post(format!("{base}/v1/generations"))
+        .json(&chat_request(mock))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 201);
+    let created: Value = response.json().await.unwrap();
+    created["id"].as_str().unwrap().to_owned()
+}
+
 pub fn chat_request(mock: Value) -> Value {
     json!({
         "model": "tokenfan-mock",
