@@ -19,11 +19,8 @@ use std::{
 };
 
 use serde_json::json;
-use tokenfan::{config::Config, upstream::mock};
-use tokio::{
-    io::{AsyncReadExt, AsyncWriteExt},
-    net::TcpListener,
-};
+use tokenfan::config::Config;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 struct Counting;
 
@@ -76,13 +73,7 @@ const TO: u64 = 320;
 
 #[tokio::test]
 async fn a_token_costs_the_same_allocations_for_10_or_100_subscribers() {
-    let mock_listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let mock_addr = mock_listener.local_addr().unwrap();
-    tokio::spawn(mock::serve(
-        mock_listener,
-        mock::MockConfig::default(),
-        std::future::pending(),
-    ));
+    let mock_addr = common::start_mock().await;
     let gateway = start_counted_gateway(format!("http://{mock_addr}/v1")).await;
     let http = reqwest::Client::new();
 

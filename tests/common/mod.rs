@@ -29,13 +29,7 @@ impl Gateway {
 
     /// Starts a mock LLM and a gateway using it; `tweak` adjusts the gateway's configuration.
     pub async fn start_with(tweak: impl FnOnce(&mut Config)) -> Self {
-        let mock_listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let mock_addr = mock_listener.local_addr().unwrap();
-        tokio::spawn(mock::serve(
-            mock_listener,
-            mock::MockConfig::default(),
-            std::future::pending(),
-        ));
+        let mock_addr = start_mock().await;
 
         let mut config = Config::defaults();
         config.upstream.url = Some(format!("http://{mock_addr}/v1"));
@@ -148,7 +142,18 @@ impl Gateway {
     }
 }
 
-/// A chat request for the mock with these knobs.
+/// Starts the mock LLM on the current runtime; returns its address.
+pub async fn start_mock() -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(mock::serve(
+        listener,
+        mock::MockConfig::default(),
+        std::future::pending(),
+    ));
+    addr
+}
+
 /// Creates a generation with these mock knobs on the gateway at `base` (`http://host:port`)
 /// and returns its id.
 pub async fn create_generation(http: &reqwest::Client, base: &str, mock: Value) -> String {
@@ -163,6 +168,7 @@ pub async fn create_generation(http: &reqwest::Client, base: &str, mock: Value) 
     created["id"].as_str().unwrap().to_owned()
 }
 
+/// A chat request for the mock with these knobs.
 pub fn chat_request(mock: Value) -> Value {
     json!({
         "model": "tokenfan-mock",
