@@ -143,6 +143,44 @@ async fn a_subscription_after_other_requests_on_a_kept_alive_connection_is_serve
     gateway.shutdown().await;
 }
 
+/// A request line that arrives in pieces is answered all the same (by hyper, which reads as
+/// bytes come, once a second look at the line did not settle it).
+#[tokio::test]
+async fn a_request_line_sent_in_pieces_is_answered() {
+    let gateway = Gateway::start().await;
+    let id = gateway.create(json!({"tokens": 3, "interval_ms": 0})).await;
+    gateway.wait_finished(&id).await;
+    let request = format!("GET /v1/generations/{id}/events HTTP/1.1\r\nHost: t\r\n\r\n");
+    let mut stream = tokio::net::TcpStream::connect(gateway.addr).await.unwrap();
+    for piece in request.as_bytes().chunks(12) {
+        stream.write_all(piece).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(30)).await;
+    }
+    let mut response = Vec::new();
+    let mut buf = [0; 4096];
+    let events = tokio::time::timeout(common::WAIT, async {
+        loop {
+            let read = stream.read(&mut buf).await.unwrap();
+            assert!(read > 0, "closed before the end of the stream");
+            response.extend_from_slice(&buf[..read]);
+            let text = String::from_utf8_lossy(&response).into_owned();
+            if text.contains("event: done") {
+                return text;
+            }
+        }
+    })
+    .await
+    .expect("no answer");
+    assert!(events.starts_with("HTTP/1.1 200"), "{events}");
+    for id in 0..3 {
+        assert!(
+            events.contains(&format!("id: {id}\n")),
+            "token {id} missing: {events}"
+        );
+    }
+    gateway.shutdown().await;
+}
+
 /// A generation that sends nothing for a minute: nothing is written to its subscribers, so only
 /// watching the socket tells that they left.
 #[tokio::test]

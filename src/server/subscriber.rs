@@ -39,7 +39,10 @@ const SUBSCRIPTION_SUFFIX: &[u8] = b"/events";
 /// How much of a new connection's first bytes is looked at to choose its server; a request
 /// line whose path is longer is left to hyper.
 const PEEK_BYTES: usize = 128;
-/// Wait between two looks at a request line that arrived in pieces (rare: the line is short).
+/// Looks at a request line that arrived in pieces (rare: every client writes it at once), and
+/// the wait between them. Then hyper takes the connection, reading as bytes come: a client
+/// that trickles its request line cannot make us poll its socket.
+const PEEK_ATTEMPTS: usize = 2;
 const PEEK_RETRY: Duration = Duration::from_millis(5);
 /// Most headers a subscription request may carry (hyper's default is 100 too).
 const MAX_HEADERS: usize = 100;
@@ -48,21 +51,22 @@ const MAX_BATCH_BYTES: usize = 16 * 1024;
 /// A subscriber never sends after its request; bytes past this are a misbehaving peer.
 const MAX_STRAY_BYTES: usize = 4096;
 
-/// Whether the connection's first request is a subscription. Waits for the request line
+/// Whether the connection's first request is a subscription. Looks at the request line
 /// without consuming it, so that a connection handed to hyper loses nothing.
 pub async fn first_request_is_subscription(stream: &TcpStream) -> io::Result<bool> {
     let mut line = [0; PEEK_BYTES];
-    loop {
+    for _ in 0..PEEK_ATTEMPTS {
         let read = stream.peek(&mut line).await?;
         if read == 0 {
             return Ok(false);
         }
         match is_subscription_line(&line[..read], read == PEEK_BYTES) {
             Some(answer) => return Ok(answer),
-            // `peek` would return the same bytes at once; give the rest time to arrive.
+            // `peek` would return the same bytes at once; give the rest a moment to arrive.
             None => tokio::time::sleep(PEEK_RETRY).await,
         }
     }
+    Ok(false)
 }
 
 /// `Some(true)` for a subscription's request line, `Some(false)` for anything else, `None`
