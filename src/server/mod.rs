@@ -32,7 +32,10 @@ use hyper_util::{
     service::TowerToHyperService,
 };
 use pin_project_lite::pin_project;
-use tokio::net::{TcpListener, TcpSocket, TcpStream};
+use tokio::{
+    net::{TcpListener, TcpSocket, TcpStream},
+    time::Instant,
+};
 use tokio_util::{sync::WaitForCancellationFutureOwned, task::TaskTracker};
 use tracing::{debug, warn};
 
@@ -157,19 +160,20 @@ impl Connection {
     /// its largest state for the task's whole life: hyper's connection state is ~2 KB, which a
     /// subscriber's task (~0.5 KB) would otherwise carry too.
     async fn start(self) {
+        let head_deadline = Instant::now() + self.header_read_timeout;
         let first = subscriber::first_request_is_subscription(self.io.stream());
-        let first = tokio::time::timeout(self.header_read_timeout, first);
+        let first = tokio::time::timeout_at(head_deadline, first);
         match UntilKilled::kill_only(self.drain.clone(), first).await {
             // Killed, or nothing useful came within the header timeout: close, as hyper would.
             None | Some(Err(_) | Ok(Err(_))) => {}
-            Some(Ok(Ok(true))) => self.serve_subscriber(),
+            Some(Ok(Ok(true))) => self.serve_subscriber(head_deadline),
             Some(Ok(Ok(false))) => self.serve_with_hyper(),
         }
     }
 
-    fn serve_subscriber(self) {
+    fn serve_subscriber(self, head_deadline: Instant) {
         let limits = subscriber::Limits {
-            header_read_timeout: self.header_read_timeout,
+            head_deadline,
             max_head_bytes: self.max_header_bytes,
         };
         let serve = subscriber::serve(self.io, self.router, limits);

@@ -27,6 +27,7 @@ use bytes::{Buf, Bytes, BytesMut};
 use tokio::{
     io::{AsyncReadExt, AsyncWrite, AsyncWriteExt},
     net::TcpStream,
+    time::Instant,
 };
 use tower::ServiceExt;
 
@@ -87,7 +88,9 @@ pub fn is_subscription_line(start: &[u8], no_more: bool) -> Option<bool> {
 
 /// What reading and answering a subscription needs to know.
 pub struct Limits {
-    pub header_read_timeout: Duration,
+    /// When the whole head must have arrived: the header timeout counts from the accept, as
+    /// hyper's does, not from the end of the look at the request line.
+    pub head_deadline: Instant,
     pub max_head_bytes: usize,
 }
 
@@ -95,7 +98,8 @@ pub struct Limits {
 pub async fn serve(mut io: WriteTimeout, router: Router, limits: Limits) -> io::Result<()> {
     // Boxed, so that what reading and routing need (the request, the router's future, the
     // response head) is freed before the stream starts, instead of sizing this task's future
-    // for the whole life of the connection: 2 KB per idle subscriber less (measured).
+    // for the whole life of the connection: ~1.2 KB per idle subscriber less (`size_of_val`
+    // of the future, debug build).
     let Some(body) = Box::pin(respond(&mut io, router, limits)).await? else {
         return Ok(());
     };
@@ -110,8 +114,8 @@ async fn respond(
     router: Router,
     limits: Limits,
 ) -> io::Result<Option<Body>> {
-    let head = tokio::time::timeout(
-        limits.header_read_timeout,
+    let head = tokio::time::timeout_at(
+        limits.head_deadline,
         read_request(io, limits.max_head_bytes),
     )
     .await;
