@@ -16,6 +16,7 @@ run idle-5k       idle -n 5000
 run idle-10k      idle -n 10000
 run idle-max      idle -n 20000 --cap
 run chat-5k       chat --subscribers 1 --interval-ms 50 --tokens 400
+run chat-1k       chat -g 1000 --subscribers 1 --interval-ms 50 --tokens 400
 run broadcast-10k broadcast -n 10000
 run broadcast-19k broadcast -n 19500 --cap
 run slow-5pct     slow
@@ -24,3 +25,7 @@ run drain-19k     drain -n 19400 -g 200 --cap
 run soak          soak --seed 1
 run soak-3-rounds soak --seed 1 --rounds 3 --churn-s 12 -n 500 -g 80
 run soak-jemalloc-defaults soak --seed 1 --gateway-env=_RJEM_MALLOC_CONF=
+for n in 5000 9000; do
+  echo "== floor-$((n / 1000))k: $LT floor -n $n" >&2
+  "$LT" floor -n "$n" > "$OUT/floor-$((n / 1000))k.txt"
+done
