@@ -180,11 +180,7 @@ impl Connection {
         // A stream outlives the start of a drain by design (it ends with the generation or
         // with the drain's reconnect event); only the kill cuts it.
         let serve = UntilKilled::kill_only(self.drain, serve);
-        let open = self._open;
-        self.connections.spawn(serve.map(move |served| {
-            drop(open);
-            report(served);
-        }));
+        spawn_serving(&self.connections, self._open, serve);
     }
 
     fn serve_with_hyper(self) {
@@ -206,19 +202,23 @@ impl Connection {
             |connection: Pin<&mut http1::Connection<_, _>>| connection.graceful_shutdown(),
         );
         let serve = UntilKilled::new(self.drain, connection, graceful);
-        let open = self._open;
-        self.connections.spawn(serve.map(move |served| {
-            drop(open);
-            report(served);
-        }));
+        spawn_serving(&self.connections, self._open, serve);
     }
 }
 
-/// How a connection ended, for the debug log (`None`: killed by the drain).
-fn report<E: std::fmt::Display>(served: Option<Result<(), E>>) {
-    if let Some(Err(error)) = served {
-        debug!(%error, "connection ended with an error");
-    }
+/// Runs a connection's serving future as a task of its own; the connection stops counting as
+/// open when it ends, however it ends (`None`: killed by the drain).
+fn spawn_serving<E: std::fmt::Display>(
+    connections: &TaskTracker,
+    open: OpenConnection,
+    serve: impl Future<Output = Option<Result<(), E>>> + Send + 'static,
+) {
+    connections.spawn(serve.map(move |served| {
+        drop(open);
+        if let Some(Err(error)) = served {
+            debug!(%error, "connection ended with an error");
+        }
+    }));
 }
 
 pin_project! {
