@@ -101,6 +101,11 @@ pub struct UpstreamConfig {
     )]
     pub headers: Vec<String>,
 
+    /// PEM file of CA certificates to trust for an `https` upstream, besides the public web PKI
+    /// roots (for a provider behind a private CA).
+    #[arg(long = "upstream-ca-file", env = "TOKENFAN_UPSTREAM_CA_FILE")]
+    pub ca_file: Option<std::path::PathBuf>,
+
     /// Deadline for opening the TCP/TLS connection to the upstream.
     #[arg(long = "upstream-connect-timeout", env = "TOKENFAN_UPSTREAM_CONNECT_TIMEOUT", default_value = "5s", value_parser = parse_duration)]
     pub connect_timeout: Duration,

@@ -9,6 +9,7 @@
 //! `chat.completion.chunk` it writes, which the OpenAI-compatible endpoint writes too.
 
 pub mod chunk;
+pub mod http1;
 pub mod mock;
 mod openai;
 pub mod sse;

@@ -2,10 +2,10 @@
 //!
 //! A call has two phases. [`open`] sends the request and retries failures without a response
 //! (connect errors, resets), 429 and 5xx until a 2xx `text/event-stream` answers; no token
-//! exists yet, so a retry cannot duplicate one. [`Reader`] then decodes the body into [`UpstreamEvent`]s and never retries. Every
-//! deadline (first token, idle gap, total) is enforced here with tokio timers; reqwest only
-//! gets the connect and per-read timeouts, never a whole-request `timeout()`, which would cut
-//! long streams.
+//! exists yet, so a retry cannot duplicate one. [`Reader`] then decodes the body into
+//! [`UpstreamEvent`]s and never retries. The HTTP client ([`http1`]) only applies the connect
+//! timeout; every other deadline (first token, idle gap, total) is enforced here with one tokio
+//! timer per call.
 
 use std::{
     borrow::Cow,
@@ -18,10 +18,7 @@ use std::{
 
 use bytes::Bytes;
 use futures_util::{FutureExt, Stream};
-use reqwest::{
-    header::{self, HeaderMap, HeaderName, HeaderValue},
-    Response, StatusCode,
-};
+use http::{header, HeaderMap, HeaderName, HeaderValue, StatusCode};
 use serde::{
     de::{SeqAccess, Visitor},
     Deserialize, Deserializer,
@@ -29,7 +26,11 @@ use serde::{
 use serde_json::{Map, Value};
 use tokio::time::{timeout_at, Instant, Sleep};
 
-use super::{sse::SseDecoder, UpstreamError, UpstreamEvent};
+use super::{
+    http1::{self, HttpError, Response},
+    sse::SseDecoder,
+    UpstreamError, UpstreamEvent,
+};
 use crate::config::UpstreamConfig;
 
 /// Provider messages are cut to this many characters: they end up in every subscriber's
@@ -52,8 +53,7 @@ pub struct Upstream {
 }
 
 struct Inner {
-    client: reqwest::Client,
-    url: reqwest::Url,
+    client: http1::Client,
     first_token_timeout: Duration,
     idle_timeout: Duration,
     total_timeout: Duration,
@@ -65,27 +65,20 @@ impl Upstream {
     /// `base_url` ends in `/v1`; requests go to `{base_url}/chat/completions`.
     pub fn new(config: &UpstreamConfig, base_url: &str) -> Result<Self, UpstreamError> {
         let url = format!("{}/chat/completions", base_url.trim_end_matches('/'));
-        let url = reqwest::Url::parse(&url)
+        let url = url::Url::parse(&url)
             .map_err(|error| invalid_config(format!("invalid upstream URL: {error}")))?;
-        let client = reqwest::Client::builder()
-            .default_headers(default_headers(config)?)
-            .user_agent(concat!("tokenfan/", env!("CARGO_PKG_VERSION")))
-            .connect_timeout(config.connect_timeout)
-            // No reqwest `read_timeout`: the reader's own deadline covers idle gaps (and the
-            // first-token and total deadlines); a second timer per chunk only cost CPU.
-            // No cap on idle connections per host: over HTTP/1.1 each running generation holds
-            // one connection, and the next wave of generations should find them all pooled.
-            .pool_idle_timeout(POOL_IDLE_TIMEOUT)
-            .tcp_keepalive(TCP_KEEPALIVE)
-            // A redirected POST would turn into a GET or leak the key to another host: a
-            // misconfigured URL should fail loudly instead.
-            .redirect(reqwest::redirect::Policy::none())
-            .build()
-            .map_err(|error| invalid_config(format!("cannot build the HTTP client: {error}")))?;
+        let client = http1::Client::new(&http1::Settings {
+            url: &url,
+            headers: &default_headers(config)?,
+            ca_file: config.ca_file.as_deref(),
+            connect_timeout: config.connect_timeout,
+            tcp_keepalive: TCP_KEEPALIVE,
+            pool_idle_timeout: POOL_IDLE_TIMEOUT,
+        })
+        .map_err(|error| invalid_config(format!("invalid upstream URL {url}: {error}")))?;
         Ok(Self {
             inner: Arc::new(Inner {
                 client,
-                url,
                 first_token_timeout: config.first_token_timeout,
                 idle_timeout: config.idle_timeout,
                 total_timeout: config.total_timeout,
@@ -166,6 +159,10 @@ fn deadline_after(now: Instant, timeout: Duration) -> Instant {
 /// `Accept`, `Content-Type`, the configured extra headers and the bearer key.
 fn default_headers(config: &UpstreamConfig) -> Result<HeaderMap, UpstreamError> {
     let mut headers = HeaderMap::new();
+    headers.insert(
+        header::USER_AGENT,
+        HeaderValue::from_static(concat!("tokenfan/", env!("CARGO_PKG_VERSION"))),
+    );
     headers.insert(
         header::ACCEPT,
         HeaderValue::from_static("text/event-stream"),
@@ -274,21 +271,15 @@ async fn open(
 
 /// One attempt: a 2xx `text/event-stream` response, or why not.
 async fn send(inner: &Inner, body: Bytes) -> Result<Response, Failure> {
-    let response = inner
-        .client
-        .post(inner.url.clone())
-        .body(body)
-        .send()
-        .await
-        .map_err(|error| Failure {
-            // No response means no token: retrying is always safe.
-            retryable: !error.is_builder(),
-            error: send_error(error),
-            retry_after: None,
-        })?;
-    let status = response.status();
+    let response = inner.client.post(&body).await.map_err(|error| Failure {
+        // No response means no token: retrying is always safe.
+        retryable: true,
+        error: send_error(error),
+        retry_after: None,
+    })?;
+    let status = response.status;
     if status.is_success() {
-        return match content_type_essence(response.headers()) {
+        return match content_type_essence(&response.headers) {
             Some(essence) if essence.eq_ignore_ascii_case("text/event-stream") => Ok(response),
             other => Err(Failure {
                 error: UpstreamError::Protocol(format!(
@@ -300,7 +291,7 @@ async fn send(inner: &Inner, body: Bytes) -> Result<Response, Failure> {
             }),
         };
     }
-    let retry_after = retry_after(response.headers(), SystemTime::now());
+    let retry_after = retry_after(&response.headers, SystemTime::now());
     Err(Failure {
         error: UpstreamError::Http {
             status: status.as_u16(),
@@ -311,12 +302,19 @@ async fn send(inner: &Inner, body: Bytes) -> Result<Response, Failure> {
     })
 }
 
-fn send_error(error: reqwest::Error) -> UpstreamError {
-    match (error.is_connect(), error.is_timeout()) {
-        (true, true) => UpstreamError::Timeout("connect"),
-        (false, true) => UpstreamError::Timeout("idle"),
-        (true, false) => UpstreamError::Connect(describe(error)),
-        (false, false) => UpstreamError::Interrupted(describe(error)),
+fn send_error(error: HttpError) -> UpstreamError {
+    match error {
+        HttpError::Connect(message) => UpstreamError::Connect(message),
+        HttpError::ConnectTimeout => UpstreamError::Timeout("connect"),
+        other => UpstreamError::Interrupted(other.to_string()),
+    }
+}
+
+/// A failure while reading the body: the stream was cut, or it broke HTTP framing.
+fn body_error(error: HttpError) -> UpstreamError {
+    match error {
+        HttpError::Protocol(message) => UpstreamError::Protocol(message),
+        other => UpstreamError::Interrupted(other.to_string()),
     }
 }
 
@@ -350,10 +348,10 @@ async fn error_message(mut response: Response) -> String {
     struct ErrorBody {
         error: Value,
     }
-    let status = response.status();
+    let status = response.status;
     let mut body = Vec::new();
     while body.len() < MAX_ERROR_BODY_BYTES {
-        match response.chunk().await {
+        match response.body.chunk().await {
             Ok(Some(chunk)) => body.extend_from_slice(&chunk),
             Ok(None) | Err(_) => break,
         }
@@ -390,23 +388,9 @@ fn truncated(text: &str) -> String {
     }
 }
 
-/// A reqwest error with its causes, without the URL (it may carry a key in its query).
-fn describe(error: reqwest::Error) -> String {
-    use std::error::Error as _;
-    let error = error.without_url();
-    let mut text = error.to_string();
-    let mut source = error.source();
-    while let Some(cause) = source {
-        text.push_str(": ");
-        text.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    text
-}
-
 /// Reads one open event stream into events; never retries.
 struct Reader {
-    response: Response,
+    body: http1::Body,
     decoder: SseDecoder,
     pending: ChunkEvents,
     deadlines: Deadlines,
@@ -423,7 +407,7 @@ struct Reader {
 impl Reader {
     fn new(response: Response, deadlines: Deadlines, idle_timeout: Duration) -> Self {
         Self {
-            response,
+            body: response.body,
             decoder: SseDecoder::default(),
             pending: ChunkEvents::default(),
             deadlines,
@@ -488,7 +472,7 @@ impl Reader {
         self.deadline.as_mut().reset(deadline);
         tokio::select! {
             biased;
-            chunk = self.response.chunk() => chunk.map_err(|error| UpstreamError::Interrupted(describe(error))),
+            chunk = self.body.chunk() => chunk.map_err(body_error),
             () = self.deadline.as_mut() => Err(UpstreamError::Timeout(which)),
         }
     }
@@ -497,7 +481,7 @@ impl Reader {
     /// connection to the pool instead of closing it, which at thousands of generations a second
     /// spares the client's ephemeral ports. Never waits.
     fn release_connection(&mut self) {
-        let _ = self.response.chunk().now_or_never();
+        let _ = self.body.chunk().now_or_never();
     }
 }
 
@@ -631,12 +615,14 @@ mod tests {
     use std::time::UNIX_EPOCH;
 
     use futures_util::StreamExt;
+    use rustls::pki_types::{pem::PemObject, CertificateDer, PrivateKeyDer};
     use serde_json::json;
     use tokio::{
-        io::{AsyncReadExt, AsyncWriteExt},
-        net::{TcpListener, TcpStream},
+        io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt},
+        net::TcpListener,
         sync::mpsc,
     };
+    use tokio_rustls::TlsAcceptor;
 
     use super::*;
     use crate::config::Secret;
@@ -645,6 +631,8 @@ mod tests {
     /// connection closes after the last step.
     enum Step {
         Write(String),
+        /// Reads the next request on the same (kept-alive) connection.
+        Request,
         /// Writes this every interval until the client goes away.
         Repeat(String, Duration),
         /// Keeps the connection open until the client closes it, then reports a hang-up.
@@ -661,15 +649,49 @@ mod tests {
     /// A provider on 127.0.0.1:0 that plays the n-th script to the n-th connection, then stops
     /// listening (so an unexpected retry fails to connect).
     async fn provider(scripts: Vec<Vec<Step>>) -> Provider {
+        serve(scripts, None).await
+    }
+
+    /// The same over TLS, with a certificate for 127.0.0.1 signed by `testdata/ca.pem`.
+    async fn tls_provider(scripts: Vec<Vec<Step>>) -> Provider {
+        let dir = std::path::Path::new(TESTDATA);
+        let certificates = CertificateDer::pem_file_iter(dir.join("server.pem"))
+            .unwrap()
+            .collect::<Result<Vec<_>, _>>()
+            .unwrap();
+        let key = PrivateKeyDer::from_pem_file(dir.join("server.key")).unwrap();
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let config = rustls::ServerConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_no_client_auth()
+            .with_single_cert(certificates, key)
+            .unwrap();
+        serve(scripts, Some(TlsAcceptor::from(Arc::new(config)))).await
+    }
+
+    const TESTDATA: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/src/upstream/testdata");
+
+    async fn serve(scripts: Vec<Vec<Step>>, tls: Option<TlsAcceptor>) -> Provider {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         // A trailing slash, as users write it.
-        let base_url = format!("http://{}/v1/", listener.local_addr().unwrap());
+        let scheme = if tls.is_some() { "https" } else { "http" };
+        let base_url = format!("{scheme}://{}/v1/", listener.local_addr().unwrap());
         let (request_tx, requests) = mpsc::unbounded_channel();
         let (hangup_tx, hangups) = mpsc::unbounded_channel();
         tokio::spawn(async move {
             for script in scripts {
                 let (socket, _) = listener.accept().await.unwrap();
-                tokio::spawn(play(socket, script, request_tx.clone(), hangup_tx.clone()));
+                let (requests, hangups) = (request_tx.clone(), hangup_tx.clone());
+                match tls.clone() {
+                    None => tokio::spawn(play(socket, script, requests, hangups)),
+                    Some(acceptor) => tokio::spawn(async move {
+                        // A client that refuses the certificate ends the handshake.
+                        if let Ok(socket) = acceptor.accept(socket).await {
+                            play(socket, script, requests, hangups).await;
+                        }
+                    }),
+                };
             }
         });
         Provider {
@@ -680,7 +702,7 @@ mod tests {
     }
 
     async fn play(
-        mut socket: TcpStream,
+        mut socket: impl AsyncRead + AsyncWrite + Unpin,
         script: Vec<Step>,
         requests: mpsc::UnboundedSender<String>,
         hangups: mpsc::UnboundedSender<()>,
@@ -689,12 +711,15 @@ mod tests {
         for step in script {
             match step {
                 Step::Write(bytes) => {
-                    if socket.write_all(bytes.as_bytes()).await.is_err() {
+                    if write(&mut socket, &bytes).await.is_err() {
                         return;
                     }
                 }
+                Step::Request => {
+                    let _ = requests.send(read_request(&mut socket).await);
+                }
                 Step::Repeat(bytes, interval) => {
-                    while socket.write_all(bytes.as_bytes()).await.is_ok() {
+                    while write(&mut socket, &bytes).await.is_ok() {
                         tokio::time::sleep(interval).await;
                     }
                     return;
@@ -709,7 +734,12 @@ mod tests {
         }
     }
 
-    async fn read_request(socket: &mut TcpStream) -> String {
+    async fn write(socket: &mut (impl AsyncWrite + Unpin), text: &str) -> std::io::Result<()> {
+        socket.write_all(text.as_bytes()).await?;
+        socket.flush().await
+    }
+
+    async fn read_request(socket: &mut (impl AsyncRead + Unpin)) -> String {
         let mut request = Vec::new();
         let mut buf = [0; 4096];
         loop {
@@ -732,6 +762,9 @@ mod tests {
 
     const SSE_HEAD: &str = "HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\n\
                             transfer-encoding: chunked\r\nconnection: close\r\n\r\n";
+    /// The head of a response after which the connection may carry another request.
+    const SSE_HEAD_KEEP_ALIVE: &str = "HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\n\
+                                       transfer-encoding: chunked\r\n\r\n";
     const LAST_CHUNK: &str = "0\r\n\r\n";
 
     /// One HTTP chunk holding these SSE bytes.
@@ -790,6 +823,7 @@ mod tests {
             url: None,
             api_key: Some(Secret::new("sk-test-key")),
             headers: vec!["X-Org: acme".to_owned(), String::new()],
+            ca_file: None,
             connect_timeout: Duration::from_secs(1),
             first_token_timeout: Duration::from_secs(2),
             idle_timeout: Duration::from_secs(2),
@@ -911,6 +945,106 @@ mod tests {
             json!({"continuous_usage_stats": false, "include_usage": true})
         );
         assert_eq!(body["messages"], request()["messages"]);
+    }
+
+    fn keep_alive_stream() -> String {
+        [
+            SSE_HEAD_KEEP_ALIVE,
+            &token("Hi"),
+            &finish("stop"),
+            &event("[DONE]"),
+            LAST_CHUNK,
+        ]
+        .concat()
+    }
+
+    /// Streams one call on `upstream` to its end.
+    async fn call(upstream: &Upstream) -> Vec<UpstreamEvent> {
+        let stream = upstream.stream(request());
+        stream.map(Result::unwrap).collect().await
+    }
+
+    #[tokio::test]
+    async fn a_finished_stream_leaves_its_connection_for_the_next_call() {
+        // One connection only: a second connection would be refused.
+        let script = vec![
+            Step::Write(keep_alive_stream()),
+            Step::Request,
+            Step::Write(keep_alive_stream()),
+        ];
+        let mut provider = provider(vec![script]).await;
+        let upstream = Upstream::new(&config(), &provider.base_url).unwrap();
+
+        assert_eq!(call(&upstream).await, hi_stop());
+        assert_eq!(call(&upstream).await, hi_stop());
+
+        provider.requests.recv().await.unwrap();
+        let second = provider.requests.recv().await.unwrap();
+        assert!(
+            second.starts_with("POST /v1/chat/completions HTTP/1.1\r\n"),
+            "{second}"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_pooled_connection_the_provider_closed_is_not_reused() {
+        // The provider closes the first connection after its response.
+        let mut provider =
+            provider(vec![vec![Step::Write(keep_alive_stream())], ok_stream()]).await;
+        let no_retries = UpstreamConfig {
+            max_retries: 0,
+            ..config()
+        };
+        let upstream = Upstream::new(&no_retries, &provider.base_url).unwrap();
+        assert_eq!(call(&upstream).await, hi_stop());
+        provider.requests.recv().await.unwrap();
+        tokio::time::sleep(Duration::from_millis(100)).await; // The FIN arrives.
+
+        assert_eq!(call(&upstream).await, hi_stop());
+        provider.requests.recv().await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn streams_over_tls_from_a_provider_behind_a_private_ca() {
+        let provider = tls_provider(vec![ok_stream()]).await;
+        let config = UpstreamConfig {
+            ca_file: Some(format!("{TESTDATA}/ca.pem").into()),
+            ..config()
+        };
+
+        let (events, error) = run(config, &provider.base_url).await;
+
+        assert!(error.is_none(), "{error:?}");
+        assert_eq!(events, hi_stop());
+    }
+
+    #[tokio::test]
+    async fn an_untrusted_certificate_is_a_connect_error() {
+        let provider = tls_provider(vec![ok_stream()]).await;
+        let config = UpstreamConfig {
+            max_retries: 0,
+            ..config()
+        };
+
+        let (events, error) = run(config, &provider.base_url).await;
+
+        assert!(events.is_empty());
+        assert!(
+            matches!(&error, Some(UpstreamError::Connect(message)) if message.contains("TLS")),
+            "{error:?}"
+        );
+    }
+
+    #[test]
+    fn an_unreadable_ca_file_is_a_configuration_error() {
+        let config = UpstreamConfig {
+            ca_file: Some(format!("{TESTDATA}/missing.pem").into()),
+            ..config()
+        };
+        let error = Upstream::new(&config, "https://127.0.0.1:1/v1")
+            .err()
+            .unwrap();
+        assert!(error.to_string().contains("missing.pem"), "{error}");
     }
 
     #[tokio::test]
