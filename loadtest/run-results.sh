@@ -29,3 +29,7 @@ for n in 5000 9000; do
   echo "== floor-$((n / 1000))k: $LT floor -n $n" >&2
   "$LT" floor -n "$n" > "$OUT/floor-$((n / 1000))k.txt"
 done
+for n in 1000 4900; do
+  echo "== relay-floor: $LT floor --relay -n $n" >&2
+  "$LT" floor --relay -n "$n" > "$OUT/relay-floor-$n.txt"
+done

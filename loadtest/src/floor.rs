@@ -7,6 +7,13 @@
 //! once per event pays here — including, on loopback, the receiving side's TCP processing,
 //! which the kernel runs in the sender's context. The time one round takes is the floor of
 //! the last subscriber's delivery latency at that N.
+//!
+//! With `--relay` it measures the floor of `chat` instead: each token is written to an
+//! "upstream" socket, read by a relay and written to its "subscriber" socket. The relay is one
+//! thread running a tokio runtime with one task per pair that only reads and writes (no HTTP, no
+//! SSE, no JSON, no log). Its CPU per token is what reading a token from a provider and writing
+//! it to one subscriber costs here, in the same process accounting as the gateway's (on
+//! loopback, the relay also pays the ACKs its reads send and the subscriber's receive path).
 
 use std::{
     io::Write,
@@ -33,9 +40,16 @@ pub struct FloorArgs {
     /// Bytes per send: a mock token frame with its id and `data:` line is about 60.
     #[arg(long, default_value_t = 60)]
     pub frame_bytes: usize,
+    /// Relay each token from an upstream socket to a subscriber socket instead (the floor of
+    /// `chat`); the sends of a round are spread over the round, as generations' tokens are.
+    #[arg(long)]
+    pub relay: bool,
 }
 
 pub fn main(args: &FloorArgs) -> Result<()> {
+    if args.relay {
+        return relay(args);
+    }
     let (soft, _hard) = limits::raise_nofile()?;
     let needed = 2 * args.connections as u64 + 64;
     if soft < needed {
@@ -88,6 +102,102 @@ pub fn main(args: &FloorArgs) -> Result<()> {
         at(1.0).as_secs_f64() * 1e3,
     );
     Ok(())
+}
+
+/// Groups a round's sends are split into, one after another across the round.
+const RELAY_GROUPS: usize = 50;
+
+fn relay(args: &FloorArgs) -> Result<()> {
+    let (soft, _hard) = limits::raise_nofile()?;
+    let needed = 4 * args.connections as u64 + 64;
+    if soft < needed {
+        bail!(
+            "{} relayed pairs need {needed} open files; the limit is {soft}",
+            args.connections
+        );
+    }
+    let (sources, relay_in) = connect_pairs(args.connections)?;
+    let (relay_out, subscribers) = connect_pairs(args.connections)?;
+    let reader = thread::spawn(move || read_all(subscribers));
+    let relay = thread::spawn(move || run_relay(relay_in, relay_out));
+
+    let frame = vec![b'x'; args.frame_bytes];
+    let rounds = u64::from(args.rate) * args.seconds;
+    let group_period = Duration::from_secs(1) / args.rate / RELAY_GROUPS as u32;
+    let group_size = args.connections.div_ceil(RELAY_GROUPS);
+    let started = Instant::now();
+    let mut step = 0u32;
+    for _ in 0..rounds {
+        for group in sources.chunks(group_size) {
+            let due = started + group_period * step;
+            step += 1;
+            thread::sleep(due.saturating_duration_since(Instant::now()));
+            for mut socket in group {
+                socket.write_all(&frame).context("send")?;
+            }
+        }
+    }
+    drop(sources);
+    let (cpu, relayed) = relay
+        .join()
+        .map_err(|_| anyhow::anyhow!("relay panicked"))??;
+    let received = reader
+        .join()
+        .map_err(|_| anyhow::anyhow!("reader panicked"))??;
+
+    let tokens = rounds * args.connections as u64;
+    let expected = tokens * args.frame_bytes as u64;
+    if relayed != expected || received != expected {
+        bail!("relayed {relayed} and received {received} bytes, {expected} were sent");
+    }
+    println!(
+        "relay floor: {} pairs, {rounds} rounds of one {}-byte token each ({tokens} tokens, \
+         {} a second)\nrelay CPU (one thread: a tokio task per pair reading upstream and \
+         writing its subscriber): {cpu:.2} s = {:.2} µs per token",
+        args.connections,
+        args.frame_bytes,
+        u64::from(args.rate) * args.connections as u64,
+        cpu * 1e6 / tokens as f64,
+    );
+    Ok(())
+}
+
+/// Copies each upstream socket to its subscriber socket until every upstream closes, on this
+/// thread; returns this thread's CPU seconds and the bytes copied.
+fn run_relay(upstreams: Vec<TcpStream>, subscribers: Vec<TcpStream>) -> Result<(f64, u64)> {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_io()
+        .build()?;
+    let cpu_before = proc::read_thread_cpu_seconds()?;
+    let copied = runtime.block_on(async {
+        let mut tasks = tokio::task::JoinSet::new();
+        for (upstream, subscriber) in upstreams.into_iter().zip(subscribers) {
+            upstream.set_nonblocking(true)?;
+            subscriber.set_nonblocking(true)?;
+            let mut upstream = tokio::net::TcpStream::from_std(upstream)?;
+            let mut subscriber = tokio::net::TcpStream::from_std(subscriber)?;
+            tasks.spawn(async move {
+                use tokio::io::{AsyncReadExt, AsyncWriteExt};
+                let mut buf = [0; 4096];
+                let mut total = 0u64;
+                loop {
+                    match upstream.read(&mut buf).await? {
+                        0 => return Ok::<_, std::io::Error>(total),
+                        read => {
+                            subscriber.write_all(&buf[..read]).await?;
+                            total += read as u64;
+                        }
+                    }
+                }
+            });
+        }
+        let mut total = 0;
+        while let Some(copied) = tasks.join_next().await {
+            total += copied??;
+        }
+        Ok::<_, anyhow::Error>(total)
+    })?;
+    Ok((proc::read_thread_cpu_seconds()? - cpu_before, copied))
 }
 
 /// `n` connected loopback pairs: (the accepted ends we send on, the connecting ends we read).
