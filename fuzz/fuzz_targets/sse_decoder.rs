@@ -20,6 +20,7 @@ use std::{
 
 use libfuzzer_sys::fuzz_target;
 use tokenfan::upstream::sse::{SseDecoder, SseError, MAX_EVENT_BYTES};
+use tokenfan_fuzz::Rng;
 
 /// The largest body built by repetition: just past the limits, as such runs are the slow ones.
 const MAX_BODY: usize = MAX_EVENT_BYTES + (64 << 10);
@@ -70,19 +71,6 @@ unsafe impl GlobalAlloc for Counting {
 
 #[global_allocator]
 static ALLOCATOR: Counting = Counting;
-
-/// splitmix64: chunk sizes from a one-byte seed.
-struct Rng(u64);
-
-impl Rng {
-    fn below(&mut self, n: usize) -> usize {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        ((z ^ (z >> 31)) % n as u64) as usize
-    }
-}
 
 #[derive(Debug, PartialEq)]
 struct Outcome {

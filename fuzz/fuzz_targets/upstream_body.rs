@@ -14,6 +14,7 @@
 use bytes::BytesMut;
 use libfuzzer_sys::fuzz_target;
 use tokenfan::upstream::http1::{parse_head_len, Decoded, Framing};
+use tokenfan_fuzz::Rng;
 
 #[derive(Debug, PartialEq)]
 enum End {
@@ -41,19 +42,6 @@ fn decode<'a>(pieces: impl Iterator<Item = &'a [u8]>) -> (Vec<u8>, End) {
     (data, End::NeedMore)
 }
 
-/// splitmix64: piece sizes from a one-byte seed.
-struct Rng(u64);
-
-impl Rng {
-    fn below(&mut self, n: usize) -> usize {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        ((z ^ (z >> 31)) % n as u64) as usize
-    }
-}
-
 fuzz_target!(|input: &[u8]| {
     let [chunking, body @ ..] = input else {
         return;
@@ -78,5 +66,8 @@ fuzz_target!(|input: &[u8]| {
     });
     let (split, split_end) = decode(pieces);
     assert_eq!(split, whole, "data depends on how the body was split");
-    assert_eq!(split_end, whole_end, "the end depends on how the body was split");
+    assert_eq!(
+        split_end, whole_end,
+        "the end depends on how the body was split"
+    );
 });

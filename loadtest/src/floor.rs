@@ -50,16 +50,9 @@ pub fn main(args: &FloorArgs) -> Result<()> {
     if args.relay {
         return relay(args);
     }
-    let (soft, _hard) = limits::raise_nofile()?;
-    let needed = 2 * args.connections as u64 + 64;
-    if soft < needed {
-        bail!(
-            "{} sockets need {needed} open files; the limit is {soft}",
-            args.connections
-        );
-    }
+    ensure_open_files(2 * args.connections)?;
     let (senders, receivers) = connect_pairs(args.connections)?;
-    let reader = thread::spawn(move || read_all(receivers));
+    let reader = thread::spawn(move || pump(receivers, Vec::new()).map(|(_, read)| read));
 
     let frame = vec![b'x'; args.frame_bytes];
     let rounds = u64::from(args.rate) * args.seconds;
@@ -108,18 +101,11 @@ pub fn main(args: &FloorArgs) -> Result<()> {
 const RELAY_GROUPS: usize = 50;
 
 fn relay(args: &FloorArgs) -> Result<()> {
-    let (soft, _hard) = limits::raise_nofile()?;
-    let needed = 4 * args.connections as u64 + 64;
-    if soft < needed {
-        bail!(
-            "{} relayed pairs need {needed} open files; the limit is {soft}",
-            args.connections
-        );
-    }
+    ensure_open_files(4 * args.connections)?;
     let (sources, relay_in) = connect_pairs(args.connections)?;
     let (relay_out, subscribers) = connect_pairs(args.connections)?;
-    let reader = thread::spawn(move || read_all(subscribers));
-    let relay = thread::spawn(move || run_relay(relay_in, relay_out));
+    let reader = thread::spawn(move || pump(subscribers, Vec::new()).map(|(_, read)| read));
+    let relay = thread::spawn(move || pump(relay_in, relay_out));
 
     let frame = vec![b'x'; args.frame_bytes];
     let rounds = u64::from(args.rate) * args.seconds;
@@ -162,44 +148,6 @@ fn relay(args: &FloorArgs) -> Result<()> {
     Ok(())
 }
 
-/// Copies each upstream socket to its subscriber socket until every upstream closes, on this
-/// thread; returns this thread's CPU seconds and the bytes copied.
-fn run_relay(upstreams: Vec<TcpStream>, subscribers: Vec<TcpStream>) -> Result<(f64, u64)> {
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_io()
-        .build()?;
-    let cpu_before = proc::read_thread_cpu_seconds()?;
-    let copied = runtime.block_on(async {
-        let mut tasks = tokio::task::JoinSet::new();
-        for (upstream, subscriber) in upstreams.into_iter().zip(subscribers) {
-            upstream.set_nonblocking(true)?;
-            subscriber.set_nonblocking(true)?;
-            let mut upstream = tokio::net::TcpStream::from_std(upstream)?;
-            let mut subscriber = tokio::net::TcpStream::from_std(subscriber)?;
-            tasks.spawn(async move {
-                use tokio::io::{AsyncReadExt, AsyncWriteExt};
-                let mut buf = [0; 4096];
-                let mut total = 0u64;
-                loop {
-                    match upstream.read(&mut buf).await? {
-                        0 => return Ok::<_, std::io::Error>(total),
-                        read => {
-                            subscriber.write_all(&buf[..read]).await?;
-                            total += read as u64;
-                        }
-                    }
-                }
-            });
-        }
-        let mut total = 0;
-        while let Some(copied) = tasks.join_next().await {
-            total += copied??;
-        }
-        Ok::<_, anyhow::Error>(total)
-    })?;
-    Ok((proc::read_thread_cpu_seconds()? - cpu_before, copied))
-}
-
 /// `n` connected loopback pairs: (the accepted ends we send on, the connecting ends we read).
 fn connect_pairs(n: usize) -> Result<(Vec<TcpStream>, Vec<TcpStream>)> {
     let listener = TcpListener::bind("127.0.0.1:0").context("listen")?;
@@ -216,24 +164,42 @@ fn connect_pairs(n: usize) -> Result<(Vec<TcpStream>, Vec<TcpStream>)> {
     Ok((senders, receivers))
 }
 
-/// Reads every socket to its end on one tokio thread; returns the bytes read.
-fn read_all(receivers: Vec<TcpStream>) -> Result<u64> {
+/// Raises the open-files limit and checks that `descriptors` (plus a reserve) fit under it.
+fn ensure_open_files(descriptors: usize) -> Result<()> {
+    let (soft, _hard) = limits::raise_nofile()?;
+    let needed = descriptors as u64 + 64;
+    if soft < needed {
+        bail!("this run needs {needed} open files; the limit is {soft}");
+    }
+    Ok(())
+}
+
+/// Reads every socket of `inputs` to its end on this thread, one tokio task each, writing what
+/// it reads to the socket of `outputs` at the same position, if there is one. Returns this
+/// thread's CPU seconds over the run and the bytes read.
+fn pump(inputs: Vec<TcpStream>, outputs: Vec<TcpStream>) -> Result<(f64, u64)> {
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_io()
         .build()?;
-    runtime.block_on(async {
+    let cpu_before = proc::read_thread_cpu_seconds()?;
+    let mut outputs = outputs.into_iter();
+    let read = runtime.block_on(async {
         let mut tasks = tokio::task::JoinSet::new();
-        for socket in receivers {
-            socket.set_nonblocking(true)?;
-            let mut socket = tokio::net::TcpStream::from_std(socket)?;
+        for input in inputs {
+            let mut input = tokio_stream(input)?;
+            let mut output = outputs.next().map(tokio_stream).transpose()?;
             tasks.spawn(async move {
-                use tokio::io::AsyncReadExt;
+                use tokio::io::{AsyncReadExt, AsyncWriteExt};
                 let mut buf = [0; 4096];
                 let mut total = 0u64;
                 loop {
-                    match socket.read(&mut buf).await? {
-                        0 => return Ok::<_, std::io::Error>(total),
-                        read => total += read as u64,
+                    let read = input.read(&mut buf).await?;
+                    if read == 0 {
+                        return Ok::<_, std::io::Error>(total);
+                    }
+                    total += read as u64;
+                    if let Some(output) = &mut output {
+                        output.write_all(&buf[..read]).await?;
                     }
                 }
             });
@@ -242,6 +208,12 @@ fn read_all(receivers: Vec<TcpStream>) -> Result<u64> {
         while let Some(read) = tasks.join_next().await {
             total += read??;
         }
-        Ok(total)
-    })
+        Ok::<_, anyhow::Error>(total)
+    })?;
+    Ok((proc::read_thread_cpu_seconds()? - cpu_before, read))
+}
+
+fn tokio_stream(socket: TcpStream) -> std::io::Result<tokio::net::TcpStream> {
+    socket.set_nonblocking(true)?;
+    tokio::net::TcpStream::from_std(socket)
 }
