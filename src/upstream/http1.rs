@@ -53,10 +53,29 @@ pub enum HttpError {
     ConnectTimeout,
     #[error("{0}")]
     Io(#[from] io::Error),
+    /// The connection ended before the first byte of a response.
+    #[error("the connection closed before a response")]
+    Unanswered,
     #[error("the connection closed {0}")]
     Closed(&'static str),
     #[error("invalid HTTP response: {0}")]
     Protocol(String),
+}
+
+impl HttpError {
+    /// Whether the peer went away before answering: closed, reset, or a broken pipe on write.
+    fn is_unanswered(&self) -> bool {
+        match self {
+            Self::Unanswered => true,
+            Self::Io(error) => matches!(
+                error.kind(),
+                io::ErrorKind::BrokenPipe
+                    | io::ErrorKind::ConnectionReset
+                    | io::ErrorKind::ConnectionAborted
+            ),
+            _ => false,
+        }
+    }
 }
 
 /// Where requests go: scheme, host, port and path, fixed for the client's life.
@@ -119,15 +138,26 @@ impl Client {
 
     /// POSTs `body` on a pooled or new connection and reads the response head.
     pub async fn post(&self, body: &[u8]) -> Result<Response, HttpError> {
-        let mut conn = match self.pool.take() {
-            Some(conn) => conn,
-            None => self.connect().await?,
-        };
         let mut request = Vec::with_capacity(self.head.len() + 32 + body.len());
         request.extend_from_slice(&self.head);
         request.extend_from_slice(format!("content-length: {}\r\n\r\n", body.len()).as_bytes());
         request.extend_from_slice(body);
-        conn.io.write_all(&request).await?;
+        if let Some(conn) = self.pool.take() {
+            match self.exchange(conn, &request).await {
+                // The provider closed the idle connection as we reused it, so it never read
+                // the request: a new connection carries it, without costing a retry (hyper's
+                // pool does the same).
+                Err(error) if error.is_unanswered() => {}
+                answered => return answered,
+            }
+        }
+        let conn = self.connect().await?;
+        self.exchange(conn, &request).await
+    }
+
+    /// Sends `request` on `conn` and reads the response head.
+    async fn exchange(&self, mut conn: Conn, request: &[u8]) -> Result<Response, HttpError> {
+        conn.io.write_all(request).await?;
         conn.io.flush().await?;
         let head = conn.read_head().await?;
         Ok(Response {
@@ -309,7 +339,11 @@ impl Conn {
             }
             self.buf.reserve(READ_SIZE);
             if self.io.read_buf(&mut self.buf).await? == 0 {
-                return Err(HttpError::Closed("before a response"));
+                return Err(if self.buf.is_empty() {
+                    HttpError::Unanswered
+                } else {
+                    HttpError::Closed("in the middle of the response head")
+                });
             }
         }
     }

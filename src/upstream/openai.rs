@@ -1005,6 +1005,26 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_pooled_connection_closed_as_it_is_reused_costs_no_retry() {
+        // The provider reads the second request on the kept-alive connection, then closes it
+        // without answering, as one does when its idle timeout races our request.
+        let first = vec![Step::Write(keep_alive_stream()), Step::Request];
+        let mut provider = provider(vec![first, ok_stream()]).await;
+        let no_retries = UpstreamConfig {
+            max_retries: 0,
+            ..config()
+        };
+        let upstream = Upstream::new(&no_retries, &provider.base_url).unwrap();
+        assert_eq!(call(&upstream).await, hi_stop());
+
+        assert_eq!(call(&upstream).await, hi_stop());
+
+        for _ in 0..3 {
+            provider.requests.recv().await.unwrap();
+        }
+    }
+
+    #[tokio::test]
     async fn streams_over_tls_from_a_provider_behind_a_private_ca() {
         let provider = tls_provider(vec![ok_stream()]).await;
         let config = UpstreamConfig {
