@@ -101,6 +101,16 @@ pub struct UpstreamConfig {
     )]
     pub headers: Vec<String>,
 
+    /// HTTP proxy to reach the upstream through, `http://[user:password@]host:port`; every
+    /// connection is tunnelled with `CONNECT`. Never logged. `HTTPS_PROXY`, `HTTP_PROXY` and
+    /// `NO_PROXY` are not read.
+    #[arg(
+        long = "upstream-proxy",
+        env = "TOKENFAN_UPSTREAM_PROXY",
+        hide_env_values = true
+    )]
+    pub proxy: Option<Secret>,
+
     /// PEM file of CA certificates to trust for an `https` upstream, besides the public web PKI
     /// roots (for a provider behind a private CA).
     #[arg(long = "upstream-ca-file", env = "TOKENFAN_UPSTREAM_CA_FILE")]

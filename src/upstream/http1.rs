@@ -8,9 +8,10 @@
 //! "The upstream read path").
 //!
 //! What it does: `http` and `https` (rustls, the public web PKI roots plus an optional CA file;
-//! ALPN `http/1.1`), a pool of idle keep-alive connections, `chunked`, `content-length` and
-//! close-delimited bodies, bounded heads and chunk lines. What it does not do, on purpose:
-//! HTTP/2, proxies, redirects, compression (the request offers none), `Expect: 100-continue`.
+//! ALPN `http/1.1`), an optional HTTP proxy (`CONNECT` tunnels), a pool of idle keep-alive
+//! connections, `chunked`, `content-length` and close-delimited bodies, bounded heads and chunk
+//! lines. What it does not do, on purpose: HTTP/2, the proxy environment variables, redirects,
+//! compression (the request offers none), `Expect: 100-continue`.
 
 use std::{
     collections::VecDeque,
@@ -20,6 +21,7 @@ use std::{
     time::Duration,
 };
 
+use base64::Engine as _;
 use bytes::{Buf, Bytes, BytesMut};
 use http::{HeaderMap, HeaderName, HeaderValue, StatusCode};
 use rustls::pki_types::{pem::PemObject, CertificateDer, ServerName};
@@ -82,6 +84,7 @@ impl HttpError {
 pub struct Client {
     host: String,
     port: u16,
+    proxy: Option<Proxy>,
     tls: Option<(TlsConnector, ServerName<'static>)>,
     /// Request line and headers up to, not including, `content-length`; rendered once.
     head: Box<[u8]>,
@@ -95,6 +98,8 @@ pub struct Settings<'a> {
     pub url: &'a url::Url,
     /// Sent with every request, after `host` and before `content-length`.
     pub headers: &'a HeaderMap,
+    /// An `http://` proxy that every connection is tunnelled through with `CONNECT`.
+    pub proxy: Option<&'a url::Url>,
     /// PEM file of CA certificates trusted besides the public roots.
     pub ca_file: Option<&'a Path>,
     pub connect_timeout: Duration,
@@ -106,13 +111,11 @@ pub struct Settings<'a> {
 impl Client {
     pub fn new(settings: &Settings<'_>) -> Result<Self, String> {
         let url = settings.url;
-        let host = match url.host() {
-            Some(url::Host::Domain(name)) => name.to_owned(),
-            Some(url::Host::Ipv4(address)) => address.to_string(),
-            Some(url::Host::Ipv6(address)) => address.to_string(),
-            None => return Err("the URL has no host".to_owned()),
-        };
-        let port = url.port_or_known_default().ok_or("the URL has no port")?;
+        let (host, port) = host_and_port(url)?;
+        let proxy = settings
+            .proxy
+            .map(|proxy| Proxy::new(proxy, url))
+            .transpose()?;
         let tls = match url.scheme() {
             "http" => None,
             "https" => {
@@ -125,6 +128,7 @@ impl Client {
         Ok(Self {
             host,
             port,
+            proxy,
             tls,
             head: request_head(url, settings.headers),
             connect_timeout: settings.connect_timeout,
@@ -174,13 +178,21 @@ impl Client {
 
     async fn connect(&self) -> Result<Conn, HttpError> {
         let connect = async {
-            let tcp = TcpStream::connect((self.host.as_str(), self.port))
+            let (host, port) = match &self.proxy {
+                Some(proxy) => (proxy.host.as_str(), proxy.port),
+                None => (self.host.as_str(), self.port),
+            };
+            let tcp = TcpStream::connect((host, port))
                 .await
                 .map_err(|error| HttpError::Connect(error.to_string()))?;
             // The request goes out in one write; nodelay keeps a small one from waiting.
             tcp.set_nodelay(true)?;
             let keepalive = socket2::TcpKeepalive::new().with_time(self.tcp_keepalive);
             socket2::SockRef::from(&tcp).set_tcp_keepalive(&keepalive)?;
+            let tcp = match &self.proxy {
+                Some(proxy) => proxy.tunnel(tcp).await?,
+                None => tcp,
+            };
             let io = match &self.tls {
                 None => Either::Left(tcp),
                 Some((connector, name)) => {
@@ -199,6 +211,92 @@ impl Client {
         tokio::time::timeout(self.connect_timeout, connect)
             .await
             .map_err(|_| HttpError::ConnectTimeout)?
+    }
+}
+
+/// The host (without IPv6 brackets) and port of `url`.
+fn host_and_port(url: &url::Url) -> Result<(String, u16), String> {
+    let host = match url.host() {
+        Some(url::Host::Domain(name)) => name.to_owned(),
+        Some(url::Host::Ipv4(address)) => address.to_string(),
+        Some(url::Host::Ipv6(address)) => address.to_string(),
+        None => return Err("the URL has no host".to_owned()),
+    };
+    let port = url.port_or_known_default().ok_or("the URL has no port")?;
+    Ok((host, port))
+}
+
+/// An HTTP proxy that tunnels each connection to the upstream with `CONNECT`.
+struct Proxy {
+    host: String,
+    port: u16,
+    /// `CONNECT host:port HTTP/1.1` with `host` and `proxy-authorization`, rendered once.
+    request: Box<[u8]>,
+}
+
+impl Proxy {
+    /// Errors never quote the proxy URL: it may hold a password.
+    fn new(proxy: &url::Url, upstream: &url::Url) -> Result<Self, String> {
+        if proxy.scheme() != "http" {
+            return Err("the proxy URL must start with http://".to_owned());
+        }
+        let (host, port) = host_and_port(proxy)?;
+        let (_, upstream_port) = host_and_port(upstream)?;
+        let authority = format!(
+            "{}:{upstream_port}",
+            upstream.host_str().unwrap_or_default()
+        );
+        let mut request = format!("CONNECT {authority} HTTP/1.1\r\nhost: {authority}\r\n");
+        if !proxy.username().is_empty() {
+            let decode = |part: &str| {
+                percent_encoding::percent_decode_str(part)
+                    .decode_utf8_lossy()
+                    .into_owned()
+            };
+            let credentials = format!(
+                "{}:{}",
+                decode(proxy.username()),
+                decode(proxy.password().unwrap_or_default())
+            );
+            let encoded = base64::engine::general_purpose::STANDARD.encode(credentials);
+            request.push_str(&format!("proxy-authorization: Basic {encoded}\r\n"));
+        }
+        request.push_str("\r\n");
+        Ok(Self {
+            host,
+            port,
+            request: request.into_bytes().into_boxed_slice(),
+        })
+    }
+
+    /// Asks the proxy, on `tcp`, for a tunnel to the upstream.
+    async fn tunnel(&self, tcp: TcpStream) -> Result<TcpStream, HttpError> {
+        let refused = |why: String| HttpError::Connect(format!("proxy: {why}"));
+        let mut conn = Conn {
+            io: Either::Left(tcp),
+            buf: BytesMut::new(),
+        };
+        conn.io
+            .write_all(&self.request)
+            .await
+            .map_err(|error| refused(error.to_string()))?;
+        let head = conn
+            .read_head()
+            .await
+            .map_err(|error| refused(error.to_string()))?;
+        if !head.status.is_success() {
+            return Err(refused(format!("it answered {} to CONNECT", head.status)));
+        }
+        match conn {
+            // The upstream has said nothing yet, so neither may the tunnel.
+            Conn {
+                io: Either::Left(tcp),
+                buf,
+            } if buf.is_empty() => Ok(tcp),
+            _ => Err(refused(
+                "unexpected bytes after its answer to CONNECT".to_owned(),
+            )),
+        }
     }
 }
 

@@ -67,15 +67,22 @@ impl Upstream {
         let url = format!("{}/chat/completions", base_url.trim_end_matches('/'));
         let url = url::Url::parse(&url)
             .map_err(|error| invalid_config(format!("invalid upstream URL: {error}")))?;
+        let proxy = config
+            .proxy
+            .as_ref()
+            .map(|proxy| url::Url::parse(proxy.expose()))
+            .transpose()
+            .map_err(|_| invalid_config("the upstream proxy is not a valid URL"))?;
         let client = http1::Client::new(&http1::Settings {
             url: &url,
+            proxy: proxy.as_ref(),
             headers: &default_headers(config)?,
             ca_file: config.ca_file.as_deref(),
             connect_timeout: config.connect_timeout,
             tcp_keepalive: TCP_KEEPALIVE,
             pool_idle_timeout: POOL_IDLE_TIMEOUT,
         })
-        .map_err(|error| invalid_config(format!("invalid upstream URL {url}: {error}")))?;
+        .map_err(|error| invalid_config(format!("invalid upstream settings: {error}")))?;
         Ok(Self {
             inner: Arc::new(Inner {
                 client,
@@ -823,6 +830,7 @@ mod tests {
             url: None,
             api_key: Some(Secret::new("sk-test-key")),
             headers: vec!["X-Org: acme".to_owned(), String::new()],
+            proxy: None,
             ca_file: None,
             connect_timeout: Duration::from_secs(1),
             first_token_timeout: Duration::from_secs(2),
@@ -1024,6 +1032,89 @@ mod tests {
         }
     }
 
+    /// A `CONNECT` proxy on 127.0.0.1:0 that tunnels each connection where it is asked to and
+    /// reports each `CONNECT` head it got.
+    async fn connect_proxy() -> (std::net::SocketAddr, mpsc::UnboundedReceiver<String>) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let address = listener.local_addr().unwrap();
+        let (heads_tx, heads) = mpsc::unbounded_channel();
+        tokio::spawn(async move {
+            loop {
+                let (mut client, _) = listener.accept().await.unwrap();
+                let heads = heads_tx.clone();
+                tokio::spawn(async move {
+                    let head = read_request(&mut client).await;
+                    let target = head.split(' ').nth(1).unwrap().to_owned();
+                    let _ = heads.send(head);
+                    let mut upstream = tokio::net::TcpStream::connect(target).await.unwrap();
+                    write(&mut client, "HTTP/1.1 200 Connection established\r\n\r\n")
+                        .await
+                        .unwrap();
+                    let _ = tokio::io::copy_bidirectional(&mut client, &mut upstream).await;
+                });
+            }
+        });
+        (address, heads)
+    }
+
+    #[tokio::test]
+    async fn streams_through_an_http_proxy_over_plain_http_and_tls() {
+        for tls in [false, true] {
+            let provider = if tls {
+                tls_provider(vec![ok_stream()]).await
+            } else {
+                provider(vec![ok_stream()]).await
+            };
+            let (proxy, mut heads) = connect_proxy().await;
+            let config = UpstreamConfig {
+                proxy: Some(Secret::new(format!("http://user:p%40ss@{proxy}"))),
+                ca_file: Some(format!("{TESTDATA}/ca.pem").into()),
+                ..config()
+            };
+
+            let (events, error) = run(config, &provider.base_url).await;
+
+            assert!(error.is_none(), "tls {tls}: {error:?}");
+            assert_eq!(events, hi_stop());
+            let head = heads.recv().await.unwrap();
+            let authority = provider.base_url.split('/').nth(2).unwrap();
+            assert!(
+                head.starts_with(&format!("CONNECT {authority} HTTP/1.1\r\n")),
+                "{head}"
+            );
+            // base64("user:p@ss"): the password is percent-decoded first.
+            assert!(
+                head.contains("\r\nproxy-authorization: Basic dXNlcjpwQHNz\r\n"),
+                "{head}"
+            );
+        }
+    }
+
+    #[tokio::test]
+    async fn a_proxy_refusing_the_tunnel_is_a_connect_error_that_hides_its_credentials() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let proxy = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            let (mut client, _) = listener.accept().await.unwrap();
+            read_request(&mut client).await;
+            let refusal = "HTTP/1.1 407 Proxy Authentication Required\r\ncontent-length: 0\r\n\r\n";
+            write(&mut client, refusal).await.unwrap();
+        });
+        let config = UpstreamConfig {
+            proxy: Some(Secret::new(format!("http://user:sk-secret@{proxy}"))),
+            max_retries: 0,
+            ..config()
+        };
+
+        let (_, error) = run(config, "http://127.0.0.1:1/v1").await;
+
+        let Some(UpstreamError::Connect(message)) = error else {
+            panic!("not a connect error: {error:?}");
+        };
+        assert!(message.contains("407"), "{message}");
+        assert!(!message.contains("sk-secret"), "{message}");
+    }
+
     #[tokio::test]
     async fn streams_over_tls_from_a_provider_behind_a_private_ca() {
         let provider = tls_provider(vec![ok_stream()]).await;
@@ -1053,6 +1144,22 @@ mod tests {
             matches!(&error, Some(UpstreamError::Connect(message)) if message.contains("TLS")),
             "{error:?}"
         );
+    }
+
+    #[test]
+    fn a_proxy_that_is_not_an_http_url_is_a_configuration_error_without_its_value() {
+        for proxy in ["socks5://user:sk-secret@127.0.0.1:1080", "sk-secret"] {
+            let config = UpstreamConfig {
+                proxy: Some(Secret::new(proxy)),
+                ..config()
+            };
+            let error = Upstream::new(&config, "http://127.0.0.1:1/v1")
+                .err()
+                .unwrap();
+            let message = error.to_string();
+            assert!(message.contains("proxy"), "{message}");
+            assert!(!message.contains("sk-secret"), "{message}");
+        }
     }
 
     #[test]
