@@ -1401,6 +1401,28 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn an_endless_response_head_or_chunk_line_is_refused_not_buffered() {
+        let endless_head = format!("HTTP/1.1 200 OK\r\nx-filler: {}", "a".repeat(80 * 1024));
+        let endless_chunk_line = format!("{SSE_HEAD}{}{}", token("Hi"), "f".repeat(8 * 1024));
+        for (response, tokens) in [(endless_head, 0), (endless_chunk_line, 1)] {
+            let script = vec![Step::Write(response), Step::Hang];
+            let config = UpstreamConfig {
+                max_retries: 0,
+                ..config()
+            };
+            let provider = provider(vec![script]).await;
+
+            let (events, error) = run(config, &provider.base_url).await;
+
+            assert_eq!(events.len(), tokens);
+            assert!(
+                matches!(&error, Some(UpstreamError::Interrupted(message) | UpstreamError::Protocol(message)) if message.contains("longer than")),
+                "{error:?}"
+            );
+        }
+    }
+
+    #[tokio::test]
     async fn non_event_stream_success_is_a_protocol_error() {
         let json_200 = "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 2\r\n\
                         connection: close\r\n\r\n{}";
