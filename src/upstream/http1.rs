@@ -758,6 +758,57 @@ mod tests {
         Ok((data, false))
     }
 
+    fn pool(idle_timeout: Duration) -> Pool {
+        Pool {
+            idle: Mutex::new(VecDeque::new()),
+            idle_timeout,
+        }
+    }
+
+    /// A connected loopback pair: the client end as an idle connection, and the server end.
+    async fn idle_connection() -> (Conn, TcpStream) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let client = TcpStream::connect(listener.local_addr().unwrap())
+            .await
+            .unwrap();
+        let (server, _) = listener.accept().await.unwrap();
+        let conn = Conn {
+            io: Either::Left(client),
+            buf: BytesMut::new(),
+        };
+        (conn, server)
+    }
+
+    #[tokio::test]
+    async fn the_pool_gives_out_open_connections_only() {
+        let pool = pool(Duration::from_secs(60));
+        let (conn, server) = idle_connection().await;
+        pool.put(conn);
+        let open = pool.take().expect("an open idle connection is reused");
+        pool.put(open);
+
+        drop(server);
+
+        // The peer's FIN reaches the socket's readiness within moments on loopback.
+        let deadline = Instant::now() + Duration::from_secs(2);
+        while let Some(conn) = pool.take() {
+            assert!(
+                Instant::now() < deadline,
+                "a closed connection stayed reusable"
+            );
+            pool.put(conn);
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+
+    #[tokio::test]
+    async fn the_pool_closes_connections_idle_past_the_timeout() {
+        let pool = pool(Duration::ZERO);
+        let (conn, _server) = idle_connection().await;
+        pool.put(conn);
+        assert!(pool.take().is_none());
+    }
+
     #[test]
     fn chunked_bodies_decode_split_anywhere() {
         let body =

@@ -995,7 +995,7 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_pooled_connection_the_provider_closed_is_not_reused() {
+    async fn a_pooled_connection_the_provider_closed_does_not_fail_the_next_call() {
         // The provider closes the first connection after its response.
         let mut provider =
             provider(vec![vec![Step::Write(keep_alive_stream())], ok_stream()]).await;
