@@ -1146,6 +1146,11 @@ mod tests {
         );
     }
 
+    /// The message of the error `Upstream::new` refuses `config` with.
+    fn config_error(config: UpstreamConfig, base_url: &str) -> String {
+        Upstream::new(&config, base_url).err().unwrap().to_string()
+    }
+
     #[test]
     fn a_proxy_that_is_not_an_http_url_is_a_configuration_error_without_its_value() {
         for proxy in ["socks5://user:sk-secret@127.0.0.1:1080", "sk-secret"] {
@@ -1153,10 +1158,7 @@ mod tests {
                 proxy: Some(Secret::new(proxy)),
                 ..config()
             };
-            let error = Upstream::new(&config, "http://127.0.0.1:1/v1")
-                .err()
-                .unwrap();
-            let message = error.to_string();
+            let message = config_error(config, "http://127.0.0.1:1/v1");
             assert!(message.contains("proxy"), "{message}");
             assert!(!message.contains("sk-secret"), "{message}");
         }
@@ -1168,10 +1170,8 @@ mod tests {
             ca_file: Some(format!("{TESTDATA}/missing.pem").into()),
             ..config()
         };
-        let error = Upstream::new(&config, "https://127.0.0.1:1/v1")
-            .err()
-            .unwrap();
-        assert!(error.to_string().contains("missing.pem"), "{error}");
+        let message = config_error(config, "https://127.0.0.1:1/v1");
+        assert!(message.contains("missing.pem"), "{message}");
     }
 
     #[tokio::test]
@@ -1461,10 +1461,7 @@ mod tests {
                 headers: vec![header.to_owned()],
                 ..config()
             };
-            let error = Upstream::new(&config, "http://127.0.0.1:1/v1")
-                .err()
-                .unwrap();
-            let message = error.to_string();
+            let message = config_error(config, "http://127.0.0.1:1/v1");
             assert!(message.contains("upstream header #1"), "{message}");
             assert!(!message.contains("sk-"), "{message}");
         }
