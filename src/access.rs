@@ -94,6 +94,15 @@ impl Access {
         found
     }
 
+    /// The scope of an idempotency key sent with `key`: a short digest of the API key, the same
+    /// on every instance (never the key), or `-` when no keys are configured.
+    pub fn key_scope(&self, key: Option<KeyId>) -> String {
+        let Some(digest) = key.and_then(|KeyId(index)| self.key_digests.get(index)) else {
+            return "-".to_owned();
+        };
+        digest[..8].iter().map(|byte| format!("{byte:02x}")).collect()
+    }
+
     /// A token that lets its bearer subscribe to `generation_id` until it expires.
     pub fn subscribe_token(&self, generation_id: &str) -> String {
         let expiry = unix_now().saturating_add(self.token_ttl.as_secs());

@@ -59,6 +59,9 @@ pub struct Config {
     pub stream: StreamConfig,
 
     #[command(flatten)]
+    pub store: StoreConfig,
+
+    #[command(flatten)]
     pub drain: DrainConfig,
 
     #[command(flatten)]
@@ -73,6 +76,30 @@ pub struct Config {
     /// Defaults of the embedded mock LLM, used when no upstream URL is set.
     #[command(flatten)]
     pub mock: crate::upstream::mock::MockConfig,
+}
+
+/// The store shared by several instances, so that any instance serves any generation.
+#[derive(Debug, Clone, Args)]
+pub struct StoreConfig {
+    /// `redis://[user:password@]host:port[/db]` (`rediss://` for TLS). Unset: generations live in
+    /// this process only, and every request about one must reach this instance. Never logged.
+    #[arg(id = "store_url", long = "store-url", env = "TOKENFAN_STORE_URL", hide_env_values = true)]
+    pub url: Option<Secret>,
+
+    /// This instance's name in the store (the owner of the generations it runs). Default: the
+    /// host name and a random suffix, unique per process.
+    #[arg(long = "instance-id", env = "TOKENFAN_INSTANCE_ID")]
+    pub instance_id: Option<String>,
+
+    /// The owner's lease on a running generation: when an owner dies, other instances end its
+    /// generations `failed` (`owner_lost`) about one to two leases later.
+    #[arg(long = "owner-lease", env = "TOKENFAN_OWNER_LEASE", default_value = "5s", value_parser = parse_duration)]
+    pub owner_lease: Duration,
+
+    /// `/readyz` answers 503 once the store has been unreachable this long, not at the first
+    /// failed ping, so that a brief blip does not take every instance out of service at once.
+    #[arg(long = "store-unready-after", env = "TOKENFAN_STORE_UNREADY_AFTER", default_value = "30s", value_parser = parse_duration)]
+    pub unready_after: Duration,
 }
 
 /// The OpenAI-compatible provider the generations are streamed from.

@@ -12,6 +12,8 @@ pub mod hub;
 pub mod metrics;
 pub mod server;
 pub mod signal;
+pub mod store;
+mod store_health;
 pub mod upstream;
 
 use std::{future::Future, sync::Arc, time::Duration};
@@ -48,6 +50,13 @@ pub enum ServeError {
     Unauthenticated(std::net::SocketAddr),
     #[error("could not read the listener's address: {0}")]
     Listener(std::io::Error),
+    #[error("could not open the store (--store-url): {0}")]
+    Store(#[from] store::StoreError),
+    #[error(
+        "with a shared store (--store-url) and API keys, every instance must sign subscribe \
+         tokens with the same key: set TOKENFAN_SUBSCRIBE_TOKEN_KEY"
+    )]
+    SharedTokenKey,
 }
 
 /// Serves the gateway on `listener` until `shutdown` resolves, then drains and returns.
@@ -66,6 +75,10 @@ pub async fn serve(
         Some(url) => url.clone(),
         None => start_embedded_mock(&config, mock_shutdown.clone()).await?,
     };
+    let shared = open_store(&config, &access).await?;
+    let store_health = shared
+        .as_ref()
+        .map(|shared| store_health::StoreHealth::watch(shared.store.clone(), config.store.unready_after));
     let hub = Hub::new(
         HubSettings {
             channel_capacity: config.stream.channel_capacity as usize,
@@ -80,6 +93,7 @@ pub async fn serve(
             log_memory_budget: config.limits.log_memory_budget,
         },
         Upstream::new(&config.upstream, &base_url)?,
+        shared,
     );
     let drain = Drain::new(config.drain.reconnect_spread);
     let slow_retry_ms =
@@ -92,6 +106,7 @@ pub async fn serve(
         prometheus,
         max_request_body: config.connection.max_request_body,
         slow_consumer_frame: frame::reconnect(slow_retry_ms, "slow_consumer"),
+        store_health,
     });
     let connections = TaskTracker::new();
     info!("listening on {addr}");
@@ -120,6 +135,44 @@ pub async fn serve(
     let _ = accept_loop.await;
     mock_shutdown.cancel();
     Ok(())
+}
+
+/// Connects to the shared store, when one is configured.
+async fn open_store(
+    config: &Config,
+    access: &access::Access,
+) -> Result<Option<hub::Shared>, ServeError> {
+    let Some(url) = &config.store.url else {
+        return Ok(None);
+    };
+    if access.keys_required() && config.access.subscribe_token_key.is_none() {
+        return Err(ServeError::SharedTokenKey);
+    }
+    let lifetimes = store::Lifetimes {
+        lease: config.store.owner_lease,
+        retention: config.stream.retention,
+        // No generation outlives its upstream deadline; the margin covers the end's write.
+        max_age: config.upstream.total_timeout + Duration::from_secs(60),
+    };
+    let store = store::open(url.expose(), lifetimes).await?;
+    let instance = config.store.instance_id.clone().unwrap_or_else(default_instance_id);
+    info!(instance = %instance, "serving generations from the shared store");
+    Ok(Some(hub::Shared {
+        store,
+        instance,
+        lease: config.store.owner_lease,
+    }))
+}
+
+/// The host name (a pod's name on Kubernetes) and a random suffix, so that several processes
+/// on one host never share an owner name.
+fn default_instance_id() -> String {
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|name| name.trim().to_owned())
+        .ok()
+        .filter(|name| !name.is_empty())
+        .unwrap_or_else(|| "tokenfan".to_owned());
+    format!("{host}-{:04x}", rand::random::<u16>())
 }
 
 /// An open API on a non-loopback address is a mistake unless the operator says otherwise.

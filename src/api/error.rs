@@ -74,7 +74,9 @@ impl ApiError {
             Self::BodyTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             Self::UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             Self::Hub(HubError::IdempotencyKeyReused) => StatusCode::UNPROCESSABLE_ENTITY,
-            Self::Hub(HubError::TooManyGenerations | HubError::MemoryBudgetExceeded)
+            Self::Hub(
+                HubError::TooManyGenerations | HubError::MemoryBudgetExceeded | HubError::Store(_),
+            )
             | Self::Draining
             | Self::OverCapacity => StatusCode::SERVICE_UNAVAILABLE,
             Self::Denied(Denied::WrongGeneration) => StatusCode::FORBIDDEN,
@@ -97,6 +99,7 @@ impl ApiError {
             Self::Hub(HubError::IdempotencyKeyReused) => "idempotency_key_reused",
             Self::Hub(HubError::TooManyGenerations) => "too_many_generations",
             Self::Hub(HubError::MemoryBudgetExceeded) => "memory_budget_exceeded",
+            Self::Hub(HubError::Store(_)) => "store_unavailable",
             Self::InvalidLastEventId => "invalid_last_event_id",
             Self::InvalidQuery(_) => "invalid_query",
             Self::GenerationNotFound => "generation_not_found",
@@ -121,9 +124,9 @@ impl ApiError {
             Self::RateLimited(wait) => Some(wait.as_secs_f64().ceil().max(1.0) as u64),
             Self::Draining
             | Self::OverCapacity
-            | Self::Hub(HubError::TooManyGenerations | HubError::MemoryBudgetExceeded) => {
-                Some(BUSY_RETRY_AFTER_SECS)
-            }
+            | Self::Hub(
+                HubError::TooManyGenerations | HubError::MemoryBudgetExceeded | HubError::Store(_),
+            ) => Some(BUSY_RETRY_AFTER_SECS),
             _ => None,
         }
     }

@@ -58,7 +58,7 @@ pub async fn subscribe(
     let Query(query) = query?;
     let Path(id) = id?;
     authorize_subscriber(&app, &headers, query.token.as_deref(), &id)?;
-    let generation = find(&app, &id)?;
+    let generation = find(&app, &id).await?;
     let cursor = resume_cursor(&headers, query.last_event_id.as_deref())?;
     match generation.resume(cursor) {
         Resume::Stream => {}

@@ -15,7 +15,7 @@ use serde_json::{Map, Value};
 use super::{error::ApiError, App};
 use crate::{
     access::KeyId,
-    hub::{registry::is_generation_id, Created, Generation, Snapshot, Status},
+    hub::{registry::is_generation_id, Created, Generation, IdempotencyKey, Snapshot, Status},
 };
 
 const IDEMPOTENCY_KEY: &str = "idempotency-key";
@@ -73,13 +73,17 @@ pub(crate) async fn start<T>(
     if app.drain.is_draining() {
         return Err(ApiError::Draining);
     }
-    let idempotency_key = idempotency_key(headers)?;
+    let key = key.map(|Extension(key)| key);
+    let idempotency_key = idempotency_key(headers)?.map(|idempotency| IdempotencyKey {
+        scope: app.access.key_scope(key),
+        key: idempotency,
+    });
     let request = chat_request(headers, body, app.max_request_body).await?;
     let inspected = inspect(&request)?;
     app.access
-        .take_creation(key.map(|Extension(key)| key))
+        .take_creation(key)
         .map_err(ApiError::RateLimited)?;
-    Ok((app.hub.create(request, idempotency_key)?, inspected))
+    Ok((app.hub.create(request, idempotency_key).await?, inspected))
 }
 
 /// `GET /v1/generations/{id}`
@@ -88,7 +92,7 @@ pub async fn snapshot(
     id: Result<Path<String>, PathRejection>,
 ) -> Result<Json<Snapshot>, ApiError> {
     let Path(id) = id?;
-    Ok(Json(find(&app, &id)?.snapshot()))
+    Ok(Json(find(&app, &id).await?.snapshot()))
 }
 
 /// `DELETE /v1/generations/{id}`: cancels the upstream call; subscribers get the terminal
@@ -98,17 +102,18 @@ pub async fn cancel(
     id: Result<Path<String>, PathRejection>,
 ) -> Result<Json<Snapshot>, ApiError> {
     let Path(id) = id?;
-    let generation = find(&app, &id)?;
-    generation.finish(crate::hub::Outcome::Cancelled);
+    let generation = find(&app, &id).await?;
+    app.hub.cancel(&generation).await?;
     Ok(Json(generation.snapshot()))
 }
 
-/// Looks a generation up; an id of the wrong shape is simply not found.
-pub fn find(app: &App, id: &str) -> Result<Arc<Generation>, ApiError> {
-    is_generation_id(id)
-        .then(|| app.hub.get(id))
-        .flatten()
-        .ok_or(ApiError::GenerationNotFound)
+/// Looks a generation up, here or (with a store) on any instance; an id of the wrong shape is
+/// simply not found.
+pub async fn find(app: &App, id: &str) -> Result<Arc<Generation>, ApiError> {
+    if !is_generation_id(id) {
+        return Err(ApiError::GenerationNotFound);
+    }
+    app.hub.find(id).await?.ok_or(ApiError::GenerationNotFound)
 }
 
 fn idempotency_key(headers: &HeaderMap) -> Result<Option<String>, ApiError> {

@@ -39,6 +39,8 @@ pub struct App {
     pub max_request_body: usize,
     /// The `event: reconnect` sent to every evicted subscriber, encoded once.
     pub slow_consumer_frame: Bytes,
+    /// Whether the shared store answers, when there is one (for readiness).
+    pub store_health: Option<crate::store_health::StoreHealth>,
 }
 
 pub fn router(app: Arc<App>, cors: Option<CorsLayer>) -> Router {

@@ -24,6 +24,15 @@ pub async fn readyz(State(app): State<Arc<App>>) -> impl IntoResponse {
             StatusCode::SERVICE_UNAVAILABLE,
             Json(json!({"status": "draining"})),
         )
+    } else if app
+        .store_health
+        .as_ref()
+        .is_some_and(|health| !health.ready())
+    {
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            Json(json!({"status": "store_unreachable"})),
+        )
     } else {
         (StatusCode::OK, Json(json!({"status": "ready"})))
     }

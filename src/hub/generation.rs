@@ -17,7 +17,10 @@ use std::{
 use super::queue::{self, TrySendError};
 use bytes::{Bytes, BytesMut};
 use serde::Serialize;
+use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
+
+use crate::store::End;
 
 use super::frame;
 
@@ -125,6 +128,11 @@ pub struct FanOut {
 pub struct Generation {
     id: String,
     idempotency_key: Option<String>,
+    /// With a shared store: the instance that runs this generation's upstream call, when it is
+    /// not this one (this is a replica, fed from the store). `None` for our own.
+    owner: Option<String>,
+    /// Wakes the store writer of an owned generation when the log grew or the generation ended.
+    changed: Notify,
     cancel: CancellationToken,
     /// Subscriber streams open on this generation, replaying or live.
     viewers: AtomicUsize,
@@ -151,9 +159,20 @@ struct State {
 
 impl Generation {
     pub fn new(id: String, idempotency_key: Option<String>) -> Self {
+        Self::with_owner(id, idempotency_key, None)
+    }
+
+    /// A replica of a generation that instance `owner` runs.
+    pub fn replica(id: String, owner: String) -> Self {
+        Self::with_owner(id, None, Some(owner))
+    }
+
+    fn with_owner(id: String, idempotency_key: Option<String>, owner: Option<String>) -> Self {
         Self {
             id,
             idempotency_key,
+            owner,
+            changed: Notify::new(),
             cancel: CancellationToken::new(),
             viewers: AtomicUsize::new(0),
             state: Mutex::new(State {
@@ -178,6 +197,66 @@ impl Generation {
 
     pub fn idempotency_key(&self) -> Option<&str> {
         self.idempotency_key.as_deref()
+    }
+
+    /// The instance that runs this generation, if it is another one (see [`Generation::replica`]).
+    pub fn owner(&self) -> Option<&str> {
+        self.owner.as_deref()
+    }
+
+    /// Resolves after the log grew or the generation ended, since the last time it resolved.
+    pub fn changed(&self) -> tokio::sync::futures::Notified<'_> {
+        self.changed.notified()
+    }
+
+    /// How many tokens the log holds.
+    pub fn token_count(&self) -> u64 {
+        self.lock().frames.len() as u64
+    }
+
+    /// The texts of up to `max` tokens from `from` on, for the store writer.
+    pub fn entries_from(&self, from: u64, max: usize) -> Vec<Bytes> {
+        let to = from.saturating_add(max as u64);
+        self.token_texts(from, to)
+            .into_iter()
+            .map(Bytes::from)
+            .collect()
+    }
+
+    /// How the generation ended, once it has and the store holds all `stored` tokens.
+    pub fn end_state(&self, stored: u64) -> Option<End> {
+        let state = self.lock();
+        if state.status == Status::Running || state.frames.len() as u64 != stored {
+            return None;
+        }
+        Some(End {
+            status: status_label(state.status).to_owned(),
+            token_count: stored,
+            finish_reason: state.finish_reason.clone(),
+            usage: state.usage.as_ref().map(|usage| usage.to_string()),
+            error_code: state.error.as_ref().map(|error| error.code.to_owned()),
+            error_message: state.error.as_ref().map(|error| error.message.clone()),
+        })
+    }
+
+    /// Ends a replica the way its owner ended it.
+    pub fn finish_as(&self, end: &End) -> bool {
+        if let Some(reason) = &end.finish_reason {
+            self.set_finish_reason(reason.clone());
+        }
+        if let Some(usage) = end.usage.as_deref().and_then(|u| serde_json::from_str(u).ok()) {
+            self.set_usage(usage);
+        }
+        let outcome = match end.status.as_str() {
+            "completed" => Outcome::Completed,
+            "cancelled" => Outcome::Cancelled,
+            "interrupted" => Outcome::Interrupted,
+            _ => Outcome::Failed {
+                code: known_code(end.error_code.as_deref()),
+                message: end.error_message.clone().unwrap_or_default(),
+            },
+        };
+        self.finish(outcome)
     }
 
     /// Fires when the generation has ended, whoever ended it; the upstream task stops then.
@@ -215,6 +294,8 @@ impl Generation {
         state.token_ends.push(end);
         state.frames.push(frame.clone());
         let fan_out = state.offer(|| Outbound::Token(frame.clone()));
+        drop(state);
+        self.changed.notify_one();
         Pushed::Logged { fan_out, log_bytes }
     }
 
@@ -283,6 +364,7 @@ impl Generation {
         state.subscribers.clear();
         drop(state);
         self.cancel.cancel();
+        self.changed.notify_one();
         true
     }
 
@@ -381,6 +463,45 @@ impl Generation {
             error: state.error.clone(),
         }
     }
+}
+
+/// The lowercase name of a status, as in the API and the store.
+pub fn status_label(status: Status) -> &'static str {
+    match status {
+        Status::Running => "running",
+        Status::Completed => "completed",
+        Status::Failed => "failed",
+        Status::Cancelled => "cancelled",
+        Status::Interrupted => "interrupted",
+    }
+}
+
+/// Failure codes this gateway writes; a code read back from the store is one of them (an
+/// unknown one, from a newer version, reads as `failed`).
+const KNOWN_CODES: &[&str] = &[
+    "upstream_connect_error",
+    "upstream_timeout",
+    "upstream_http_error",
+    "upstream_protocol_error",
+    "upstream_error",
+    "upstream_interrupted",
+    "too_large",
+    "unwatched",
+    "cancelled",
+    "interrupted",
+    OWNER_LOST,
+    LOG_LOST,
+];
+
+/// The instance running a generation stopped before ending it.
+pub const OWNER_LOST: &str = "owner_lost";
+/// The store lost part of a generation's log.
+pub const LOG_LOST: &str = "log_lost";
+
+fn known_code(code: Option<&str>) -> &'static str {
+    code.and_then(|code| KNOWN_CODES.iter().find(|known| **known == code))
+        .copied()
+        .unwrap_or("failed")
 }
 
 #[derive(Serialize)]

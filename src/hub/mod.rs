@@ -6,6 +6,8 @@
 //! - [`frame`]: SSE frames, encoded once per token and shared by every subscriber.
 //! - [`subscription`]: a subscriber's read position: replay from the log, then live.
 //! - [`queue`]: the bounded channel of one subscriber, which grows only as far as it lags.
+//! - `writer` and `replica`: with a shared store, the owner's copy of a generation to the store,
+//!   and another instance's copy of it from the store.
 //!
 //! Nothing here knows about HTTP.
 
@@ -13,10 +15,12 @@ pub mod frame;
 pub mod generation;
 pub mod queue;
 pub mod registry;
+mod replica;
 pub mod subscription;
+mod writer;
 
 pub use generation::{
     Attach, Generation, LogLimits, Outbound, Outcome, Pushed, Resume, Snapshot, Status,
 };
-pub use registry::{Created, Hub, HubError, HubSettings};
+pub use registry::{Created, Hub, HubError, HubSettings, IdempotencyKey, Shared};
 pub use subscription::{Delivery, Subscription};

@@ -18,9 +18,13 @@ use rand::RngCore;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, info_span, warn, Instrument};
 
-use super::generation::{Generation, LogLimits, Outcome, Pushed, Status};
+use super::{
+    generation::{status_label, Generation, LogLimits, Outcome, Pushed},
+    replica, writer,
+};
 use crate::{
     metrics,
+    store::{IdempotencyClaim, Store, StoreError},
     upstream::{Upstream, UpstreamEvent},
 };
 
@@ -44,6 +48,25 @@ pub enum HubError {
     TooManyGenerations,
     #[error("the generation logs have used their memory budget; retry later")]
     MemoryBudgetExceeded,
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+/// The store shared with other instances, and this instance's name in it.
+pub struct Shared {
+    pub store: Arc<dyn Store>,
+    pub instance: String,
+    /// The owner's lease: replicas wait this long without one before ending a generation.
+    pub lease: Duration,
+}
+
+/// An `Idempotency-Key`, scoped to the credential that sent it.
+#[derive(Debug, Clone)]
+pub struct IdempotencyKey {
+    /// A digest of the caller's API key (or `-` without keys): one tenant's key never names
+    /// another tenant's generation.
+    pub scope: String,
+    pub key: String,
 }
 
 /// A new or existing generation, as returned by [`Hub::create`].
@@ -56,9 +79,11 @@ pub struct Created {
 pub struct Hub {
     settings: HubSettings,
     upstream: Upstream,
+    shared: Option<Shared>,
+    /// Generations served here: our own, and replicas of other instances' (with a store).
     generations: Mutex<HashMap<String, Arc<Generation>>>,
-    /// Idempotency key → (hash of the request body, generation id).
-    idempotency: Mutex<HashMap<String, (u64, String)>>,
+    /// (scope, idempotency key) → (hash of the request body, generation id), without a store.
+    idempotency: Mutex<HashMap<(String, String), (u64, String)>>,
     running: AtomicUsize,
     subscribers_open: AtomicUsize,
     /// Memory held by every generation log, against `log_memory_budget`.
@@ -70,10 +95,11 @@ pub struct Hub {
 }
 
 impl Hub {
-    pub fn new(settings: HubSettings, upstream: Upstream) -> Arc<Self> {
-        Arc::new(Self {
+    pub fn new(settings: HubSettings, upstream: Upstream, shared: Option<Shared>) -> Arc<Self> {
+        let hub = Arc::new(Self {
             settings,
             upstream,
+            shared,
             generations: Mutex::default(),
             idempotency: Mutex::default(),
             running: AtomicUsize::new(0),
@@ -81,19 +107,37 @@ impl Hub {
             log_bytes: AtomicUsize::new(0),
             finished: Mutex::default(),
             closed: CancellationToken::new(),
-        })
+        });
+        if hub.shared.is_some() {
+            tokio::spawn(hub.clone().serve_cancel_requests());
+        }
+        hub
     }
 
     pub fn settings(&self) -> &HubSettings {
         &self.settings
     }
 
+    pub fn shared(&self) -> Option<&Shared> {
+        self.shared.as_ref()
+    }
+
+    /// This instance's name (with a store), for the viewers and the logs.
+    pub fn instance(&self) -> Option<&str> {
+        self.shared.as_ref().map(|shared| shared.instance.as_str())
+    }
+
+    /// Fires when the process shuts down.
+    pub fn closed(&self) -> tokio_util::sync::WaitForCancellationFuture<'_> {
+        self.closed.cancelled()
+    }
+
     /// Starts a generation (one upstream task), or returns the one an earlier request with the
-    /// same idempotency key started.
-    pub fn create(
+    /// same idempotency key (from the same credential) started, on any instance.
+    pub async fn create(
         self: &Arc<Self>,
         request: serde_json::Map<String, serde_json::Value>,
-        idempotency_key: Option<String>,
+        idempotency_key: Option<IdempotencyKey>,
     ) -> Result<Created, HubError> {
         if self.running() >= self.settings.max_generations {
             return Err(HubError::TooManyGenerations);
@@ -102,34 +146,47 @@ impl Hub {
             return Err(HubError::MemoryBudgetExceeded);
         }
         let body_hash = hash_request(&request);
-        // Held across the insert into `generations`, so two racing requests with one key cannot
-        // both start an upstream call.
-        let mut keys = lock(&self.idempotency);
-        if let Some(key) = &idempotency_key {
-            if let Some((hash, id)) = keys.get(key) {
-                if *hash != body_hash {
-                    return Err(HubError::IdempotencyKeyReused);
-                }
-                if let Some(generation) = self.get(id) {
-                    return Ok(Created {
-                        generation,
-                        is_new: false,
-                    });
-                }
-            }
-        }
         let id = new_generation_id();
-        let generation = Arc::new(Generation::new(id.clone(), idempotency_key.clone()));
-        if let Some(key) = idempotency_key {
-            keys.insert(key, (body_hash, id.clone()));
-        }
-        lock(&self.generations).insert(id.clone(), generation.clone());
-        drop(keys);
+        let generation = match &self.shared {
+            None => match self.register_local(id, idempotency_key, body_hash)? {
+                Ok(generation) => generation,
+                Err(existing) => return Ok(existing),
+            },
+            Some(shared) => {
+                shared.store.create(&id, &shared.instance).await?;
+                if let Some(key) = &idempotency_key {
+                    let claim = IdempotencyClaim {
+                        scope: key.scope.clone(),
+                        key: key.key.clone(),
+                        body_hash,
+                    };
+                    if let Some(claimed) = shared.store.claim_idempotency(&claim, &id).await? {
+                        if let Err(error) = shared.store.discard(&id).await {
+                            warn!(%error, "could not remove a generation that lost an idempotency race");
+                        }
+                        if claimed.body_hash != body_hash {
+                            return Err(HubError::IdempotencyKeyReused);
+                        }
+                        let generation = self.find(&claimed.id).await?.ok_or_else(|| {
+                            StoreError::Protocol("the generation of this Idempotency-Key is gone".into())
+                        })?;
+                        return Ok(Created {
+                            generation,
+                            is_new: false,
+                        });
+                    }
+                }
+                let key = idempotency_key.map(|key| key.key);
+                let generation = Arc::new(Generation::new(id.clone(), key));
+                lock(&self.generations).insert(id.clone(), generation.clone());
+                generation
+            }
+        };
 
         self.running.fetch_add(1, Ordering::Relaxed);
         ::metrics::gauge!(metrics::GENERATIONS_RUNNING).increment(1);
         ::metrics::counter!(metrics::GENERATIONS_STARTED).increment(1);
-        let span = info_span!("generation", generation_id = %id);
+        let span = info_span!("generation", generation_id = %generation.id());
         tokio::spawn(
             self.clone()
                 .run(generation.clone(), request)
@@ -141,11 +198,124 @@ impl Hub {
         })
     }
 
+    /// Registers a new generation in this process alone; `Err` with the existing one when the
+    /// idempotency key was used before.
+    #[allow(clippy::type_complexity)]
+    fn register_local(
+        &self,
+        id: String,
+        idempotency_key: Option<IdempotencyKey>,
+        body_hash: u64,
+    ) -> Result<Result<Arc<Generation>, Created>, HubError> {
+        // Held across the insert into `generations`, so two racing requests with one key cannot
+        // both start an upstream call.
+        let mut keys = lock(&self.idempotency);
+        let scoped = idempotency_key.map(|key| (key.scope, key.key));
+        if let Some(scoped) = &scoped {
+            if let Some((hash, existing)) = keys.get(scoped) {
+                if *hash != body_hash {
+                    return Err(HubError::IdempotencyKeyReused);
+                }
+                if let Some(generation) = self.get(existing) {
+                    return Ok(Err(Created {
+                        generation,
+                        is_new: false,
+                    }));
+                }
+            }
+        }
+        let generation = Arc::new(Generation::new(
+            id.clone(),
+            scoped.as_ref().map(|(_, key)| key.clone()),
+        ));
+        if let Some(scoped) = scoped {
+            keys.insert(scoped, (body_hash, id.clone()));
+        }
+        lock(&self.generations).insert(id, generation.clone());
+        Ok(Ok(generation))
+    }
+
+    /// Finds a generation: one served here, or, with a store, one that another instance runs
+    /// (this instance then keeps a replica of it).
+    pub async fn find(self: &Arc<Self>, id: &str) -> Result<Option<Arc<Generation>>, HubError> {
+        if let Some(generation) = self.get(id) {
+            return Ok(Some(generation));
+        }
+        match &self.shared {
+            None => Ok(None),
+            Some(shared) => Ok(replica::open(self, shared, id).await?),
+        }
+    }
+
+    /// Registers a replica, unless another request made one first: the one to use is returned.
+    pub(super) fn adopt(&self, replica: Arc<Generation>) -> (Arc<Generation>, bool) {
+        let mut generations = lock(&self.generations);
+        if let Some(existing) = generations.get(replica.id()) {
+            return (existing.clone(), false);
+        }
+        generations.insert(replica.id().to_owned(), replica.clone());
+        (replica, true)
+    }
+
+    /// Cancels a generation: ours at once; another instance's by asking its owner (or, when
+    /// the owner is gone, in the store), then waiting briefly for the end to arrive here.
+    pub async fn cancel(&self, generation: &Generation) -> Result<(), HubError> {
+        let (Some(owner), Some(shared)) = (generation.owner(), &self.shared) else {
+            generation.finish(Outcome::Cancelled);
+            return Ok(());
+        };
+        if generation.status() != super::Status::Running {
+            return Ok(());
+        }
+        if !shared.store.request_cancel(owner, generation.id()).await? {
+            let end = crate::store::End {
+                status: "cancelled".into(),
+                token_count: generation.token_count(),
+                finish_reason: None,
+                usage: None,
+                error_code: Some("cancelled".into()),
+                error_message: Some("the generation was cancelled".into()),
+            };
+            shared.store.finish(generation.id(), None, &end).await?;
+        }
+        let _ = tokio::time::timeout(CANCEL_WAIT, generation.ended()).await;
+        Ok(())
+    }
+
+    /// Cancels our generations when another instance asks (`DELETE` answered elsewhere).
+    async fn serve_cancel_requests(self: Arc<Self>) {
+        let Some(shared) = &self.shared else { return };
+        let (tx, mut rx) = tokio::sync::mpsc::channel(64);
+        let _registration = loop {
+            match shared.store.listen_for_cancels(&shared.instance, tx.clone()).await {
+                Ok(registration) => break registration,
+                Err(error) => {
+                    warn!(%error, "cannot listen for cancel requests yet; retrying");
+                    tokio::select! {
+                        () = tokio::time::sleep(Duration::from_secs(1)) => {}
+                        () = self.closed.cancelled() => return,
+                    }
+                }
+            }
+        };
+        loop {
+            let id = tokio::select! {
+                id = rx.recv() => id,
+                () = self.closed.cancelled() => None,
+            };
+            let Some(id) = id else { return };
+            if let Some(generation) = self.get(&id).filter(|g| g.owner().is_none()) {
+                info!(generation_id = %id, "cancelled at another instance's request");
+                generation.finish(Outcome::Cancelled);
+            }
+        }
+    }
+
     pub fn get(&self, id: &str) -> Option<Arc<Generation>> {
         lock(&self.generations).get(id).cloned()
     }
 
-    /// Generations whose upstream call is still going.
+    /// Generations of ours whose upstream call is still going.
     pub fn running(&self) -> usize {
         self.running.load(Ordering::Relaxed)
     }
@@ -181,11 +351,12 @@ impl Hub {
         self.all().iter().map(|g| g.disconnect_all()).sum()
     }
 
-    /// Ends every running generation as `interrupted`. Returns how many.
+    /// Ends every running generation of ours as `interrupted` (replicas end when their owner
+    /// says so). Returns how many.
     pub fn interrupt_all(&self) -> usize {
         self.all()
             .iter()
-            .filter(|g| g.finish(Outcome::Interrupted))
+            .filter(|g| g.owner().is_none() && g.finish(Outcome::Interrupted))
             .count()
     }
 
@@ -202,6 +373,12 @@ impl Hub {
         request: serde_json::Map<String, serde_json::Value>,
     ) {
         info!("generation started");
+        let writer = self.shared.as_ref().map(|shared| {
+            tokio::spawn(
+                writer::run(shared.store.clone(), shared.instance.clone(), shared.lease, generation.clone())
+                    .in_current_span(),
+            )
+        });
         let outcome = tokio::select! {
             outcome = self.stream_upstream(&generation, request) => Some(outcome),
             () = generation.ended() => None,
@@ -218,17 +395,31 @@ impl Hub {
         }
         let status = generation.status();
         info!(?status, "generation ended");
-        lock(&self.finished).push_back(generation.id().to_owned());
+        self.mark_finished(&generation);
         self.running.fetch_sub(1, Ordering::Relaxed);
         ::metrics::gauge!(metrics::GENERATIONS_RUNNING).decrement(1);
         ::metrics::counter!(metrics::GENERATIONS_FINISHED, "status" => status_label(status))
             .increment(1);
+        if let Some(writer) = writer {
+            // The retention clock starts once the store holds the end too; a store that stays
+            // unreachable for a whole retention time does not keep the log here forever.
+            let abort = writer.abort_handle();
+            tokio::select! {
+                _ = writer => {}
+                () = tokio::time::sleep(self.settings.retention) => abort.abort(),
+                () = self.closed.cancelled() => abort.abort(),
+            }
+        }
+        self.retain_then_forget(&generation).await;
+    }
 
+    /// Keeps a finished generation readable for the retention time, then forgets it.
+    pub(super) async fn retain_then_forget(&self, generation: &Generation) {
         tokio::select! {
             () = tokio::time::sleep(self.settings.retention) => {}
             () = self.closed.cancelled() => {}
         }
-        self.forget(&generation);
+        self.forget(generation);
     }
 
     async fn stream_upstream(
@@ -304,29 +495,37 @@ impl Hub {
         self.log_bytes.load(Ordering::Relaxed)
     }
 
-    fn forget(&self, generation: &Generation) {
-        if lock(&self.generations).remove(generation.id()).is_some() {
+    /// Counts log memory that a replica took on.
+    pub(super) fn logged(&self, bytes: usize) {
+        self.log_bytes.fetch_add(bytes, Ordering::Relaxed);
+        self.fit_log_budget();
+    }
+
+    /// Puts a finished generation in line for early eviction under memory pressure.
+    pub(super) fn mark_finished(&self, generation: &Generation) {
+        lock(&self.finished).push_back(generation.id().to_owned());
+    }
+
+    pub(super) fn forget(&self, generation: &Generation) {
+        let mut generations = lock(&self.generations);
+        // A replica forgotten after another took its place leaves the newer one alone.
+        let same = generations
+            .get(generation.id())
+            .is_some_and(|known| std::ptr::eq(Arc::as_ptr(known), generation));
+        let removed = same && generations.remove(generation.id()).is_some();
+        drop(generations);
+        if removed {
             self.log_bytes
                 .fetch_sub(generation.log_bytes(), Ordering::Relaxed);
         }
-        if let Some(key) = generation.idempotency_key() {
-            let mut keys = lock(&self.idempotency);
-            if keys.get(key).is_some_and(|(_, id)| id == generation.id()) {
-                keys.remove(key);
-            }
+        if generation.idempotency_key().is_some() {
+            lock(&self.idempotency).retain(|_, (_, id)| id != generation.id());
         }
     }
 }
 
-fn status_label(status: Status) -> &'static str {
-    match status {
-        Status::Running => "running",
-        Status::Completed => "completed",
-        Status::Failed => "failed",
-        Status::Cancelled => "cancelled",
-        Status::Interrupted => "interrupted",
-    }
-}
+/// How long a `DELETE` answered by a replica waits for the owner's end to arrive.
+const CANCEL_WAIT: Duration = Duration::from_secs(5);
 
 /// `gen_` and 128 random bits in hex: unguessable, so knowing an id is the capability to read it.
 fn new_generation_id() -> String {

@@ -1,0 +1,334 @@
+//! The store in one process's memory: the same contract as Redis (fencing by lease, expected
+//! index, idempotency, live feed, control channel), so that several hubs in one process behave
+//! like several instances on one Redis. The hub's cross-instance invariants are tested on it.
+
+use std::{
+    collections::HashMap,
+    sync::{Arc, Mutex, Weak},
+    time::Instant,
+};
+
+use bytes::Bytes;
+use futures_util::future::{self, BoxFuture};
+use tokio::sync::mpsc;
+
+use super::{
+    Claimed, End, IdempotencyClaim, Lifetimes, LiveEvent, LiveSender, Meta, Store, StoreError,
+    Watch, Written,
+};
+
+#[derive(Default)]
+struct Entry {
+    owner: String,
+    lease_until: Option<Instant>,
+    log: Vec<Bytes>,
+    end: Option<End>,
+}
+
+#[derive(Default)]
+struct State {
+    generations: HashMap<String, Entry>,
+    idempotency: HashMap<(String, String), Claimed>,
+    /// Live feeds by generation id; each registration by a unique number.
+    feeds: HashMap<String, Vec<(u64, LiveSender)>>,
+    controls: HashMap<String, Vec<(u64, mpsc::Sender<String>)>>,
+    next_registration: u64,
+}
+
+pub struct MemoryStore {
+    lifetimes: Lifetimes,
+    state: Arc<Mutex<State>>,
+}
+
+impl MemoryStore {
+    pub fn new(lifetimes: Lifetimes) -> Self {
+        Self {
+            lifetimes,
+            state: Arc::default(),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        lock(&self.state)
+    }
+
+    /// Forgets a generation as a store restart without persistence would (for tests).
+    pub fn lose(&self, id: &str) {
+        self.lock().generations.remove(id);
+    }
+
+    /// Forgets an owner's lease as its death would (for tests).
+    pub fn expire_lease(&self, id: &str) {
+        if let Some(entry) = self.lock().generations.get_mut(id) {
+            entry.lease_until = None;
+        }
+    }
+}
+
+fn lock(state: &Mutex<State>) -> std::sync::MutexGuard<'_, State> {
+    state.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+impl Entry {
+    fn leased_by_other(&self, owner: &str) -> bool {
+        self.lease_until.is_some_and(|until| until > Instant::now()) && self.owner != owner
+    }
+
+    fn leased(&self) -> bool {
+        self.lease_until.is_some_and(|until| until > Instant::now())
+    }
+}
+
+impl State {
+    /// Offers `event` to every replica's feed; a full feed misses it (the replica notices the
+    /// gap and reads the log), a closed one is forgotten.
+    fn publish(&mut self, id: &str, event: &LiveEvent) {
+        if let Some(feeds) = self.feeds.get_mut(id) {
+            feeds.retain(|(_, tx)| {
+                !matches!(
+                    tx.try_send(event.clone()),
+                    Err(mpsc::error::TrySendError::Closed(_))
+                )
+            });
+        }
+    }
+}
+
+/// Removes one registration when dropped.
+struct Registration {
+    state: Weak<Mutex<State>>,
+    key: String,
+    number: u64,
+    control: bool,
+}
+
+impl Watch for Registration {}
+
+impl Drop for Registration {
+    fn drop(&mut self) {
+        let Some(state) = self.state.upgrade() else {
+            return;
+        };
+        let mut state = lock(&state);
+        if self.control {
+            if let Some(list) = state.controls.get_mut(&self.key) {
+                list.retain(|(n, _)| *n != self.number);
+            }
+        } else if let Some(list) = state.feeds.get_mut(&self.key) {
+            list.retain(|(n, _)| *n != self.number);
+        }
+    }
+}
+
+impl Store for MemoryStore {
+    fn create<'a>(&'a self, id: &'a str, owner: &'a str) -> BoxFuture<'a, Result<(), StoreError>> {
+        let lease_until = Some(Instant::now() + self.lifetimes.lease);
+        self.lock().generations.insert(
+            id.to_owned(),
+            Entry {
+                owner: owner.to_owned(),
+                lease_until,
+                ..Entry::default()
+            },
+        );
+        Box::pin(future::ready(Ok(())))
+    }
+
+    fn discard<'a>(&'a self, id: &'a str) -> BoxFuture<'a, Result<(), StoreError>> {
+        self.lock().generations.remove(id);
+        Box::pin(future::ready(Ok(())))
+    }
+
+    fn claim_idempotency<'a>(
+        &'a self,
+        claim: &'a IdempotencyClaim,
+        id: &'a str,
+    ) -> BoxFuture<'a, Result<Option<Claimed>, StoreError>> {
+        let mut state = self.lock();
+        let key = (claim.scope.clone(), claim.key.clone());
+        let existing = state.idempotency.get(&key).cloned();
+        if existing.is_none() {
+            state.idempotency.insert(
+                key,
+                Claimed {
+                    body_hash: claim.body_hash,
+                    id: id.to_owned(),
+                },
+            );
+        }
+        Box::pin(future::ready(Ok(existing)))
+    }
+
+    fn append<'a>(
+        &'a self,
+        id: &'a str,
+        owner: &'a str,
+        first: u64,
+        entries: &'a [Bytes],
+    ) -> BoxFuture<'a, Result<Written, StoreError>> {
+        let lease = self.lifetimes.lease;
+        let mut state = self.lock();
+        let written = match state.generations.get_mut(id) {
+            None => Written::Missing,
+            Some(entry) if entry.end.is_some() || entry.leased_by_other(owner) => Written::Fenced,
+            Some(entry) if entry.log.len() as u64 != first => Written::Expected {
+                next: entry.log.len() as u64,
+            },
+            Some(entry) => {
+                entry.owner = owner.to_owned();
+                entry.lease_until = Some(Instant::now() + lease);
+                entry.log.extend_from_slice(entries);
+                Written::Done
+            }
+        };
+        if written == Written::Done {
+            state.publish(
+                id,
+                &LiveEvent::Entries {
+                    first,
+                    entries: entries.to_vec(),
+                },
+            );
+        }
+        Box::pin(future::ready(Ok(written)))
+    }
+
+    fn renew<'a>(&'a self, id: &'a str, owner: &'a str) -> BoxFuture<'a, Result<Written, StoreError>> {
+        let lease = self.lifetimes.lease;
+        let written = match self.lock().generations.get_mut(id) {
+            None => Written::Missing,
+            Some(entry) if entry.end.is_some() || entry.leased_by_other(owner) => Written::Fenced,
+            Some(entry) => {
+                entry.lease_until = Some(Instant::now() + lease);
+                Written::Done
+            }
+        };
+        Box::pin(future::ready(Ok(written)))
+    }
+
+    fn finish<'a>(
+        &'a self,
+        id: &'a str,
+        owner: Option<&'a str>,
+        end: &'a End,
+    ) -> BoxFuture<'a, Result<Written, StoreError>> {
+        let mut state = self.lock();
+        let written = match (state.generations.get_mut(id), owner) {
+            (None, _) => Written::Missing,
+            (Some(entry), _) if entry.end.is_some() => Written::Fenced,
+            (Some(entry), None) if entry.leased() => Written::Leased,
+            (Some(entry), Some(owner)) if entry.leased_by_other(owner) => Written::Fenced,
+            (Some(entry), Some(_)) if entry.log.len() as u64 != end.token_count => {
+                Written::Expected {
+                    next: entry.log.len() as u64,
+                }
+            }
+            (Some(entry), _) => {
+                let mut end = end.clone();
+                end.token_count = entry.log.len() as u64;
+                entry.end = Some(end);
+                entry.lease_until = None;
+                Written::Done
+            }
+        };
+        if written == Written::Done {
+            state.publish(id, &LiveEvent::Ended);
+        }
+        Box::pin(future::ready(Ok(written)))
+    }
+
+    fn meta<'a>(&'a self, id: &'a str) -> BoxFuture<'a, Result<Option<Meta>, StoreError>> {
+        let meta = self.lock().generations.get(id).map(|entry| Meta {
+            owner: entry.owner.clone(),
+            status: entry
+                .end
+                .as_ref()
+                .map_or_else(|| "running".to_owned(), |end| end.status.clone()),
+            next: entry.log.len() as u64,
+            leased: entry.leased(),
+            end: entry.end.clone(),
+        });
+        Box::pin(future::ready(Ok(meta)))
+    }
+
+    fn read<'a>(
+        &'a self,
+        id: &'a str,
+        from: u64,
+        max: usize,
+    ) -> BoxFuture<'a, Result<Vec<Bytes>, StoreError>> {
+        let entries = self
+            .lock()
+            .generations
+            .get(id)
+            .map(|entry| {
+                let start = usize::try_from(from).unwrap_or(usize::MAX).min(entry.log.len());
+                let end = start.saturating_add(max).min(entry.log.len());
+                entry.log[start..end].to_vec()
+            })
+            .unwrap_or_default();
+        Box::pin(future::ready(Ok(entries)))
+    }
+
+    fn watch<'a>(
+        &'a self,
+        id: &'a str,
+        sender: LiveSender,
+    ) -> BoxFuture<'a, Result<Box<dyn Watch>, StoreError>> {
+        let mut state = self.lock();
+        state.next_registration += 1;
+        let number = state.next_registration;
+        state
+            .feeds
+            .entry(id.to_owned())
+            .or_default()
+            .push((number, sender));
+        let registration: Box<dyn Watch> = Box::new(Registration {
+            state: Arc::downgrade(&self.state),
+            key: id.to_owned(),
+            number,
+            control: false,
+        });
+        Box::pin(future::ready(Ok(registration)))
+    }
+
+    fn request_cancel<'a>(
+        &'a self,
+        owner: &'a str,
+        id: &'a str,
+    ) -> BoxFuture<'a, Result<bool, StoreError>> {
+        let heard = self.lock().controls.get(owner).is_some_and(|list| {
+            list.iter()
+                .filter(|(_, tx)| tx.try_send(id.to_owned()).is_ok())
+                .count()
+                > 0
+        });
+        Box::pin(future::ready(Ok(heard)))
+    }
+
+    fn listen_for_cancels<'a>(
+        &'a self,
+        owner: &'a str,
+        sender: mpsc::Sender<String>,
+    ) -> BoxFuture<'a, Result<Box<dyn Watch>, StoreError>> {
+        let mut state = self.lock();
+        state.next_registration += 1;
+        let number = state.next_registration;
+        state
+            .controls
+            .entry(owner.to_owned())
+            .or_default()
+            .push((number, sender));
+        let registration: Box<dyn Watch> = Box::new(Registration {
+            state: Arc::downgrade(&self.state),
+            key: owner.to_owned(),
+            number,
+            control: true,
+        });
+        Box::pin(future::ready(Ok(registration)))
+    }
+
+    fn ping(&self) -> BoxFuture<'_, Result<(), StoreError>> {
+        Box::pin(future::ready(Ok(())))
+    }
+}
