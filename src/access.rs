@@ -100,7 +100,10 @@ impl Access {
         let Some(digest) = key.and_then(|KeyId(index)| self.key_digests.get(index)) else {
             return "-".to_owned();
         };
-        digest[..8].iter().map(|byte| format!("{byte:02x}")).collect()
+        digest[..8]
+            .iter()
+            .map(|byte| format!("{byte:02x}"))
+            .collect()
     }
 
     /// A token that lets its bearer subscribe to `generation_id` until it expires.

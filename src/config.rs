@@ -83,7 +83,12 @@ pub struct Config {
 pub struct StoreConfig {
     /// `redis://[user:password@]host:port[/db]` (`rediss://` for TLS). Unset: generations live in
     /// this process only, and every request about one must reach this instance. Never logged.
-    #[arg(id = "store_url", long = "store-url", env = "TOKENFAN_STORE_URL", hide_env_values = true)]
+    #[arg(
+        id = "store_url",
+        long = "store-url",
+        env = "TOKENFAN_STORE_URL",
+        hide_env_values = true
+    )]
     pub url: Option<Secret>,
 
     /// This instance's name in the store (the owner of the generations it runs). Default: the

@@ -52,6 +52,8 @@ pub enum ServeError {
     Listener(std::io::Error),
     #[error("could not open the store (--store-url): {0}")]
     Store(#[from] store::StoreError),
+    #[error("could not listen to the other instances: {0}")]
+    Hub(#[from] hub::HubError),
     #[error(
         "with a shared store (--store-url) and API keys, every instance must sign subscribe \
          tokens with the same key: set TOKENFAN_SUBSCRIBE_TOKEN_KEY"
@@ -76,9 +78,9 @@ pub async fn serve(
         None => start_embedded_mock(&config, mock_shutdown.clone()).await?,
     };
     let shared = open_store(&config, &access).await?;
-    let store_health = shared
-        .as_ref()
-        .map(|shared| store_health::StoreHealth::watch(shared.store.clone(), config.store.unready_after));
+    let store_health = shared.as_ref().map(|shared| {
+        store_health::StoreHealth::watch(shared.store.clone(), config.store.unready_after)
+    });
     let hub = Hub::new(
         HubSettings {
             channel_capacity: config.stream.channel_capacity as usize,
@@ -95,6 +97,7 @@ pub async fn serve(
         Upstream::new(&config.upstream, &base_url)?,
         shared,
     );
+    hub.listen_to_instances().await?;
     let drain = Drain::new(config.drain.reconnect_spread);
     let slow_retry_ms =
         u64::try_from(config.stream.slow_consumer_retry.as_millis()).unwrap_or(u64::MAX);
@@ -155,7 +158,11 @@ async fn open_store(
         max_age: config.upstream.total_timeout + Duration::from_secs(60),
     };
     let store = store::open(url.expose(), lifetimes).await?;
-    let instance = config.store.instance_id.clone().unwrap_or_else(default_instance_id);
+    let instance = config
+        .store
+        .instance_id
+        .clone()
+        .unwrap_or_else(default_instance_id);
     info!(instance = %instance, "serving generations from the shared store");
     Ok(Some(hub::Shared {
         store,

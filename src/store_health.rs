@@ -39,7 +39,8 @@ impl StoreHealth {
                 tick.tick().await;
                 let answered = tokio::time::timeout(PING_EVERY, store.ping()).await;
                 if matches!(answered, Ok(Ok(()))) {
-                    let now = u64::try_from(pinger.started.elapsed().as_millis()).unwrap_or(u64::MAX);
+                    let now =
+                        u64::try_from(pinger.started.elapsed().as_millis()).unwrap_or(u64::MAX);
                     pinger.last_answer_ms.store(now, Ordering::Relaxed);
                 }
                 if Arc::strong_count(&pinger.last_answer_ms) == 1 {

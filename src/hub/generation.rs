@@ -244,7 +244,11 @@ impl Generation {
         if let Some(reason) = &end.finish_reason {
             self.set_finish_reason(reason.clone());
         }
-        if let Some(usage) = end.usage.as_deref().and_then(|u| serde_json::from_str(u).ok()) {
+        if let Some(usage) = end
+            .usage
+            .as_deref()
+            .and_then(|u| serde_json::from_str(u).ok())
+        {
             self.set_usage(usage);
         }
         let outcome = match end.status.as_str() {

@@ -16,6 +16,8 @@ pub mod generation;
 pub mod queue;
 pub mod registry;
 mod replica;
+#[cfg(test)]
+mod shared_tests;
 pub mod subscription;
 mod writer;
 

@@ -108,10 +108,22 @@ impl Hub {
             finished: Mutex::default(),
             closed: CancellationToken::new(),
         });
-        if hub.shared.is_some() {
-            tokio::spawn(hub.clone().serve_cancel_requests());
-        }
         hub
+    }
+
+    /// With a store: starts listening for the cancel requests of other instances. Called once,
+    /// before the first request is served, so that none is missed.
+    pub async fn listen_to_instances(self: &Arc<Self>) -> Result<(), HubError> {
+        let Some(shared) = &self.shared else {
+            return Ok(());
+        };
+        let (tx, rx) = tokio::sync::mpsc::channel(64);
+        let registration = shared
+            .store
+            .listen_for_cancels(&shared.instance, tx)
+            .await?;
+        tokio::spawn(self.clone().serve_cancel_requests(registration, rx));
+        Ok(())
     }
 
     pub fn settings(&self) -> &HubSettings {
@@ -168,7 +180,9 @@ impl Hub {
                             return Err(HubError::IdempotencyKeyReused);
                         }
                         let generation = self.find(&claimed.id).await?.ok_or_else(|| {
-                            StoreError::Protocol("the generation of this Idempotency-Key is gone".into())
+                            StoreError::Protocol(
+                                "the generation of this Idempotency-Key is gone".into(),
+                            )
                         })?;
                         return Ok(Created {
                             generation,
@@ -283,21 +297,11 @@ impl Hub {
     }
 
     /// Cancels our generations when another instance asks (`DELETE` answered elsewhere).
-    async fn serve_cancel_requests(self: Arc<Self>) {
-        let Some(shared) = &self.shared else { return };
-        let (tx, mut rx) = tokio::sync::mpsc::channel(64);
-        let _registration = loop {
-            match shared.store.listen_for_cancels(&shared.instance, tx.clone()).await {
-                Ok(registration) => break registration,
-                Err(error) => {
-                    warn!(%error, "cannot listen for cancel requests yet; retrying");
-                    tokio::select! {
-                        () = tokio::time::sleep(Duration::from_secs(1)) => {}
-                        () = self.closed.cancelled() => return,
-                    }
-                }
-            }
-        };
+    async fn serve_cancel_requests(
+        self: Arc<Self>,
+        _registration: Box<dyn crate::store::Watch>,
+        mut rx: tokio::sync::mpsc::Receiver<String>,
+    ) {
         loop {
             let id = tokio::select! {
                 id = rx.recv() => id,
@@ -375,8 +379,13 @@ impl Hub {
         info!("generation started");
         let writer = self.shared.as_ref().map(|shared| {
             tokio::spawn(
-                writer::run(shared.store.clone(), shared.instance.clone(), shared.lease, generation.clone())
-                    .in_current_span(),
+                writer::run(
+                    shared.store.clone(),
+                    shared.instance.clone(),
+                    shared.lease,
+                    generation.clone(),
+                )
+                .in_current_span(),
             )
         });
         let outcome = tokio::select! {

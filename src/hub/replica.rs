@@ -70,7 +70,12 @@ struct Relay {
 }
 
 impl Relay {
-    async fn run(mut self, watch: Box<dyn Watch>, mut feed: mpsc::Receiver<LiveEvent>, ended: bool) {
+    async fn run(
+        mut self,
+        watch: Box<dyn Watch>,
+        mut feed: mpsc::Receiver<LiveEvent>,
+        ended: bool,
+    ) {
         if !ended {
             self.follow(&mut feed).await;
         }
@@ -147,7 +152,10 @@ impl Relay {
     async fn catch_up(&self, shared: &Shared) -> Result<(), StoreError> {
         loop {
             let from = self.generation.token_count();
-            let entries = shared.store.read(self.generation.id(), from, READ_BATCH).await?;
+            let entries = shared
+                .store
+                .read(self.generation.id(), from, READ_BATCH)
+                .await?;
             for entry in &entries {
                 self.push(entry);
             }
@@ -187,7 +195,10 @@ impl Relay {
             error_code: Some(OWNER_LOST.into()),
             error_message: Some("the instance running this generation stopped".into()),
         };
-        let written = shared.store.finish(self.generation.id(), None, &end).await?;
+        let written = shared
+            .store
+            .finish(self.generation.id(), None, &end)
+            .await?;
         info!(owner = %meta.owner, ?written, "the owner's lease is gone: ended the generation");
         // The end arrives through the metadata on the next look.
         Ok(false)

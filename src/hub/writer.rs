@@ -21,10 +21,16 @@ use crate::store::{Store, Written};
 /// Most entries in one append: one script call stays short for Redis.
 const MAX_BATCH: usize = 512;
 /// Waits between attempts while the store is unreachable.
-const RETRY: std::ops::RangeInclusive<Duration> = Duration::from_millis(50)..=Duration::from_secs(1);
+const RETRY: std::ops::RangeInclusive<Duration> =
+    Duration::from_millis(50)..=Duration::from_secs(1);
 
 /// Runs until the store holds the whole generation and its end, or another instance ended it.
-pub async fn run(store: Arc<dyn Store>, owner: String, lease: Duration, generation: Arc<Generation>) {
+pub async fn run(
+    store: Arc<dyn Store>,
+    owner: String,
+    lease: Duration,
+    generation: Arc<Generation>,
+) {
     let id = generation.id().to_owned();
     let renew_every = lease / 3;
     let mut stored = 0u64;
@@ -36,12 +42,11 @@ pub async fn run(store: Arc<dyn Store>, owner: String, lease: Duration, generati
         let changed = generation.changed();
         let pending = generation.entries_from(stored, MAX_BATCH);
         let result = if !pending.is_empty() {
-            store.append(&id, &owner, stored, &pending).await.map(|written| {
-                if written == Written::Done {
-                    stored += pending.len() as u64;
-                }
-                written
-            })
+            let written = store.append(&id, &owner, stored, &pending).await;
+            if matches!(written, Ok(Written::Done)) {
+                stored += pending.len() as u64;
+            }
+            written
         } else if let Some(end) = generation.end_state(stored) {
             match store.finish(&id, Some(&owner), &end).await {
                 Ok(Written::Done) => return,

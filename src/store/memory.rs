@@ -52,21 +52,25 @@ impl MemoryStore {
         lock(&self.state)
     }
 
-    /// Forgets a generation as a store restart without persistence would (for tests).
+    /// Forgets a generation, as a restart without persistence would.
+    #[cfg(test)]
     pub fn lose(&self, id: &str) {
         self.lock().generations.remove(id);
     }
 
-    /// Forgets an owner's lease as its death would (for tests).
-    pub fn expire_lease(&self, id: &str) {
+    /// Keeps only the first `len` entries of a log, as a store that lost its tail would.
+    #[cfg(test)]
+    pub fn truncate_log(&self, id: &str, len: usize) {
         if let Some(entry) = self.lock().generations.get_mut(id) {
-            entry.lease_until = None;
+            entry.log.truncate(len);
         }
     }
 }
 
 fn lock(state: &Mutex<State>) -> std::sync::MutexGuard<'_, State> {
-    state.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    state
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 impl Entry {
@@ -193,7 +197,11 @@ impl Store for MemoryStore {
         Box::pin(future::ready(Ok(written)))
     }
 
-    fn renew<'a>(&'a self, id: &'a str, owner: &'a str) -> BoxFuture<'a, Result<Written, StoreError>> {
+    fn renew<'a>(
+        &'a self,
+        id: &'a str,
+        owner: &'a str,
+    ) -> BoxFuture<'a, Result<Written, StoreError>> {
         let lease = self.lifetimes.lease;
         let written = match self.lock().generations.get_mut(id) {
             None => Written::Missing,
@@ -262,7 +270,9 @@ impl Store for MemoryStore {
             .generations
             .get(id)
             .map(|entry| {
-                let start = usize::try_from(from).unwrap_or(usize::MAX).min(entry.log.len());
+                let start = usize::try_from(from)
+                    .unwrap_or(usize::MAX)
+                    .min(entry.log.len());
                 let end = start.saturating_add(max).min(entry.log.len());
                 entry.log[start..end].to_vec()
             })

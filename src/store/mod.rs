@@ -57,7 +57,9 @@ pub enum Written {
     Done,
     /// The store's log holds `next` entries, not what the writer assumed: it lost entries (a
     /// restart without persistence) or an earlier write landed twice. Write again from `next`.
-    Expected { next: u64 },
+    Expected {
+        next: u64,
+    },
     /// The store has no such generation (expired, or lost with a restart): create it again.
     Missing,
     /// Another instance holds the lease, or the generation already ended: stop writing.
@@ -151,7 +153,11 @@ pub trait Store: Send + Sync + 'static {
     ) -> BoxFuture<'a, Result<Written, StoreError>>;
 
     /// The owner renews its lease while it has nothing to append.
-    fn renew<'a>(&'a self, id: &'a str, owner: &'a str) -> BoxFuture<'a, Result<Written, StoreError>>;
+    fn renew<'a>(
+        &'a self,
+        id: &'a str,
+        owner: &'a str,
+    ) -> BoxFuture<'a, Result<Written, StoreError>>;
 
     /// Ends a generation: by its owner (`Some(owner)`; `end.token_count` must be the log's
     /// length), or, with `None`, by any instance once the owner's lease is gone. Starts the

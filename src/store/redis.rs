@@ -139,7 +139,9 @@ fn control_channel(owner: &str) -> String {
 }
 
 fn millis(duration: Duration) -> u64 {
-    u64::try_from(duration.as_millis()).unwrap_or(u64::MAX).max(1)
+    u64::try_from(duration.as_millis())
+        .unwrap_or(u64::MAX)
+        .max(1)
 }
 
 fn lock(listeners: &Mutex<Listeners>) -> std::sync::MutexGuard<'_, Listeners> {
@@ -158,7 +160,10 @@ impl RedisStore {
     pub async fn open(url: &str, lifetimes: Lifetimes) -> Result<Self, StoreError> {
         let client = redis::Client::open(url).map_err(|e| StoreError::Config(e.to_string()))?;
         let info = client.get_connection_info().clone();
-        let settings = info.redis_settings().clone().set_protocol(ProtocolVersion::RESP3);
+        let settings = info
+            .redis_settings()
+            .clone()
+            .set_protocol(ProtocolVersion::RESP3);
         let client = redis::Client::open(info.set_redis_settings(settings))
             .map_err(|e| StoreError::Config(e.to_string()))?;
         let config = || {
@@ -352,7 +357,10 @@ impl Store for RedisStore {
             let meta = meta_key(id);
             redis::pipe()
                 .atomic()
-                .hset_multiple(&meta, &[("owner", owner), ("status", "running"), ("next", "0")])
+                .hset_multiple(
+                    &meta,
+                    &[("owner", owner), ("status", "running"), ("next", "0")],
+                )
                 .ignore()
                 .pexpire(&meta, millis(self.lifetimes.max_age) as i64)
                 .ignore()
@@ -434,7 +442,11 @@ impl Store for RedisStore {
         })
     }
 
-    fn renew<'a>(&'a self, id: &'a str, owner: &'a str) -> BoxFuture<'a, Result<Written, StoreError>> {
+    fn renew<'a>(
+        &'a self,
+        id: &'a str,
+        owner: &'a str,
+    ) -> BoxFuture<'a, Result<Written, StoreError>> {
         Box::pin(async move {
             let reply = self
                 .scripts
@@ -532,7 +544,11 @@ impl Store for RedisStore {
                 }
                 match entry.map.get("d") {
                     Some(Value::BulkString(bytes)) => entries.push(Bytes::copy_from_slice(bytes)),
-                    _ => return Err(StoreError::Protocol(format!("log entry {expected} of {id} has no data"))),
+                    _ => {
+                        return Err(StoreError::Protocol(format!(
+                            "log entry {expected} of {id} has no data"
+                        )))
+                    }
                 }
             }
             Ok(entries)
