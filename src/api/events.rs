@@ -60,7 +60,7 @@ pub async fn subscribe(
     authorize_subscriber(&app, &headers, query.token.as_deref(), &id)?;
     let generation = find(&app, &id).await?;
     let cursor = resume_cursor(&headers, query.last_event_id.as_deref())?;
-    match generation.resume(cursor) {
+    match app.hub.resume(&generation, cursor).await {
         Resume::Stream => {}
         Resume::NothingLeft => return Ok(StatusCode::NO_CONTENT.into_response()),
         Resume::BeyondEnd => return Err(ApiError::InvalidLastEventId),

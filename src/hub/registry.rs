@@ -19,7 +19,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{info, info_span, warn, Instrument};
 
 use super::{
-    generation::{status_label, Generation, LogLimits, Outcome, Pushed},
+    generation::{status_label, Generation, LogLimits, Outcome, Pushed, Resume, Status},
     replica, writer,
 };
 use crate::{
@@ -261,6 +261,23 @@ impl Hub {
         }
     }
 
+    /// Where a subscriber resuming at `cursor` stands. A replica may trail the instance the
+    /// client comes from by a few messages: it gets a moment to catch up before the cursor is
+    /// refused as beyond the end.
+    pub async fn resume(&self, generation: &Generation, cursor: u64) -> Resume {
+        let deadline = tokio::time::Instant::now() + REPLICA_CATCH_UP;
+        loop {
+            let resume = generation.resume(cursor);
+            let may_catch_up = generation.owner().is_some()
+                && generation.status() == Status::Running
+                && tokio::time::Instant::now() < deadline;
+            if resume != Resume::BeyondEnd || !may_catch_up {
+                return resume;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
     /// Registers a replica, unless another request made one first: the one to use is returned.
     pub(super) fn adopt(&self, replica: Arc<Generation>) -> (Arc<Generation>, bool) {
         let mut generations = lock(&self.generations);
@@ -278,7 +295,7 @@ impl Hub {
             generation.finish(Outcome::Cancelled);
             return Ok(());
         };
-        if generation.status() != super::Status::Running {
+        if generation.status() != Status::Running {
             return Ok(());
         }
         if !shared.store.request_cancel(owner, generation.id()).await? {
@@ -533,6 +550,8 @@ impl Hub {
     }
 }
 
+/// How long a replica may take to reach a resuming client's cursor.
+const REPLICA_CATCH_UP: Duration = Duration::from_secs(3);
 /// How long a `DELETE` answered by a replica waits for the owner's end to arrive.
 const CANCEL_WAIT: Duration = Duration::from_secs(5);
 

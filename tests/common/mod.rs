@@ -2,7 +2,9 @@
 //! SSE client over real sockets.
 #![allow(dead_code)] // each test file uses a different part of the harness
 
+pub mod cluster;
 pub mod process;
+pub mod redis;
 
 use std::{net::SocketAddr, time::Duration};
 
