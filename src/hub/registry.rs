@@ -96,7 +96,7 @@ pub struct Hub {
 
 impl Hub {
     pub fn new(settings: HubSettings, upstream: Upstream, shared: Option<Shared>) -> Arc<Self> {
-        let hub = Arc::new(Self {
+        Arc::new(Self {
             settings,
             upstream,
             shared,
@@ -107,8 +107,7 @@ impl Hub {
             log_bytes: AtomicUsize::new(0),
             finished: Mutex::default(),
             closed: CancellationToken::new(),
-        });
-        hub
+        })
     }
 
     /// With a store: starts listening for the cancel requests of other instances. Called once,
