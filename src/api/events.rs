@@ -27,13 +27,16 @@ use futures_util::Stream;
 use serde::Deserialize;
 
 use super::{auth::authorize_subscriber, error::ApiError, generations::find, App};
-use crate::hub::{frame, Delivery, Resume, Subscription};
+use crate::hub::{frame, Delivery, HubError, Resume, Subscription};
 
 /// A `Last-Event-ID` longer than this cannot be a token id (u64 has 20 digits).
 const MAX_EVENT_ID_LEN: usize = 20;
 /// `retry:` for a subscriber turned away at the connection limit: long, and spread, so that a
 /// full instance is not hammered (a load balancer may send the retry elsewhere).
 const OVER_CAPACITY_RETRY_MS: std::ops::RangeInclusive<u64> = 10_000..=20_000;
+/// `retry:` while the shared store is unreachable: soon, spread so the reconnects do not land
+/// together.
+const STORE_UNAVAILABLE_RETRY_MS: std::ops::RangeInclusive<u64> = 1_000..=3_000;
 
 #[derive(Deserialize)]
 pub struct EventsQuery {
@@ -58,7 +61,19 @@ pub async fn subscribe(
     let Query(query) = query?;
     let Path(id) = id?;
     authorize_subscriber(&app, &headers, query.token.as_deref(), &id)?;
-    let generation = find(&app, &id).await?;
+    let generation = match find(&app, &id).await {
+        // A browser's EventSource gives up for good on an error status: while the shared store
+        // is unreachable, tell it to come back instead.
+        Err(ApiError::Hub(HubError::Store(error))) => {
+            tracing::warn!(%error, "a subscription waits for the store");
+            let retry = rand::Rng::random_range(&mut rand::rng(), STORE_UNAVAILABLE_RETRY_MS);
+            return Ok(event_stream(Body::from(frame::reconnect(
+                retry,
+                "store_unavailable",
+            ))));
+        }
+        found => found?,
+    };
     let cursor = resume_cursor(&headers, query.last_event_id.as_deref())?;
     match app.hub.resume(&generation, cursor).await {
         Resume::Stream => {}

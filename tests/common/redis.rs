@@ -1,5 +1,5 @@
 //! A real `redis-server` for the multi-instance tests: its own port, persistence off, killed
-//! and restarted on the same port for the fault tests. `.ci/install-test-deps` installs it.
+//! and restarted on the same port for the fault tests. `.ci/install-client-deps` installs it.
 
 use std::{process::Stdio, time::Duration};
 
@@ -27,8 +27,18 @@ impl RedisServer {
 
     /// `kill -9`, then a new server on the same port, empty (persistence is off).
     pub async fn crash_and_restart(&mut self) {
+        self.crash().await;
+        self.restart().await;
+    }
+
+    /// `kill -9`.
+    pub async fn crash(&mut self) {
         self.child.start_kill().expect("kill redis-server");
         let _ = self.child.wait().await;
+    }
+
+    /// A new, empty server on the same port.
+    pub async fn restart(&mut self) {
         self.child = spawn(self.port);
         self.wait_ready().await;
     }
@@ -59,7 +69,7 @@ impl RedisServer {
             }
         })
         .await
-        .expect("redis-server did not start (is it installed? .ci/install-test-deps)");
+        .expect("redis-server did not start (is it installed? .ci/install-client-deps)");
     }
 }
 
@@ -72,7 +82,7 @@ fn spawn(port: u16) -> Child {
         .stderr(Stdio::inherit())
         .kill_on_drop(true)
         .spawn()
-        .expect("start redis-server (is it installed? .ci/install-test-deps)")
+        .expect("start redis-server (is it installed? .ci/install-client-deps)")
 }
 
 fn free_port() -> u16 {
