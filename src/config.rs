@@ -212,9 +212,10 @@ pub struct DrainConfig {
     pub drain_deadline: Duration,
 
     /// `retry:` values sent at shutdown are spread uniformly over this window, so that thousands
-    /// of clients do not reconnect in the same millisecond.
-    #[arg(long, env = "TOKENFAN_RECONNECT_SPREAD", default_value = "5s", value_parser = parse_duration)]
-    pub reconnect_spread: Duration,
+    /// of clients do not reconnect in the same millisecond. Default: 5s alone; 1s with a shared
+    /// store, where viewers are handed over at once and wait for nothing but their reconnect.
+    #[arg(long, env = "TOKENFAN_RECONNECT_SPREAD", value_parser = parse_duration)]
+    pub reconnect_spread: Option<Duration>,
 }
 
 /// Limits on each client connection.

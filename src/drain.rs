@@ -10,8 +10,10 @@
 //! 4. **Connections are closed**: after a short flush grace, whatever is still open (a peer
 //!    that stopped reading) is force-closed, so the process exits within deadline + 2 s.
 //!
-//! With a store shared by several instances, step 2 becomes "reconnect everyone at once, the
-//! generation continues elsewhere": [`run`] is the one place to change.
+//! With a store shared by several instances (**hand-off**), step 2 changes: every subscriber is
+//! told to reconnect at once (another instance serves it from the store), while this
+//! instance's upstream calls keep running, and writing to the store, until they end or the
+//! deadline; the process exits as soon as they are done and their ends are written.
 
 use std::{
     sync::{
@@ -126,6 +128,14 @@ pub async fn run(drain: &Drain, hub: &Hub, connections: &TaskTracker, deadline: 
     info!(deadline = ?deadline, "drain started: not ready, refusing new work");
     ::metrics::counter!(metrics::DRAIN_STARTED).increment(1);
     drain.enter(Phase::Draining);
+    if hub.shared().is_some() {
+        let told = hub.disconnect_all();
+        ::metrics::counter!(metrics::DRAIN_RECONNECTS).increment(told as u64);
+        info!(
+            told,
+            "drain: subscribers handed over to other instances; upstream calls go on"
+        );
+    }
 
     let finished_in_time = tokio::time::timeout(deadline, everything_ended(hub))
         .await
@@ -141,6 +151,11 @@ pub async fn run(drain: &Drain, hub: &Hub, connections: &TaskTracker, deadline: 
             told,
             interrupted, "drain deadline: subscribers told to reconnect, generations interrupted"
         );
+        // With a store, viewers elsewhere learn of the interruption from it: give the writers
+        // a moment to write the ends.
+        if hub.shared().is_some() {
+            let _ = tokio::time::timeout(FLUSH_GRACE, everything_ended(hub)).await;
+        }
     }
 
     drain.enter(Phase::Closing);

@@ -98,7 +98,12 @@ pub async fn serve(
         shared,
     );
     hub.listen_to_instances().await?;
-    let drain = Drain::new(config.drain.reconnect_spread);
+    let default_spread = if config.store.url.is_some() {
+        HANDOFF_RECONNECT_SPREAD
+    } else {
+        DRAIN_RECONNECT_SPREAD
+    };
+    let drain = Drain::new(config.drain.reconnect_spread.unwrap_or(default_spread));
     let slow_retry_ms =
         u64::try_from(config.stream.slow_consumer_retry.as_millis()).unwrap_or(u64::MAX);
     let app = Arc::new(App {
@@ -139,6 +144,11 @@ pub async fn serve(
     mock_shutdown.cancel();
     Ok(())
 }
+
+/// `--reconnect-spread` by default: alone, viewers come back to a replacement pod after the
+/// deadline; with a store, another instance serves them at once.
+const DRAIN_RECONNECT_SPREAD: Duration = Duration::from_secs(5);
+const HANDOFF_RECONNECT_SPREAD: Duration = Duration::from_secs(1);
 
 /// Connects to the shared store, when one is configured.
 async fn open_store(

@@ -421,13 +421,10 @@ impl Hub {
         let status = generation.status();
         info!(?status, "generation ended");
         self.mark_finished(&generation);
-        self.running.fetch_sub(1, Ordering::Relaxed);
-        ::metrics::gauge!(metrics::GENERATIONS_RUNNING).decrement(1);
-        ::metrics::counter!(metrics::GENERATIONS_FINISHED, "status" => status_label(status))
-            .increment(1);
         if let Some(writer) = writer {
-            // The retention clock starts once the store holds the end too; a store that stays
-            // unreachable for a whole retention time does not keep the log here forever.
+            // A generation counts as running until the store holds its end too (a drain waits
+            // for that), but a store that stays unreachable for a whole retention time does
+            // not keep it here forever.
             let abort = writer.abort_handle();
             tokio::select! {
                 _ = writer => {}
@@ -435,6 +432,10 @@ impl Hub {
                 () = self.closed.cancelled() => abort.abort(),
             }
         }
+        self.running.fetch_sub(1, Ordering::Relaxed);
+        ::metrics::gauge!(metrics::GENERATIONS_RUNNING).decrement(1);
+        ::metrics::counter!(metrics::GENERATIONS_FINISHED, "status" => status_label(status))
+            .increment(1);
         self.retain_then_forget(&generation).await;
     }
 

@@ -97,6 +97,9 @@ pub enum Roam {
     Stay(usize),
     /// Leaves after a random 0.5–3 s and reconnects to a random instance with `Last-Event-ID`.
     Randomly,
+    /// Starts on one instance; when told to reconnect (or refused), goes to the next one, as a
+    /// load balancer would send it away from a draining instance.
+    Failover(usize),
 }
 
 /// Reads generation `id` to its terminal event, reconnecting with `Last-Event-ID` like a
@@ -104,6 +107,10 @@ pub enum Roam {
 pub async fn view(http: &reqwest::Client, bases: &[String], id: &str, roam: Roam) -> Viewed {
     let mut texts: Vec<String> = Vec::new();
     let mut connections = 0;
+    let mut failover = match roam {
+        Roam::Failover(first) => first,
+        _ => 0,
+    };
     let deadline = tokio::time::Instant::now() + WAIT * 6;
     loop {
         assert!(
@@ -113,6 +120,11 @@ pub async fn view(http: &reqwest::Client, bases: &[String], id: &str, roam: Roam
         );
         let (base, stay_for) = match roam {
             Roam::Stay(i) => (&bases[i], None),
+            Roam::Failover(_) => {
+                let base = &bases[failover % bases.len()];
+                failover += 1;
+                (base, None)
+            }
             Roam::Randomly => {
                 let mut rng = rand::rng();
                 let i = rng.random_range(0..bases.len());

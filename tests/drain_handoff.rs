@@ -1,0 +1,89 @@
+//! Drain with a shared store: SIGTERM hands every viewer over to another instance at once,
+//! while the draining instance finishes its upstream calls into the store. Real processes, a
+//! real redis-server, real signals.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::{
+    cluster::{view, Cluster, Roam},
+    create_generation,
+};
+use futures_util::future::join_all;
+use nix::sys::signal::Signal;
+use serde_json::json;
+
+#[tokio::test]
+async fn sigterm_hands_viewers_over_and_the_generation_completes_from_the_store() {
+    let mut cluster = Cluster::start(2, &["--drain-deadline", "20s"], &[]).await;
+    let bases = cluster.bases();
+    let id = create_generation(
+        &cluster.http,
+        &bases[0],
+        json!({"tokens": 300, "interval_ms": 10}),
+    )
+    .await;
+    let http = cluster.http.clone();
+    let viewers = tokio::spawn({
+        let (bases, id) = (bases.clone(), id.clone());
+        async move {
+            let on_draining = (0..3).map(|_| view(&http, &bases, &id, Roam::Failover(0)));
+            let elsewhere = view(&http, &bases, &id, Roam::Stay(1));
+            let (handed_over, elsewhere) = tokio::join!(join_all(on_draining), elsewhere);
+            (handed_over, elsewhere)
+        }
+    });
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    let signalled = Instant::now();
+    cluster.instances[0].signal(Signal::SIGTERM);
+
+    let (handed_over, elsewhere) = viewers.await.unwrap();
+    for viewed in handed_over.iter().chain([&elsewhere]) {
+        assert_eq!(viewed.terminal.event, "done", "{:?}", viewed.terminal);
+        assert_eq!(viewed.texts.len(), 300);
+        assert_eq!(viewed.texts, elsewhere.texts);
+    }
+    for viewed in &handed_over {
+        assert!(viewed.connections >= 2, "the viewer was not handed over");
+    }
+    // The draining instance exits once its call and its store writes are done, long before the
+    // 20 s deadline.
+    let (status, waited) = cluster.instances[0]
+        .exit(signalled, Duration::from_secs(15))
+        .await;
+    assert!(status.success(), "{status:?}");
+    assert!(waited < Duration::from_secs(10), "exited after {waited:?}");
+}
+
+#[tokio::test]
+async fn a_call_still_running_at_the_drain_deadline_ends_interrupted_for_viewers_elsewhere() {
+    let mut cluster = Cluster::start(2, &["--drain-deadline", "1s"], &[]).await;
+    let bases = cluster.bases();
+    let id = create_generation(
+        &cluster.http,
+        &bases[0],
+        json!({"tokens": 100_000, "interval_ms": 10}),
+    )
+    .await;
+    let http = cluster.http.clone();
+    let viewer = tokio::spawn({
+        let (bases, id) = (bases.clone(), id.clone());
+        async move { view(&http, &bases, &id, Roam::Failover(0)).await }
+    });
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let signalled = Instant::now();
+    cluster.instances[0].signal(Signal::SIGTERM);
+    let viewed = viewer.await.unwrap();
+    assert_eq!(viewed.terminal.event, "error");
+    assert_eq!(viewed.terminal.json()["code"], "interrupted");
+    assert_eq!(
+        viewed.terminal.id.as_deref(),
+        Some(viewed.texts.len().to_string().as_str()),
+        "the end follows the last token"
+    );
+    let (status, _) = cluster.instances[0]
+        .exit(signalled, Duration::from_secs(10))
+        .await;
+    assert!(status.success(), "{status:?}");
+}
