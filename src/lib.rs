@@ -115,6 +115,13 @@ pub async fn serve(
         max_request_body: config.connection.max_request_body,
         slow_consumer_frame: frame::reconnect(slow_retry_ms, "slow_consumer"),
         store_health,
+        instance_frame: hub.instance().map(|instance| {
+            frame::event(
+                None,
+                "instance",
+                &serde_json::json!({ "instance": instance }),
+            )
+        }),
     });
     let connections = TaskTracker::new();
     info!("listening on {addr}");

@@ -33,6 +33,8 @@ class Viewer {
     this.next = 0; // the first token id this viewer lacks
     this.output.textContent = '';
     $('.resumed', this.root).textContent = '';
+    $('.instance', this.root).textContent = '';
+    delete $('.instance', this.root).dataset.instance;
     this.root.dataset.anomalies = '0';
     this.updateCounts();
     this.connect();
@@ -60,6 +62,7 @@ class Viewer {
       if (this.next > 0) this.noteResume(this.next - 1, how);
       this.setState('live');
     });
+    source.addEventListener('instance', (event) => this.onInstance(JSON.parse(event.data)));
     source.addEventListener('token', (event) => this.onToken(JSON.parse(event.data)));
     source.addEventListener('done', (event) => this.end('done', JSON.parse(event.data)));
     source.addEventListener('reconnect', (event) => {
@@ -81,6 +84,19 @@ class Viewer {
         this.setState('reconnecting');
       }
     });
+  }
+
+  /**
+   * With several gateway instances on a shared store, each stream first names the instance
+   * serving it: show it, and where the viewer came from when it moved (a drain hands viewers
+   * over; the text goes on without a gap).
+   */
+  onInstance({ instance }) {
+    const shown = $('.instance', this.root);
+    const previous = shown.dataset.instance;
+    shown.dataset.instance = instance;
+    shown.textContent =
+      previous && previous !== instance ? `· via ${instance} (was ${previous})` : `· via ${instance}`;
   }
 
   onToken({ index, text }) {

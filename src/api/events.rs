@@ -91,6 +91,7 @@ pub async fn subscribe(
     let stream = SubscriberStream {
         app,
         subscription: Some(subscription),
+        introduced: false,
     };
     Ok(event_stream(Body::from_stream(stream)))
 }
@@ -142,6 +143,8 @@ struct SubscriberStream {
     app: Arc<App>,
     /// `None` once the stream has ended.
     subscription: Option<Subscription>,
+    /// Whether the `instance` event (with a shared store) was sent.
+    introduced: bool,
 }
 
 impl SubscriberStream {
@@ -159,6 +162,11 @@ impl Stream for SubscriberStream {
     type Item = Result<Bytes, Infallible>;
 
     fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        if !std::mem::replace(&mut self.introduced, true) {
+            if let Some(frame) = &self.app.instance_frame {
+                return Poll::Ready(Some(Ok(frame.clone())));
+            }
+        }
         let Some(subscription) = &mut self.subscription else {
             return Poll::Ready(None);
         };

@@ -41,6 +41,9 @@ pub struct App {
     pub slow_consumer_frame: Bytes,
     /// Whether the shared store answers, when there is one (for readiness).
     pub store_health: Option<crate::store_health::StoreHealth>,
+    /// With a shared store, the first event of every subscriber stream: which instance serves
+    /// it (`event: instance`, no id), so that a page can show viewers moving between instances.
+    pub instance_frame: Option<Bytes>,
 }
 
 pub fn router(app: Arc<App>, cors: Option<CorsLayer>) -> Router {

@@ -88,6 +88,8 @@ pub struct Viewed {
     pub texts: Vec<String>,
     pub terminal: Event,
     pub connections: usize,
+    /// The instance each stream said it was served by (its `instance` event), in order.
+    pub instances: Vec<String>,
 }
 
 /// How a viewer moves between instances.
@@ -106,6 +108,7 @@ pub enum Roam {
 /// browser's `EventSource`; asserts that token ids come in order with no gap and no duplicate.
 pub async fn view(http: &reqwest::Client, bases: &[String], id: &str, roam: Roam) -> Viewed {
     let mut texts: Vec<String> = Vec::new();
+    let mut instances = Vec::new();
     let mut connections = 0;
     let mut failover = match roam {
         Roam::Failover(first) => first,
@@ -153,11 +156,14 @@ pub async fn view(http: &reqwest::Client, bases: &[String], id: &str, roam: Roam
             tokio::time::sleep(Duration::from_millis(200)).await;
             continue;
         }
-        if let Some(terminal) = read_connection(response, &mut texts, stay_for).await {
+        if let Some(terminal) =
+            read_connection(response, &mut texts, &mut instances, stay_for).await
+        {
             return Viewed {
                 texts,
                 terminal,
                 connections,
+                instances,
             };
         }
     }
@@ -168,6 +174,7 @@ pub async fn view(http: &reqwest::Client, bases: &[String], id: &str, roam: Roam
 async fn read_connection(
     response: reqwest::Response,
     texts: &mut Vec<String>,
+    instances: &mut Vec<String>,
     stay_for: Option<Duration>,
 ) -> Option<Event> {
     let mut stream = response.bytes_stream();
@@ -196,6 +203,13 @@ async fn read_connection(
                         "gap or duplicate"
                     );
                     texts.push(event.json()["text"].as_str().unwrap().to_owned());
+                }
+                "instance" => {
+                    assert!(
+                        event.id.is_none(),
+                        "the instance event must not move Last-Event-ID"
+                    );
+                    instances.push(event.json()["instance"].as_str().unwrap().to_owned());
                 }
                 "done" | "error" => return Some(event),
                 "reconnect" => return None,
