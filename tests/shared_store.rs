@@ -7,7 +7,9 @@ use std::time::Duration;
 use common::{
     chat_request,
     cluster::{view, Cluster, Roam},
-    create_generation, parse_events, WAIT,
+    create_generation, parse_events,
+    redis::RedisServer,
+    WAIT,
 };
 use futures_util::future::join_all;
 use serde_json::{json, Value};
@@ -252,4 +254,45 @@ async fn a_finished_generation_leaves_no_key_in_redis_after_its_retention() {
     })
     .await
     .expect("keys of a finished generation outlived its retention");
+}
+
+#[tokio::test]
+async fn instances_on_a_redis_cluster_serve_each_others_generations() {
+    let redis = RedisServer::start_cluster(3).await;
+    let cluster = Cluster::start_on(redis, 2, &[], &[]).await;
+    let bases = cluster.bases();
+    // Enough generations that their hash tags land on every shard.
+    let ids = join_all((0..12).map(|i| {
+        create_generation(
+            &cluster.http,
+            &bases[i % 2],
+            json!({"tokens": 100, "interval_ms": [0, 4]}),
+        )
+    }))
+    .await;
+    let viewed = join_all(
+        ids.iter()
+            .enumerate()
+            .map(|(i, id)| view(&cluster.http, &bases, id, Roam::Stay((i + 1) % 2))),
+    )
+    .await;
+    for seen in &viewed {
+        assert_eq!(seen.texts.len(), 100);
+        assert_eq!(seen.terminal.event, "done");
+    }
+    // A DELETE crosses instances on a cluster too.
+    let id = create_generation(
+        &cluster.http,
+        &bases[0],
+        json!({"tokens": 100_000, "interval_ms": 10}),
+    )
+    .await;
+    let response = cluster
+        .http
+        .delete(format!("{}/v1/generations/{id}", bases[1]))
+        .send()
+        .await
+        .unwrap();
+    let answered: Value = response.json().await.unwrap();
+    assert_eq!(answered["status"], "cancelled");
 }

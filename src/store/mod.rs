@@ -11,7 +11,8 @@
 //!   metadata and terminal state, the live feed, the owner's control channel, idempotency keys.
 //! - [`memory::MemoryStore`]: in-process, several hubs in one process (the hub's cross-instance
 //!   invariants are unit-tested on it, without Redis or HTTP).
-//! - [`redis::RedisStore`]: Redis (one Lua script per write, a Stream per generation, pub/sub).
+//! - [`redis::RedisStore`]: Redis, a single server or a Cluster (one Lua script per write, a
+//!   Stream per generation, pub/sub).
 //!
 //! Nothing here knows about HTTP or about viewers: the store is touched per instance per
 //! generation, never per viewer.

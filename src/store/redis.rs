@@ -15,9 +15,12 @@
 //! an owner over `tf:ctl:{owner}`. Keys expire `retention` after the end, `max_age` after the
 //! start while running.
 //!
-//! Two connections per instance (redis-rs `ConnectionManager`s, which reconnect by
-//! themselves): one for commands, one RESP3 connection for every live feed of the instance,
-//! resubscribed after a reconnect; the replicas are told to read the log again then.
+//! Two connections per instance, which reconnect by themselves: one for commands, one RESP3
+//! connection for every live feed of the instance, resubscribed after a reconnect (the
+//! replicas are told to read the log again then). On a single server they are redis-rs
+//! `ConnectionManager`s; on a Redis Cluster (found by asking the node the URL names), cluster
+//! connections, with sharded pub/sub (`SPUBLISH`/`SSUBSCRIBE`) for the live feeds, so a
+//! generation's messages stay on the shard that holds its keys.
 
 use std::{
     collections::HashMap,
@@ -28,9 +31,12 @@ use std::{
 use bytes::Bytes;
 use futures_util::future::BoxFuture;
 use redis::{
-    aio::{ConnectionManager, ConnectionManagerConfig},
+    aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig},
+    cluster::ClusterClientBuilder,
+    cluster_async::ClusterConnection,
     streams::StreamRangeReply,
-    AsyncCommands, ProtocolVersion, PushInfo, PushKind, Script, Value,
+    AsyncCommands, Cmd, Pipeline, ProtocolVersion, PushInfo, PushKind, RedisFuture, RedisResult,
+    Script, Value,
 };
 use tokio::sync::mpsc;
 
@@ -40,7 +46,8 @@ use super::{
 };
 
 /// Appends entries at an expected index, if the caller holds (or may take) the lease.
-/// KEYS: meta, stream, lease. ARGV: owner, first, lease ms, channel, live message, entries….
+/// KEYS: meta, stream, lease. ARGV: owner, first, lease ms, channel, live message, publish
+/// command (`PUBLISH`, or `SPUBLISH` on a cluster), entries….
 const APPEND: &str = r"
 local status = redis.call('HGET', KEYS[1], 'status')
 if not status then return {'missing', 0} end
@@ -50,16 +57,16 @@ if holder and holder ~= ARGV[1] then return {'fenced', 0} end
 local nxt = tonumber(redis.call('HGET', KEYS[1], 'next'))
 local first = tonumber(ARGV[2])
 if first ~= nxt then return {'expected', nxt} end
-for i = 6, #ARGV do
-  redis.call('XADD', KEYS[2], (first + i - 6) .. '-1', 'd', ARGV[i])
+for i = 7, #ARGV do
+  redis.call('XADD', KEYS[2], (first + i - 7) .. '-1', 'd', ARGV[i])
 end
 if first == 0 then
   local ttl = redis.call('PTTL', KEYS[1])
   if ttl > 0 then redis.call('PEXPIRE', KEYS[2], ttl) end
 end
-redis.call('HSET', KEYS[1], 'owner', ARGV[1], 'next', first + #ARGV - 5)
+redis.call('HSET', KEYS[1], 'owner', ARGV[1], 'next', first + #ARGV - 6)
 redis.call('SET', KEYS[3], ARGV[1], 'PX', ARGV[3])
-redis.call('PUBLISH', ARGV[4], ARGV[5])
+redis.call(ARGV[6], ARGV[4], ARGV[5])
 return {'ok', 0}
 ";
 
@@ -76,7 +83,7 @@ return {'ok', 0}
 
 /// Ends a running generation: by its owner at the expected length, or (owner '') by anyone
 /// once no lease is held. KEYS: meta, stream, lease. ARGV: owner, token_count, retention ms,
-/// channel, live message, then field/value pairs of the end.
+/// channel, live message, publish command, then field/value pairs of the end.
 const FINISH: &str = r"
 local status = redis.call('HGET', KEYS[1], 'status')
 if not status then return {'missing', 0} end
@@ -90,13 +97,13 @@ else
   if tonumber(ARGV[2]) ~= nxt then return {'expected', nxt} end
 end
 redis.call('HSET', KEYS[1], 'token_count', nxt)
-for i = 6, #ARGV, 2 do
+for i = 7, #ARGV, 2 do
   redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1])
 end
 redis.call('DEL', KEYS[3])
 redis.call('PEXPIRE', KEYS[1], ARGV[3])
 redis.call('PEXPIRE', KEYS[2], ARGV[3])
-redis.call('PUBLISH', ARGV[4], ARGV[5])
+redis.call(ARGV[6], ARGV[4], ARGV[5])
 return {'ok', 0}
 ";
 
@@ -116,10 +123,73 @@ struct Listeners {
 
 pub struct RedisStore {
     lifetimes: Lifetimes,
-    commands: ConnectionManager,
-    feed: ConnectionManager,
+    commands: Connection,
+    feed: Connection,
     listeners: Arc<Mutex<Listeners>>,
     scripts: Scripts,
+}
+
+/// A single server's or a cluster's connection: the commands are the same.
+#[derive(Clone)]
+enum Connection {
+    Single(ConnectionManager),
+    Cluster(ClusterConnection),
+}
+
+impl ConnectionLike for Connection {
+    fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, Value> {
+        match self {
+            Self::Single(connection) => connection.req_packed_command(cmd),
+            Self::Cluster(connection) => connection.req_packed_command(cmd),
+        }
+    }
+
+    fn req_packed_commands<'a>(
+        &'a mut self,
+        pipeline: &'a Pipeline,
+        offset: usize,
+        count: usize,
+    ) -> RedisFuture<'a, Vec<Value>> {
+        match self {
+            Self::Single(connection) => connection.req_packed_commands(pipeline, offset, count),
+            Self::Cluster(connection) => connection.req_packed_commands(pipeline, offset, count),
+        }
+    }
+
+    fn get_db(&self) -> i64 {
+        match self {
+            Self::Single(connection) => connection.get_db(),
+            Self::Cluster(connection) => connection.get_db(),
+        }
+    }
+}
+
+impl Connection {
+    /// The command a script publishes a live message with.
+    fn publish_command(&self) -> &'static str {
+        match self {
+            Self::Single(_) => "PUBLISH",
+            Self::Cluster(_) => "SPUBLISH",
+        }
+    }
+
+    /// Subscribes to a channel; `sharded` (a generation's live feed) uses sharded pub/sub on a
+    /// cluster.
+    async fn subscribe(&mut self, channel: &str, sharded: bool) -> RedisResult<()> {
+        match self {
+            Self::Single(connection) => connection.subscribe(channel).await,
+            Self::Cluster(connection) if sharded => connection.ssubscribe(channel).await,
+            Self::Cluster(connection) => connection.subscribe(channel).await,
+        }
+    }
+
+    async fn unsubscribe(&mut self, channel: &str, sharded: bool) -> RedisResult<()> {
+        match self {
+            Self::Single(connection) => connection.unsubscribe(channel).await,
+            Self::Cluster(connection) if sharded => connection.sunsubscribe(channel).await,
+            Self::Cluster(connection) => connection.unsubscribe(channel).await,
+        }
+    }
 }
 
 fn meta_key(id: &str) -> String {
@@ -136,6 +206,21 @@ fn live_channel(id: &str) -> String {
 }
 fn control_channel(owner: &str) -> String {
     format!("tf:ctl:{owner}")
+}
+
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+/// Longer than a `CLIENT PAUSE` or a failover usually lasts; a write that times out is retried,
+/// and the expected-index check makes a retried append that had landed harmless.
+const RESPONSE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Asks the node the URL names whether it is part of a cluster.
+async fn is_cluster(client: &redis::Client) -> Result<bool, StoreError> {
+    let mut connection = client.get_multiplexed_async_connection().await?;
+    let info: String = redis::cmd("INFO")
+        .arg("cluster")
+        .query_async(&mut connection)
+        .await?;
+    Ok(info.lines().any(|line| line.trim() == "cluster_enabled:1"))
 }
 
 fn millis(duration: Duration) -> u64 {
@@ -158,33 +243,52 @@ impl From<redis::RedisError> for StoreError {
 
 impl RedisStore {
     pub async fn open(url: &str, lifetimes: Lifetimes) -> Result<Self, StoreError> {
-        let client = redis::Client::open(url).map_err(|e| StoreError::Config(e.to_string()))?;
+        let config_error = |e: redis::RedisError| StoreError::Config(e.to_string());
+        let client = redis::Client::open(url).map_err(config_error)?;
         let info = client.get_connection_info().clone();
         let settings = info
             .redis_settings()
             .clone()
             .set_protocol(ProtocolVersion::RESP3);
-        let client = redis::Client::open(info.set_redis_settings(settings))
-            .map_err(|e| StoreError::Config(e.to_string()))?;
-        let config = || {
-            ConnectionManagerConfig::new()
-                .set_connection_timeout(Some(Duration::from_secs(2)))
-                .set_response_timeout(Some(Duration::from_secs(5)))
-                .set_max_delay(Duration::from_secs(1))
-        };
-        let commands = client.get_connection_manager_with_config(config()).await?;
+        let info = info.set_redis_settings(settings);
         let listeners = Arc::new(Mutex::new(Listeners::default()));
         let weak = Arc::downgrade(&listeners);
-        let feed = client
-            .get_connection_manager_with_config(
-                config()
-                    .set_automatic_resubscription()
-                    .set_push_sender(move |push: PushInfo| {
-                        dispatch(&weak, push);
-                        Ok::<(), std::convert::Infallible>(())
-                    }),
+        let push = move |push: PushInfo| {
+            dispatch(&weak, push);
+            Ok::<(), std::convert::Infallible>(())
+        };
+        let (commands, feed) = if is_cluster(&client).await? {
+            tracing::info!("the store is a Redis Cluster: sharded pub/sub for live feeds");
+            let builder = || {
+                ClusterClientBuilder::new(vec![info.clone()])
+                    .use_protocol(ProtocolVersion::RESP3)
+                    .connection_timeout(CONNECT_TIMEOUT)
+                    .response_timeout(RESPONSE_TIMEOUT)
+            };
+            let commands = builder().build().map_err(config_error)?;
+            let feed = builder().push_sender(push).build().map_err(config_error)?;
+            (
+                Connection::Cluster(commands.get_async_connection().await?),
+                Connection::Cluster(feed.get_async_connection().await?),
             )
-            .await?;
+        } else {
+            let client = redis::Client::open(info).map_err(config_error)?;
+            let config = || {
+                ConnectionManagerConfig::new()
+                    .set_connection_timeout(Some(CONNECT_TIMEOUT))
+                    .set_response_timeout(Some(RESPONSE_TIMEOUT))
+                    .set_max_delay(Duration::from_secs(1))
+            };
+            let commands = client.get_connection_manager_with_config(config()).await?;
+            let feed = client
+                .get_connection_manager_with_config(
+                    config()
+                        .set_automatic_resubscription()
+                        .set_push_sender(push),
+                )
+                .await?;
+            (Connection::Single(commands), Connection::Single(feed))
+        };
         Ok(Self {
             lifetimes,
             commands,
@@ -199,6 +303,7 @@ impl RedisStore {
     }
 
     fn register(&self, channel: &str, sender: Sender) -> (Box<dyn Watch>, bool) {
+        let sharded = matches!(sender, Sender::Live(_));
         let mut listeners = lock(&self.listeners);
         listeners.next_registration += 1;
         let number = listeners.next_registration;
@@ -218,6 +323,7 @@ impl RedisStore {
             listeners: Arc::downgrade(&self.listeners),
             feed: self.feed.clone(),
             channel: channel.to_owned(),
+            sharded,
             number,
         };
         (Box::new(registration), first)
@@ -228,9 +334,10 @@ impl RedisStore {
         channel: String,
         sender: Sender,
     ) -> Result<Box<dyn Watch>, StoreError> {
+        let sharded = matches!(sender, Sender::Live(_));
         let (registration, first) = self.register(&channel, sender);
         if first {
-            self.feed.clone().subscribe(&channel).await?;
+            self.feed.clone().subscribe(&channel, sharded).await?;
         }
         Ok(registration)
     }
@@ -249,7 +356,7 @@ fn dispatch(listeners: &Weak<Mutex<Listeners>>, push: PushInfo) {
     };
     let listeners = lock(&listeners);
     match push.kind {
-        PushKind::Message => {
+        PushKind::Message | PushKind::SMessage => {
             let mut data = push.data.into_iter();
             let (Some(Value::BulkString(channel)), Some(Value::BulkString(message))) =
                 (data.next(), data.next())
@@ -288,8 +395,10 @@ fn dispatch(listeners: &Weak<Mutex<Listeners>>, push: PushInfo) {
 /// One listener of a channel; the last one to go unsubscribes.
 struct Registration {
     listeners: Weak<Mutex<Listeners>>,
-    feed: ConnectionManager,
+    feed: Connection,
     channel: String,
+    /// A live feed (sharded pub/sub on a cluster), not a control channel.
+    sharded: bool,
     number: u64,
 }
 
@@ -322,6 +431,7 @@ impl Drop for Registration {
             let mut feed = self.feed.clone();
             let channel = std::mem::take(&mut self.channel);
             let weak = self.listeners.clone();
+            let sharded = self.sharded;
             if let Ok(runtime) = tokio::runtime::Handle::try_current() {
                 runtime.spawn(async move {
                     // A replica that registered again meanwhile keeps the subscription.
@@ -331,7 +441,7 @@ impl Drop for Registration {
                             || listeners.controls.contains_key(&channel)
                     });
                     if !still_wanted {
-                        let _ = feed.unsubscribe(&channel).await;
+                        let _ = feed.unsubscribe(&channel, sharded).await;
                     }
                 });
             }
@@ -355,8 +465,8 @@ impl Store for RedisStore {
     fn create<'a>(&'a self, id: &'a str, owner: &'a str) -> BoxFuture<'a, Result<(), StoreError>> {
         Box::pin(async move {
             let meta = meta_key(id);
+            // Not a transaction: nobody knows this id before it is returned.
             redis::pipe()
-                .atomic()
                 .hset_multiple(
                     &meta,
                     &[("owner", owner), ("status", "running"), ("next", "0")],
@@ -434,7 +544,8 @@ impl Store for RedisStore {
                 .arg(first)
                 .arg(millis(self.lifetimes.lease))
                 .arg(live_channel(id))
-                .arg(wire::entries(first, entries).as_ref());
+                .arg(wire::entries(first, entries).as_ref())
+                .arg(self.commands.publish_command());
             for entry in entries {
                 invocation.arg(entry.as_ref());
             }
@@ -477,6 +588,7 @@ impl Store for RedisStore {
                 .arg(millis(self.lifetimes.retention))
                 .arg(live_channel(id))
                 .arg(wire::ended().as_ref())
+                .arg(self.commands.publish_command())
                 .arg("status")
                 .arg(&end.status);
             let optional = [

@@ -20,7 +20,16 @@ pub struct Cluster {
 impl Cluster {
     /// Starts Redis, the mock, and `n` instances named `i0`, `i1`, … with these extra flags.
     pub async fn start(n: usize, args: &[&str], env: &[(&str, &str)]) -> Self {
-        let redis = RedisServer::start().await;
+        Self::start_on(RedisServer::start().await, n, args, env).await
+    }
+
+    /// Like [`Cluster::start`], on this Redis (e.g. a Redis Cluster).
+    pub async fn start_on(
+        redis: RedisServer,
+        n: usize,
+        args: &[&str],
+        env: &[(&str, &str)],
+    ) -> Self {
         let mock = start_mock().await;
         let mut instances = Vec::new();
         for i in 0..n {

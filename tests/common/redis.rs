@@ -10,14 +10,76 @@ use super::WAIT;
 pub struct RedisServer {
     child: Child,
     pub port: u16,
+    /// The other nodes of a cluster (their files in `_dir`).
+    others: Vec<Child>,
+    _dir: Option<TempDir>,
 }
 
 impl RedisServer {
     pub async fn start() -> Self {
         let port = free_port();
-        let child = spawn(port);
-        let server = Self { child, port };
+        let child = spawn(port, &[]);
+        let server = Self {
+            child,
+            port,
+            others: Vec::new(),
+            _dir: None,
+        };
         server.wait_ready().await;
+        server
+    }
+
+    /// A Redis Cluster of `nodes` primaries (no replicas); `url()` names its first node.
+    pub async fn start_cluster(nodes: usize) -> Self {
+        let dir = TempDir::new();
+        let ports: Vec<u16> = (0..nodes).map(|_| free_port()).collect();
+        let mut children: Vec<Child> = ports
+            .iter()
+            .map(|port| {
+                let conf = dir.0.join(format!("nodes-{port}.conf"));
+                spawn(
+                    *port,
+                    &[
+                        "--cluster-enabled",
+                        "yes",
+                        "--cluster-config-file",
+                        conf.to_str().unwrap(),
+                        "--dir",
+                        dir.0.to_str().unwrap(),
+                    ],
+                )
+            })
+            .collect();
+        let first = children.remove(0);
+        let server = Self {
+            child: first,
+            port: ports[0],
+            others: children,
+            _dir: Some(dir),
+        };
+        for port in &ports {
+            Self::wait_port_ready(*port).await;
+        }
+        let addresses: Vec<String> = ports.iter().map(|p| format!("127.0.0.1:{p}")).collect();
+        let created = std::process::Command::new("redis-cli")
+            .args(["--cluster", "create"])
+            .args(&addresses)
+            .args(["--cluster-replicas", "0", "--cluster-yes"])
+            .stdout(Stdio::null())
+            .status()
+            .expect("run redis-cli --cluster create");
+        assert!(created.success(), "redis-cli --cluster create failed");
+        tokio::time::timeout(WAIT, async {
+            loop {
+                let info: String = server.command(&["CLUSTER", "INFO"]).await;
+                if info.contains("cluster_state:ok") {
+                    return;
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        })
+        .await
+        .expect("the cluster never became ready");
         server
     }
 
@@ -39,7 +101,7 @@ impl RedisServer {
 
     /// A new, empty server on the same port.
     pub async fn restart(&mut self) {
-        self.child = spawn(self.port);
+        self.child = spawn(self.port, &[]);
         self.wait_ready().await;
     }
 
@@ -55,7 +117,11 @@ impl RedisServer {
     }
 
     async fn wait_ready(&self) {
-        let client = redis::Client::open(self.url()).unwrap();
+        Self::wait_port_ready(self.port).await;
+    }
+
+    async fn wait_port_ready(port: u16) {
+        let client = redis::Client::open(format!("redis://127.0.0.1:{port}")).unwrap();
         tokio::time::timeout(WAIT, async {
             loop {
                 if let Ok(mut connection) = client.get_multiplexed_async_connection().await {
@@ -73,9 +139,10 @@ impl RedisServer {
     }
 }
 
-fn spawn(port: u16) -> Child {
+fn spawn(port: u16, extra: &[&str]) -> Child {
     Command::new("redis-server")
         .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
+        .args(extra)
         .args(["--save", "", "--appendonly", "no"])
         .args(["--loglevel", "warning"])
         .stdout(Stdio::null())
@@ -83,6 +150,23 @@ fn spawn(port: u16) -> Child {
         .kill_on_drop(true)
         .spawn()
         .expect("start redis-server (is it installed? .ci/install-client-deps)")
+}
+
+/// A directory removed when dropped (cluster nodes write their config files there).
+struct TempDir(std::path::PathBuf);
+
+impl TempDir {
+    fn new() -> Self {
+        let path = std::env::temp_dir().join(format!("tokenfan-redis-{}", rand::random::<u64>()));
+        std::fs::create_dir_all(&path).unwrap();
+        Self(path)
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
 }
 
 fn free_port() -> u16 {
