@@ -100,12 +100,7 @@ async fn demo_page_in_chromium_resumes_after_a_cut_and_stops_after_done() {
         c.access.api_keys = vec![Secret::new(API_KEY)];
     })
     .await;
-    let artifacts = Path::new(env!("CARGO_TARGET_TMPDIR"))
-        .parent()
-        .unwrap()
-        .join("artifacts");
-    std::fs::create_dir_all(&artifacts).unwrap();
-    let screenshot = artifacts.join("demo.png");
+    let screenshot = artifacts_dir().join("demo.png");
     let _ = std::fs::remove_file(&screenshot);
     let node = which("node");
     let report = run(
@@ -360,6 +355,67 @@ fn marked_snippets(source: &str) -> Vec<(String, String)> {
 }
 
 /// The snapshot of a finished generation, read with [`API_KEY`].
+/// What a person sees of a rolling deploy with a shared store: Chromium on the demo page behind
+/// a readiness-following load balancer, two instances, SIGTERM to the generation's owner.
+#[tokio::test]
+async fn demo_page_viewers_move_to_another_instance_when_theirs_drains_and_lose_nothing() {
+    require(Path::new("/usr/bin/chromium"), "Debian's chromium");
+    require(
+        &clients_dir().join("node_modules/playwright-core"),
+        "playwright-core",
+    );
+    // The demo page asks for the mock's defaults: long enough to watch the hand-off.
+    let mock = common::start_mock_with(tokenfan::upstream::mock::MockConfig {
+        tokens: 120,
+        interval: "40ms".parse().unwrap(),
+        first_token: Duration::ZERO,
+    })
+    .await;
+    let redis = common::redis::RedisServer::start().await;
+    let cluster = common::cluster::Cluster::start_on(redis, mock, 2, &[], &[]).await;
+    let screenshot = artifacts_dir().join("demo-handoff.png");
+    let owner_pid = cluster.instances[0].pid().to_string();
+    let report = run(
+        &which("node"),
+        &[
+            "browser_handoff.mjs",
+            &cluster.bases().join(","),
+            &owner_pid,
+            screenshot.to_str().unwrap(),
+        ],
+    )
+    .await;
+    assert_eq!(report["pageErrors"], serde_json::json!([]), "{report:#}");
+    let id = report["generationId"].as_str().unwrap();
+    let snapshot: Value = cluster
+        .http
+        .get(format!("{}/v1/generations/{id}", cluster.base(1)))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(snapshot["status"], "completed", "{snapshot}");
+    for viewer in report["viewers"].as_array().unwrap() {
+        assert_eq!(viewer["state"], "done", "{viewer}");
+        assert_eq!(viewer["anomalies"], 0, "{viewer}");
+        assert_eq!(viewer["next"], 120, "{viewer}");
+        assert_eq!(viewer["text"], snapshot["text"], "{viewer}");
+        assert_eq!(viewer["instance"], "· via i1 (was i0)", "{viewer}");
+    }
+    assert!(screenshot.exists());
+}
+
+fn artifacts_dir() -> PathBuf {
+    let artifacts = Path::new(env!("CARGO_TARGET_TMPDIR"))
+        .parent()
+        .unwrap()
+        .join("artifacts");
+    std::fs::create_dir_all(&artifacts).unwrap();
+    artifacts
+}
+
 async fn finished_with_key(gateway: &Gateway, id: &str) -> Value {
     let url = gateway.url(&format!("/v1/generations/{id}"));
     tokio::time::timeout(common::WAIT, async {

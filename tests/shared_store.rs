@@ -9,7 +9,7 @@ use common::{
     cluster::{view, Cluster, Roam},
     create_generation, parse_events,
     redis::RedisServer,
-    WAIT,
+    start_mock, WAIT,
 };
 use futures_util::future::join_all;
 use serde_json::{json, Value};
@@ -259,7 +259,7 @@ async fn a_finished_generation_leaves_no_key_in_redis_after_its_retention() {
 #[tokio::test]
 async fn instances_on_a_redis_cluster_serve_each_others_generations() {
     let redis = RedisServer::start_cluster(3).await;
-    let cluster = Cluster::start_on(redis, 2, &[], &[]).await;
+    let cluster = Cluster::start_on(redis, start_mock().await, 2, &[], &[]).await;
     let bases = cluster.bases();
     // Enough generations that their hash tags land on every shard.
     let ids = join_all((0..12).map(|i| {

@@ -20,17 +20,18 @@ pub struct Cluster {
 impl Cluster {
     /// Starts Redis, the mock, and `n` instances named `i0`, `i1`, … with these extra flags.
     pub async fn start(n: usize, args: &[&str], env: &[(&str, &str)]) -> Self {
-        Self::start_on(RedisServer::start().await, n, args, env).await
+        let mock = start_mock().await;
+        Self::start_on(RedisServer::start().await, mock, n, args, env).await
     }
 
-    /// Like [`Cluster::start`], on this Redis (e.g. a Redis Cluster).
+    /// Like [`Cluster::start`], on this Redis (e.g. a Redis Cluster) and this mock.
     pub async fn start_on(
         redis: RedisServer,
+        mock: SocketAddr,
         n: usize,
         args: &[&str],
         env: &[(&str, &str)],
     ) -> Self {
-        let mock = start_mock().await;
         let mut instances = Vec::new();
         for i in 0..n {
             instances.push(start_instance(&redis, mock, i, args, env).await);

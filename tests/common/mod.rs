@@ -146,13 +146,15 @@ impl Gateway {
 
 /// Starts the mock LLM on the current runtime; returns its address.
 pub async fn start_mock() -> SocketAddr {
+    start_mock_with(mock::MockConfig::default()).await
+}
+
+/// Starts the mock LLM with these defaults (for requests that set no knobs, like the demo
+/// page's).
+pub async fn start_mock_with(config: mock::MockConfig) -> SocketAddr {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
-    tokio::spawn(mock::serve(
-        listener,
-        mock::MockConfig::default(),
-        std::future::pending(),
-    ));
+    tokio::spawn(mock::serve(listener, config, std::future::pending()));
     addr
 }
 

@@ -80,6 +80,10 @@ impl GatewayProcess {
         format!("http://{}{}", self.addr, path)
     }
 
+    pub fn pid(&self) -> u32 {
+        self.child.id().expect("process still running")
+    }
+
     pub fn signal(&self, signal: Signal) {
         let pid = Pid::from_raw(self.child.id().expect("process still running") as i32);
         nix::sys::signal::kill(pid, signal).expect("send signal");
