@@ -4,7 +4,7 @@
 
 use std::{
     collections::HashMap,
-    sync::{Arc, Mutex, Weak},
+    sync::{Arc, Mutex},
     time::Instant,
 };
 
@@ -13,6 +13,7 @@ use futures_util::future::{self, BoxFuture};
 use tokio::sync::mpsc;
 
 use super::{
+    listeners::{self, Listener, Listeners},
     Claimed, End, IdempotencyClaim, Lifetimes, LiveEvent, LiveSender, Meta, Store, StoreError,
     Watch, Written,
 };
@@ -29,27 +30,32 @@ struct Entry {
 struct State {
     generations: HashMap<String, Entry>,
     idempotency: HashMap<(String, String), Claimed>,
-    /// Live feeds by generation id; each registration by a unique number.
-    feeds: HashMap<String, Vec<(u64, LiveSender)>>,
-    controls: HashMap<String, Vec<(u64, mpsc::Sender<String>)>>,
-    next_registration: u64,
 }
 
 pub struct MemoryStore {
     lifetimes: Lifetimes,
-    state: Arc<Mutex<State>>,
+    state: Mutex<State>,
+    /// Live feeds by generation id, control channels by owner name.
+    listeners: Arc<Mutex<Listeners>>,
 }
 
 impl MemoryStore {
     pub fn new(lifetimes: Lifetimes) -> Self {
         Self {
             lifetimes,
-            state: Arc::default(),
+            state: Mutex::default(),
+            listeners: Arc::default(),
         }
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, State> {
-        lock(&self.state)
+        self.state
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    fn publish(&self, id: &str, event: &LiveEvent) {
+        listeners::lock(&self.listeners).publish(id, event);
     }
 
     /// Forgets a generation, as a restart without persistence would.
@@ -67,12 +73,6 @@ impl MemoryStore {
     }
 }
 
-fn lock(state: &Mutex<State>) -> std::sync::MutexGuard<'_, State> {
-    state
-        .lock()
-        .unwrap_or_else(|poisoned| poisoned.into_inner())
-}
-
 impl Entry {
     fn leased_by_other(&self, owner: &str) -> bool {
         self.lease_until.is_some_and(|until| until > Instant::now()) && self.owner != owner
@@ -80,47 +80,6 @@ impl Entry {
 
     fn leased(&self) -> bool {
         self.lease_until.is_some_and(|until| until > Instant::now())
-    }
-}
-
-impl State {
-    /// Offers `event` to every replica's feed; a full feed misses it (the replica notices the
-    /// gap and reads the log), a closed one is forgotten.
-    fn publish(&mut self, id: &str, event: &LiveEvent) {
-        if let Some(feeds) = self.feeds.get_mut(id) {
-            feeds.retain(|(_, tx)| {
-                !matches!(
-                    tx.try_send(event.clone()),
-                    Err(mpsc::error::TrySendError::Closed(_))
-                )
-            });
-        }
-    }
-}
-
-/// Removes one registration when dropped.
-struct Registration {
-    state: Weak<Mutex<State>>,
-    key: String,
-    number: u64,
-    control: bool,
-}
-
-impl Watch for Registration {}
-
-impl Drop for Registration {
-    fn drop(&mut self) {
-        let Some(state) = self.state.upgrade() else {
-            return;
-        };
-        let mut state = lock(&state);
-        if self.control {
-            if let Some(list) = state.controls.get_mut(&self.key) {
-                list.retain(|(n, _)| *n != self.number);
-            }
-        } else if let Some(list) = state.feeds.get_mut(&self.key) {
-            list.retain(|(n, _)| *n != self.number);
-        }
     }
 }
 
@@ -185,8 +144,9 @@ impl Store for MemoryStore {
                 Written::Done
             }
         };
+        drop(state);
         if written == Written::Done {
-            state.publish(
+            self.publish(
                 id,
                 &LiveEvent::Entries {
                     first,
@@ -239,8 +199,9 @@ impl Store for MemoryStore {
                 Written::Done
             }
         };
+        drop(state);
         if written == Written::Done {
-            state.publish(id, &LiveEvent::Ended);
+            self.publish(id, &LiveEvent::Ended);
         }
         Box::pin(future::ready(Ok(written)))
     }
@@ -285,20 +246,7 @@ impl Store for MemoryStore {
         id: &'a str,
         sender: LiveSender,
     ) -> BoxFuture<'a, Result<Box<dyn Watch>, StoreError>> {
-        let mut state = self.lock();
-        state.next_registration += 1;
-        let number = state.next_registration;
-        state
-            .feeds
-            .entry(id.to_owned())
-            .or_default()
-            .push((number, sender));
-        let registration: Box<dyn Watch> = Box::new(Registration {
-            state: Arc::downgrade(&self.state),
-            key: id.to_owned(),
-            number,
-            control: false,
-        });
+        let (registration, _) = Listeners::add(&self.listeners, id, Listener::Live(sender), None);
         Box::pin(future::ready(Ok(registration)))
     }
 
@@ -307,12 +255,7 @@ impl Store for MemoryStore {
         owner: &'a str,
         id: &'a str,
     ) -> BoxFuture<'a, Result<bool, StoreError>> {
-        let heard = self.lock().controls.get(owner).is_some_and(|list| {
-            list.iter()
-                .filter(|(_, tx)| tx.try_send(id.to_owned()).is_ok())
-                .count()
-                > 0
-        });
+        let heard = listeners::lock(&self.listeners).request(owner, id) > 0;
         Box::pin(future::ready(Ok(heard)))
     }
 
@@ -321,20 +264,8 @@ impl Store for MemoryStore {
         owner: &'a str,
         sender: mpsc::Sender<String>,
     ) -> BoxFuture<'a, Result<Box<dyn Watch>, StoreError>> {
-        let mut state = self.lock();
-        state.next_registration += 1;
-        let number = state.next_registration;
-        state
-            .controls
-            .entry(owner.to_owned())
-            .or_default()
-            .push((number, sender));
-        let registration: Box<dyn Watch> = Box::new(Registration {
-            state: Arc::downgrade(&self.state),
-            key: owner.to_owned(),
-            number,
-            control: true,
-        });
+        let listener = Listener::Control(sender);
+        let (registration, _) = Listeners::add(&self.listeners, owner, listener, None);
         Box::pin(future::ready(Ok(registration)))
     }
 

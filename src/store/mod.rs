@@ -17,6 +17,7 @@
 //! Nothing here knows about HTTP or about viewers: the store is touched per instance per
 //! generation, never per viewer.
 
+mod listeners;
 pub mod memory;
 pub mod redis;
 pub mod wire;

@@ -41,8 +41,9 @@ use redis::{
 use tokio::sync::mpsc;
 
 use super::{
-    wire, Claimed, End, IdempotencyClaim, Lifetimes, LiveEvent, LiveSender, Meta, Store,
-    StoreError, Watch, Written,
+    listeners::{self, Listener, Listeners, OnLast},
+    wire, Claimed, End, IdempotencyClaim, Lifetimes, LiveSender, Meta, Store, StoreError, Watch,
+    Written,
 };
 
 /// Appends entries at an expected index, if the caller holds (or may take) the lease.
@@ -113,18 +114,11 @@ struct Scripts {
     finish: Script,
 }
 
-/// Who listens to which channel, shared with the push handler of the feed connection.
-#[derive(Default)]
-struct Listeners {
-    feeds: HashMap<String, Vec<(u64, LiveSender)>>,
-    controls: HashMap<String, Vec<(u64, mpsc::Sender<String>)>>,
-    next_registration: u64,
-}
-
 pub struct RedisStore {
     lifetimes: Lifetimes,
     commands: Connection,
     feed: Connection,
+    /// Shared with the push handler of the feed connection.
     listeners: Arc<Mutex<Listeners>>,
     scripts: Scripts,
 }
@@ -204,8 +198,9 @@ fn lease_key(id: &str) -> String {
 fn live_channel(id: &str) -> String {
     format!("tf:{{{id}}}:live")
 }
+const CONTROL_PREFIX: &str = "tf:ctl:";
 fn control_channel(owner: &str) -> String {
-    format!("tf:ctl:{owner}")
+    format!("{CONTROL_PREFIX}{owner}")
 }
 
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
@@ -227,12 +222,6 @@ fn millis(duration: Duration) -> u64 {
     u64::try_from(duration.as_millis())
         .unwrap_or(u64::MAX)
         .max(1)
-}
-
-fn lock(listeners: &Mutex<Listeners>) -> std::sync::MutexGuard<'_, Listeners> {
-    listeners
-        .lock()
-        .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 impl From<redis::RedisError> for StoreError {
@@ -302,59 +291,48 @@ impl RedisStore {
         })
     }
 
-    fn register(&self, channel: &str, sender: Sender) -> (Box<dyn Watch>, bool) {
-        let sharded = matches!(sender, Sender::Live(_));
-        let mut listeners = lock(&self.listeners);
-        listeners.next_registration += 1;
-        let number = listeners.next_registration;
-        let first = match sender {
-            Sender::Live(tx) => {
-                let list = listeners.feeds.entry(channel.to_owned()).or_default();
-                list.push((number, tx));
-                list.len() == 1
-            }
-            Sender::Control(tx) => {
-                let list = listeners.controls.entry(channel.to_owned()).or_default();
-                list.push((number, tx));
-                list.len() == 1
-            }
-        };
-        let registration = Registration {
-            listeners: Arc::downgrade(&self.listeners),
-            feed: self.feed.clone(),
-            channel: channel.to_owned(),
-            sharded,
-            number,
-        };
-        (Box::new(registration), first)
-    }
-
     async fn subscribe(
         &self,
         channel: String,
-        sender: Sender,
+        listener: Listener,
     ) -> Result<Box<dyn Watch>, StoreError> {
-        let sharded = matches!(sender, Sender::Live(_));
-        let (registration, first) = self.register(&channel, sender);
+        let sharded = matches!(listener, Listener::Live(_));
+        let on_last = self.unsubscriber(sharded);
+        let (registration, first) =
+            Listeners::add(&self.listeners, &channel, listener, Some(on_last));
         if first {
             self.feed.clone().subscribe(&channel, sharded).await?;
         }
         Ok(registration)
     }
-}
 
-enum Sender {
-    Live(LiveSender),
-    Control(mpsc::Sender<String>),
+    /// Unsubscribes a channel whose last listener went, unless one came back meanwhile.
+    fn unsubscriber(&self, sharded: bool) -> OnLast {
+        let feed = self.feed.clone();
+        let weak = Arc::downgrade(&self.listeners);
+        Box::new(move |channel: &str| {
+            let (mut feed, weak, channel) = (feed.clone(), weak.clone(), channel.to_owned());
+            if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+                runtime.spawn(async move {
+                    let wanted = weak
+                        .upgrade()
+                        .is_some_and(|shared| listeners::lock(&shared).is_wanted(&channel));
+                    if !wanted {
+                        let _ = feed.unsubscribe(&channel, sharded).await;
+                    }
+                });
+            }
+        })
+    }
 }
 
 /// Routes one push message of the feed connection; never waits (it runs on the connection's
-/// reader). A full replica feed misses the message and finds the gap later.
+/// reader).
 fn dispatch(listeners: &Weak<Mutex<Listeners>>, push: PushInfo) {
     let Some(listeners) = listeners.upgrade() else {
         return;
     };
-    let listeners = lock(&listeners);
+    let listeners = listeners::lock(&listeners);
     match push.kind {
         PushKind::Message | PushKind::SMessage => {
             let mut data = push.data.into_iter();
@@ -366,86 +344,18 @@ fn dispatch(listeners: &Weak<Mutex<Listeners>>, push: PushInfo) {
             let Ok(channel) = String::from_utf8(channel) else {
                 return;
             };
-            let message = Bytes::from(message);
-            if let Some(feeds) = listeners.feeds.get(&channel) {
-                if let Some(event) = wire::decode(&message) {
-                    for (_, tx) in feeds {
-                        let _ = tx.try_send(event.clone());
-                    }
-                } else {
-                    tracing::warn!(%channel, "a malformed live feed message was ignored");
-                }
-            } else if let Some(controls) = listeners.controls.get(&channel) {
+            if channel.starts_with(CONTROL_PREFIX) {
                 if let Ok(id) = std::str::from_utf8(&message) {
-                    for (_, tx) in controls {
-                        let _ = tx.try_send(id.to_owned());
-                    }
+                    listeners.request(&channel, id);
                 }
+            } else if let Some(event) = wire::decode(&Bytes::from(message)) {
+                listeners.publish(&channel, &event);
+            } else {
+                tracing::warn!(%channel, "a malformed live feed message was ignored");
             }
         }
-        PushKind::Disconnection => {
-            for (_, tx) in listeners.feeds.values().flatten() {
-                let _ = tx.try_send(LiveEvent::Resync);
-            }
-        }
+        PushKind::Disconnection => listeners.resync_all(),
         _ => {}
-    }
-}
-
-/// One listener of a channel; the last one to go unsubscribes.
-struct Registration {
-    listeners: Weak<Mutex<Listeners>>,
-    feed: Connection,
-    channel: String,
-    /// A live feed (sharded pub/sub on a cluster), not a control channel.
-    sharded: bool,
-    number: u64,
-}
-
-impl Watch for Registration {}
-
-impl Drop for Registration {
-    fn drop(&mut self) {
-        let Some(listeners) = self.listeners.upgrade() else {
-            return;
-        };
-        let last = {
-            let mut listeners = lock(&listeners);
-            let number = self.number;
-            let mut emptied = false;
-            if let Some(list) = listeners.feeds.get_mut(&self.channel) {
-                list.retain(|(n, _)| *n != number);
-                emptied |= list.is_empty();
-            }
-            if let Some(list) = listeners.controls.get_mut(&self.channel) {
-                list.retain(|(n, _)| *n != number);
-                emptied |= list.is_empty();
-            }
-            if emptied {
-                listeners.feeds.remove(&self.channel);
-                listeners.controls.remove(&self.channel);
-            }
-            emptied
-        };
-        if last {
-            let mut feed = self.feed.clone();
-            let channel = std::mem::take(&mut self.channel);
-            let weak = self.listeners.clone();
-            let sharded = self.sharded;
-            if let Ok(runtime) = tokio::runtime::Handle::try_current() {
-                runtime.spawn(async move {
-                    // A replica that registered again meanwhile keeps the subscription.
-                    let still_wanted = weak.upgrade().is_some_and(|listeners| {
-                        let listeners = lock(&listeners);
-                        listeners.feeds.contains_key(&channel)
-                            || listeners.controls.contains_key(&channel)
-                    });
-                    if !still_wanted {
-                        let _ = feed.unsubscribe(&channel, sharded).await;
-                    }
-                });
-            }
-        }
     }
 }
 
@@ -672,7 +582,7 @@ impl Store for RedisStore {
         id: &'a str,
         sender: LiveSender,
     ) -> BoxFuture<'a, Result<Box<dyn Watch>, StoreError>> {
-        Box::pin(self.subscribe(live_channel(id), Sender::Live(sender)))
+        Box::pin(self.subscribe(live_channel(id), Listener::Live(sender)))
     }
 
     fn request_cancel<'a>(
@@ -695,7 +605,7 @@ impl Store for RedisStore {
         owner: &'a str,
         sender: mpsc::Sender<String>,
     ) -> BoxFuture<'a, Result<Box<dyn Watch>, StoreError>> {
-        Box::pin(self.subscribe(control_channel(owner), Sender::Control(sender)))
+        Box::pin(self.subscribe(control_channel(owner), Listener::Control(sender)))
     }
 
     fn ping(&self) -> BoxFuture<'_, Result<(), StoreError>> {
