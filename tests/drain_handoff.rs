@@ -6,39 +6,28 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::{
-    cluster::{view, Cluster, Roam},
-    create_generation,
-};
-use futures_util::future::join_all;
+use common::cluster::{Cluster, Roam};
 use nix::sys::signal::Signal;
 use serde_json::json;
 
 #[tokio::test]
 async fn sigterm_hands_viewers_over_and_the_generation_completes_from_the_store() {
     let mut cluster = Cluster::start(2, &["--drain-deadline", "20s"], &[]).await;
-    let bases = cluster.bases();
-    let id = create_generation(
-        &cluster.http,
-        &bases[0],
-        json!({"tokens": 300, "interval_ms": 10}),
-    )
-    .await;
-    let http = cluster.http.clone();
-    let viewers = tokio::spawn({
-        let (bases, id) = (bases.clone(), id.clone());
-        async move {
-            let on_draining = (0..3).map(|_| view(&http, &bases, &id, Roam::Failover(0)));
-            let elsewhere = view(&http, &bases, &id, Roam::Stay(1));
-            let (handed_over, elsewhere) = tokio::join!(join_all(on_draining), elsewhere);
-            (handed_over, elsewhere)
-        }
-    });
+    let knobs = json!({"tokens": 300, "interval_ms": 10});
+    let roams = vec![
+        Roam::Stay(1),
+        Roam::Failover(0),
+        Roam::Failover(0),
+        Roam::Failover(0),
+    ];
+    let (_, viewers) = cluster.watch(0, knobs, roams).await;
     tokio::time::sleep(Duration::from_millis(800)).await;
     let signalled = Instant::now();
     cluster.instances[0].signal(Signal::SIGTERM);
 
-    let (handed_over, elsewhere) = viewers.await.unwrap();
+    let mut viewed = viewers.await.unwrap();
+    let elsewhere = viewed.remove(0);
+    let handed_over = viewed;
     for viewed in handed_over.iter().chain([&elsewhere]) {
         assert_eq!(viewed.terminal.event, "done", "{:?}", viewed.terminal);
         assert_eq!(viewed.texts.len(), 300);
@@ -65,22 +54,12 @@ async fn sigterm_hands_viewers_over_and_the_generation_completes_from_the_store(
 #[tokio::test]
 async fn a_call_still_running_at_the_drain_deadline_ends_interrupted_for_viewers_elsewhere() {
     let mut cluster = Cluster::start(2, &["--drain-deadline", "1s"], &[]).await;
-    let bases = cluster.bases();
-    let id = create_generation(
-        &cluster.http,
-        &bases[0],
-        json!({"tokens": 100_000, "interval_ms": 10}),
-    )
-    .await;
-    let http = cluster.http.clone();
-    let viewer = tokio::spawn({
-        let (bases, id) = (bases.clone(), id.clone());
-        async move { view(&http, &bases, &id, Roam::Failover(0)).await }
-    });
+    let knobs = json!({"tokens": 100_000, "interval_ms": 10});
+    let (_, viewer) = cluster.watch(0, knobs, vec![Roam::Failover(0)]).await;
     tokio::time::sleep(Duration::from_millis(500)).await;
     let signalled = Instant::now();
     cluster.instances[0].signal(Signal::SIGTERM);
-    let viewed = viewer.await.unwrap();
+    let viewed = viewer.await.unwrap().remove(0);
     assert_eq!(viewed.terminal.event, "error");
     assert_eq!(viewed.terminal.json()["code"], "interrupted");
     assert_eq!(

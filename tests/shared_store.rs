@@ -14,19 +14,6 @@ use common::{
 use futures_util::future::join_all;
 use serde_json::{json, Value};
 
-async fn snapshot(cluster: &Cluster, i: usize, id: &str) -> (u16, Value) {
-    let response = cluster
-        .http
-        .get(format!("{}/v1/generations/{id}", cluster.base(i)))
-        .send()
-        .await
-        .unwrap();
-    (
-        response.status().as_u16(),
-        response.json().await.unwrap_or(Value::Null),
-    )
-}
-
 #[tokio::test]
 async fn every_api_answers_on_every_instance() {
     let cluster = Cluster::start(3, &[], &[]).await;
@@ -66,15 +53,17 @@ async fn every_api_answers_on_every_instance() {
     assert_eq!(response.status(), 204);
 
     // The snapshot is the same everywhere.
-    let (status, owner_view) = snapshot(&cluster, 0, &id).await;
+    let (status, owner_view) = cluster.snapshot(0, &id).await;
     assert_eq!(status, 200);
     for i in 1..3 {
-        assert_eq!(snapshot(&cluster, i, &id).await.1, owner_view);
+        assert_eq!(cluster.snapshot(i, &id).await.1, owner_view);
     }
     assert_eq!(owner_view["text"].as_str().unwrap(), whole.texts.concat());
 
     // Unknown ids are 404 everywhere.
-    let (status, body) = snapshot(&cluster, 2, "gen_0123456789abcdef0123456789abcdef").await;
+    let (status, body) = cluster
+        .snapshot(2, "gen_0123456789abcdef0123456789abcdef")
+        .await;
     assert_eq!(status, 404);
     assert_eq!(body["error"]["code"], "generation_not_found");
 }
@@ -89,16 +78,10 @@ async fn a_delete_on_another_instance_cancels_the_owners_upstream_call() {
         json!({"tokens": 100_000, "interval_ms": 10}),
     )
     .await;
-    let response = cluster
-        .http
-        .delete(format!("{}/v1/generations/{id}", bases[1]))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(response.status(), 200);
-    let answered: Value = response.json().await.unwrap();
+    let (status, answered) = cluster.cancel(1, &id).await;
+    assert_eq!(status, 200);
     assert_eq!(answered["status"], "cancelled");
-    let (_, owner_view) = snapshot(&cluster, 0, &id).await;
+    let (_, owner_view) = cluster.snapshot(0, &id).await;
     assert_eq!(owner_view["status"], "cancelled");
     assert_eq!(owner_view["error"]["code"], "cancelled");
     // Viewers anywhere get the terminal event.
@@ -287,12 +270,6 @@ async fn instances_on_a_redis_cluster_serve_each_others_generations() {
         json!({"tokens": 100_000, "interval_ms": 10}),
     )
     .await;
-    let response = cluster
-        .http
-        .delete(format!("{}/v1/generations/{id}", bases[1]))
-        .send()
-        .await
-        .unwrap();
-    let answered: Value = response.json().await.unwrap();
+    let (_, answered) = cluster.cancel(1, &id).await;
     assert_eq!(answered["status"], "cancelled");
 }

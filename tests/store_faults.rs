@@ -6,10 +6,9 @@ mod common;
 use std::time::{Duration, Instant};
 
 use common::{
-    cluster::{view, Cluster, Roam, Viewed},
+    cluster::{Cluster, Roam, Viewed},
     create_generation,
 };
-use futures_util::future::join;
 use nix::sys::signal::Signal;
 use serde_json::{json, Value};
 
@@ -18,47 +17,26 @@ const TOKENS: usize = 400;
 /// A generation on instance 0, watched from instances 0 and 1.
 struct Watched {
     id: String,
-    viewers: tokio::task::JoinHandle<(Viewed, Viewed)>,
+    viewers: tokio::task::JoinHandle<Vec<Viewed>>,
 }
 
 /// Starts a generation and its two viewers; returns once they have seen some tokens.
 async fn watch_a_generation(cluster: &Cluster) -> Watched {
-    let bases = cluster.bases();
-    let id = create_generation(
-        &cluster.http,
-        &bases[0],
-        json!({"tokens": TOKENS, "interval_ms": 10}),
-    )
-    .await;
-    let http = cluster.http.clone();
-    let viewers = tokio::spawn({
-        let id = id.clone();
-        async move {
-            join(
-                view(&http, &bases, &id, Roam::Stay(0)),
-                view(&http, &bases, &id, Roam::Stay(1)),
-            )
-            .await
-        }
-    });
+    let knobs = json!({"tokens": TOKENS, "interval_ms": 10});
+    let (id, viewers) = cluster
+        .watch(0, knobs, vec![Roam::Stay(0), Roam::Stay(1)])
+        .await;
     tokio::time::sleep(Duration::from_millis(1000)).await;
     Watched { id, viewers }
 }
 
 /// Waits for both viewers to end; checks both saw the owner's whole text.
 async fn assert_both_saw_everything(cluster: &Cluster, watched: Watched) {
-    let (on_owner, elsewhere) = watched.viewers.await.unwrap();
-    let snapshot: Value = cluster
-        .http
-        .get(format!("{}/v1/generations/{}", cluster.base(0), watched.id))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    assert_whole(&on_owner, &snapshot);
-    assert_whole(&elsewhere, &snapshot);
+    let viewed = watched.viewers.await.unwrap();
+    let (on_owner, elsewhere) = (&viewed[0], &viewed[1]);
+    let (_, snapshot) = cluster.snapshot(0, &watched.id).await;
+    assert_whole(on_owner, &snapshot);
+    assert_whole(elsewhere, &snapshot);
 }
 
 fn assert_whole(viewed: &Viewed, snapshot: &Value) {
@@ -98,22 +76,12 @@ async fn a_paused_redis_loses_no_token() {
 #[tokio::test]
 async fn viewers_of_a_killed_owner_get_owner_lost_within_20_seconds() {
     let cluster = Cluster::start(2, &[], &[]).await;
-    let bases = cluster.bases();
-    let id = create_generation(
-        &cluster.http,
-        &bases[0],
-        json!({"tokens": 100_000, "interval_ms": 20}),
-    )
-    .await;
-    let http = cluster.http.clone();
-    let viewer = tokio::spawn({
-        let (bases, id) = (bases.clone(), id.clone());
-        async move { view(&http, &bases, &id, Roam::Stay(1)).await }
-    });
+    let knobs = json!({"tokens": 100_000, "interval_ms": 20});
+    let (id, viewer) = cluster.watch(0, knobs, vec![Roam::Stay(1)]).await;
     tokio::time::sleep(Duration::from_millis(500)).await;
     let killed = Instant::now();
     cluster.instances[0].signal(Signal::SIGKILL);
-    let viewed = viewer.await.unwrap();
+    let viewed = viewer.await.unwrap().remove(0);
     let waited = killed.elapsed();
     assert_eq!(viewed.terminal.event, "error");
     assert_eq!(viewed.terminal.json()["code"], "owner_lost");
@@ -123,15 +91,7 @@ async fn viewers_of_a_killed_owner_get_owner_lost_within_20_seconds() {
         "tokens before the kill were delivered"
     );
     // Every other instance agrees, and keeps what was logged.
-    let snapshot: Value = cluster
-        .http
-        .get(format!("{}/v1/generations/{id}", bases[1]))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let (_, snapshot) = cluster.snapshot(1, &id).await;
     assert_eq!(snapshot["status"], "failed");
     assert_eq!(snapshot["error"]["code"], "owner_lost");
     assert_eq!(snapshot["text"].as_str().unwrap(), viewed.texts.concat());

@@ -9,7 +9,7 @@
 // Last-Event-ID headers and counts reconnects.
 import { readFile } from 'node:fs/promises';
 import net from 'node:net';
-import { chromium } from 'playwright-core';
+import { launchChromium, waitFor } from './chromium.mjs';
 
 const [gateway, apiKey, screenshotPath] = process.argv.slice(2);
 const target = new URL(gateway);
@@ -83,30 +83,9 @@ const viewerState = (page) =>
     })),
   );
 
-async function waitFor(what, predicate, timeoutMs = 20000) {
-  const deadline = Date.now() + timeoutMs;
-  for (;;) {
-    const value = await predicate();
-    if (value) return value;
-    if (Date.now() > deadline) throw new Error(`timed out waiting for ${what}`);
-    await new Promise((resolve) => setTimeout(resolve, 25));
-  }
-}
-
 async function main() {
   const proxy = await startProxy();
-  const browser = await chromium.launch({
-    executablePath: process.env.CHROMIUM || '/usr/bin/chromium',
-    args: [
-      '--no-sandbox',
-      '--disable-gpu',
-      '--disable-quic',
-      '--no-first-run',
-      '--disable-background-networking',
-      '--disable-component-update',
-      '--disable-sync',
-    ],
-  });
+  const browser = await launchChromium();
   const report = { pageErrors: [] };
   try {
     const page = await browser.newPage({ viewport: { width: 1280, height: 900 } });

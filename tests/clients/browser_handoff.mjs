@@ -9,7 +9,7 @@
 // viewers are told to reconnect, the balancer sends them to the second instance, and the page
 // shows each viewer's instance change while its text goes on without a gap.
 import net from 'node:net';
-import { chromium } from 'playwright-core';
+import { launchChromium, waitFor } from './chromium.mjs';
 
 const [targetList, ownerPid, screenshotPath] = process.argv.slice(2);
 const targets = targetList.split(',').map((url) => new URL(url));
@@ -66,32 +66,11 @@ const viewerState = (page) =>
     })),
   );
 
-async function waitFor(what, predicate, timeoutMs = 30000) {
-  const deadline = Date.now() + timeoutMs;
-  for (;;) {
-    const value = await predicate();
-    if (value) return value;
-    if (Date.now() > deadline) throw new Error(`timed out waiting for ${what}`);
-    await new Promise((resolve) => setTimeout(resolve, 25));
-  }
-}
-
 async function main() {
   const readiness = { stopped: false };
   const watching = watchReadiness(readiness);
   const balancer = await startBalancer();
-  const browser = await chromium.launch({
-    executablePath: process.env.CHROMIUM || '/usr/bin/chromium',
-    args: [
-      '--no-sandbox',
-      '--disable-gpu',
-      '--disable-quic',
-      '--no-first-run',
-      '--disable-background-networking',
-      '--disable-component-update',
-      '--disable-sync',
-    ],
-  });
+  const browser = await launchChromium();
   const report = { pageErrors: [] };
   try {
     const page = await browser.newPage({ viewport: { width: 1280, height: 900 } });

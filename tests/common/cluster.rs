@@ -57,6 +57,47 @@ impl Cluster {
         (0..self.instances.len()).map(|i| self.base(i)).collect()
     }
 
+    /// `GET /v1/generations/{id}` on instance `i`: status and body.
+    pub async fn snapshot(&self, i: usize, id: &str) -> (u16, Value) {
+        self.answer(self.http.get(self.generation_url(i, id))).await
+    }
+
+    /// `DELETE /v1/generations/{id}` on instance `i`: status and body.
+    pub async fn cancel(&self, i: usize, id: &str) -> (u16, Value) {
+        self.answer(self.http.delete(self.generation_url(i, id)))
+            .await
+    }
+
+    fn generation_url(&self, i: usize, id: &str) -> String {
+        format!("{}/v1/generations/{id}", self.base(i))
+    }
+
+    async fn answer(&self, request: reqwest::RequestBuilder) -> (u16, Value) {
+        let response = request.send().await.unwrap();
+        let status = response.status().as_u16();
+        (status, response.json().await.unwrap_or(Value::Null))
+    }
+
+    /// Creates a generation on instance `owner` and starts viewers that move as `roams` say;
+    /// returns its id and the viewers' task.
+    pub async fn watch(
+        &self,
+        owner: usize,
+        knobs: Value,
+        roams: Vec<Roam>,
+    ) -> (String, tokio::task::JoinHandle<Vec<Viewed>>) {
+        let bases = self.bases();
+        let id = super::create_generation(&self.http, &bases[owner], knobs).await;
+        let (http, watched) = (self.http.clone(), id.clone());
+        let viewers = tokio::spawn(async move {
+            let views = roams
+                .into_iter()
+                .map(|roam| view(&http, &bases, &watched, roam));
+            futures_util::future::join_all(views).await
+        });
+        (id, viewers)
+    }
+
     pub async fn mock_stats(&self) -> Value {
         let url = format!("http://{}/mock/stats", self.mock);
         self.http
