@@ -21,7 +21,7 @@ use tracing::{info, info_span, warn, Instrument};
 use super::generation::{Generation, LogLimits, Outcome, Pushed, Status};
 use crate::{
     metrics,
-    upstream::{Upstream, UpstreamEvent},
+    upstream::{LogSafe, Upstream, UpstreamEvent},
 };
 
 /// Settings of the hub, taken from [`crate::config::StreamConfig`].
@@ -212,7 +212,8 @@ impl Hub {
         };
         if let Some(outcome) = outcome {
             if let Outcome::Failed { code, message } = &outcome {
-                warn!(code, message, "generation failed");
+                // Provider text: escaped, so that a newline in it cannot forge a log line.
+                warn!(code, message = %LogSafe(message), "generation failed");
             }
             generation.finish(outcome);
         }
@@ -240,12 +241,11 @@ impl Hub {
         futures_util::pin_mut!(stream);
         while let Some(event) = stream.next().await {
             match event {
-                Ok(UpstreamEvent::Token(text)) => {
-                    match generation.push_token(&text, self.settings.log_limits) {
+                Ok(UpstreamEvent::Delta(delta)) => {
+                    match generation.push(delta, self.settings.log_limits) {
                         Pushed::Logged { fan_out, log_bytes } => {
                             metrics::record_fan_out(fan_out);
-                            self.log_bytes.fetch_add(log_bytes, Ordering::Relaxed);
-                            self.fit_log_budget();
+                            self.grow_log(log_bytes);
                         }
                         Pushed::Ended => break,
                         Pushed::TooLarge => {
@@ -256,8 +256,12 @@ impl Hub {
                         }
                     }
                 }
-                Ok(UpstreamEvent::Finish(reason)) => generation.set_finish_reason(reason),
-                Ok(UpstreamEvent::Usage(usage)) => generation.set_usage(usage),
+                Ok(UpstreamEvent::Finish(reason)) => {
+                    self.grow_log(generation.set_finish_reason(reason));
+                }
+                Ok(UpstreamEvent::Usage { usage, bytes }) => {
+                    self.grow_log(generation.set_usage(usage, bytes));
+                }
                 Err(error) => {
                     return Outcome::Failed {
                         code: error.code(),
@@ -267,6 +271,11 @@ impl Hub {
             }
         }
         Outcome::Completed
+    }
+
+    fn grow_log(&self, bytes: usize) {
+        self.log_bytes.fetch_add(bytes, Ordering::Relaxed);
+        self.fit_log_budget();
     }
 
     /// Resolves when `--cancel-unwatched-after` is set and nobody has watched for that long.

@@ -12,19 +12,35 @@ pub mod chunk;
 pub mod http1;
 pub mod mock;
 mod openai;
+mod redact;
 pub mod sse;
 
 pub use openai::Upstream;
+pub use redact::LogSafe;
+
+use crate::hub::Delta;
+
+/// Longest `finish_reason` kept; a longer one is dropped with a warning. Real ones are a word
+/// (`stop`, `tool_calls`, `content_filter`).
+pub const MAX_FINISH_REASON_BYTES: usize = 64;
+/// Largest `usage` object kept, as JSON text; a larger one is dropped with a warning. Real
+/// ones, with their token-detail breakdowns, are a few hundred bytes.
+pub const MAX_USAGE_BYTES: usize = 4 * 1024;
 
 /// One thing the provider told us, in stream order.
 #[derive(Debug, Clone, PartialEq)]
 pub enum UpstreamEvent {
-    /// A piece of generated text (`choices[0].delta.content`), never empty.
-    Token(String),
-    /// `choices[0].finish_reason` (`stop`, `length`, …).
+    /// A piece of the answer: text, reasoning, refusal or a tool-call fragment; never empty.
+    Delta(Delta),
+    /// `choices[0].finish_reason` (`stop`, `length`, `tool_calls`, …), at most
+    /// [`MAX_FINISH_REASON_BYTES`].
     Finish(String),
-    /// The usage object of the final chunk, as the provider sent it.
-    Usage(serde_json::Value),
+    /// The usage object of the final chunk, as the provider sent it, and its size as JSON
+    /// (at most [`MAX_USAGE_BYTES`]).
+    Usage {
+        usage: serde_json::Value,
+        bytes: usize,
+    },
 }
 
 /// Why an upstream call failed. Each variant has a stable [`code`](UpstreamError::code) that
@@ -46,6 +62,22 @@ pub enum UpstreamError {
 }
 
 impl UpstreamError {
+    /// The same error with the provider's text passed through `redact`: provider messages may
+    /// quote the request's credentials.
+    fn redacted(self, redact: impl Fn(&str) -> String) -> Self {
+        match self {
+            Self::Connect(message) => Self::Connect(redact(&message)),
+            Self::Http { status, message } => Self::Http {
+                status,
+                message: redact(&message),
+            },
+            Self::Protocol(message) => Self::Protocol(redact(&message)),
+            Self::Provider(message) => Self::Provider(redact(&message)),
+            Self::Interrupted(message) => Self::Interrupted(redact(&message)),
+            timeout @ Self::Timeout(_) => timeout,
+        }
+    }
+
     /// The stable machine code for this failure.
     pub fn code(&self) -> &'static str {
         match self {

@@ -7,27 +7,26 @@
 //! timeout; every other deadline (first token, idle gap, total) is enforced here with one tokio
 //! timer per call.
 
+mod decode;
+
 use std::{
-    borrow::Cow,
+    collections::VecDeque,
     fmt,
-    marker::PhantomData,
     pin::Pin,
     sync::Arc,
     time::{Duration, SystemTime},
 };
 
 use bytes::Bytes;
-use futures_util::{FutureExt, Stream};
+use futures_util::{FutureExt, Stream, StreamExt};
 use http::{header, HeaderMap, HeaderName, HeaderValue, StatusCode};
-use serde::{
-    de::{SeqAccess, Visitor},
-    Deserialize, Deserializer,
-};
+use serde::Deserialize;
 use serde_json::{Map, Value};
 use tokio::time::{timeout_at, Instant, Sleep};
 
 use super::{
     http1::{self, HttpError, Response},
+    redact::{self, LogSafe},
     sse::SseDecoder,
     UpstreamError, UpstreamEvent,
 };
@@ -54,6 +53,8 @@ pub struct Upstream {
 
 struct Inner {
     client: http1::Client,
+    /// The configured key and extra header values: removed from any provider text we pass on.
+    secrets: Vec<String>,
     first_token_timeout: Duration,
     idle_timeout: Duration,
     total_timeout: Duration,
@@ -83,9 +84,21 @@ impl Upstream {
             pool_idle_timeout: POOL_IDLE_TIMEOUT,
         })
         .map_err(|error| invalid_config(format!("invalid upstream settings: {error}")))?;
+        let header_values = config
+            .headers
+            .iter()
+            .filter_map(|line| line.split_once(':'))
+            .map(|(_, value)| value.trim().to_owned());
+        let secrets = config
+            .api_key
+            .iter()
+            .map(|key| key.expose().to_owned())
+            .chain(header_values)
+            .collect();
         Ok(Self {
             inner: Arc::new(Inner {
                 client,
+                secrets,
                 first_token_timeout: config.first_token_timeout,
                 idle_timeout: config.idle_timeout,
                 total_timeout: config.total_timeout,
@@ -110,7 +123,8 @@ impl Upstream {
             total: deadline_after(now, self.inner.total_timeout),
         };
         let start = Phase::Open(self.inner.clone(), request, deadlines);
-        futures_util::stream::unfold(start, |phase| async move {
+        let inner = self.inner.clone();
+        let events = futures_util::stream::unfold(start, |phase| async move {
             let mut reader = match phase {
                 Phase::Open(inner, request, deadlines) => {
                     match open(&inner, request, deadlines).await {
@@ -127,7 +141,16 @@ impl Upstream {
                 Ok(event) => Some((Ok(event), Phase::Read(reader))),
                 Err(error) => Some((Err(error), Phase::Done)),
             }
-        })
+        });
+        events.map(move |item| item.map_err(|error| inner.redact(error)))
+    }
+}
+
+impl Inner {
+    /// Errors leave the upstream without credentials: they reach every viewer and the log.
+    fn redact(&self, error: UpstreamError) -> UpstreamError {
+        let secrets: Vec<&str> = self.secrets.iter().map(String::as_str).collect();
+        error.redacted(|text| redact::redact(text, &secrets))
     }
 }
 
@@ -258,18 +281,19 @@ async fn open(
             .retry_after
             .unwrap_or_else(|| backoff(inner.retry_backoff, attempt));
         let retry_at = Instant::now().checked_add(delay);
+        let error = inner.redact(failure.error);
         if !failure.retryable
             || attempt >= inner.max_retries
             || retry_at.is_none_or(|at| at >= deadline)
         {
-            return Err(failure.error);
+            return Err(error);
         }
         attempt += 1;
         tracing::warn!(
             attempt,
             max_retries = inner.max_retries,
             delay_ms = u64::try_from(delay.as_millis()).unwrap_or(u64::MAX),
-            error = %failure.error,
+            error = %LogSafe(&error.to_string()),
             "retrying the upstream request"
         );
         tokio::time::sleep(delay).await;
@@ -399,7 +423,8 @@ fn truncated(text: &str) -> String {
 struct Reader {
     body: http1::Body,
     decoder: SseDecoder,
-    pending: ChunkEvents,
+    /// Decoded events not yielded yet (a chunk may carry several); allocated once per call.
+    pending: VecDeque<UpstreamEvent>,
     deadlines: Deadlines,
     idle_timeout: Duration,
     /// One timer for the whole call, moved forward before each read: pushing a deadline later
@@ -416,7 +441,7 @@ impl Reader {
         Self {
             body: response.body,
             decoder: SseDecoder::default(),
-            pending: ChunkEvents::default(),
+            pending: VecDeque::new(),
             deadlines,
             idle_timeout,
             deadline: Box::pin(tokio::time::sleep_until(deadlines.first_token)),
@@ -428,7 +453,12 @@ impl Reader {
 
     async fn next(&mut self) -> Option<Result<UpstreamEvent, UpstreamError>> {
         loop {
-            if let Some(event) = self.pending.pop() {
+            if let Some(event) = self.pending.pop_front() {
+                match event {
+                    UpstreamEvent::Delta(_) => self.token_seen = true,
+                    UpstreamEvent::Finish(_) => self.finish_seen = true,
+                    UpstreamEvent::Usage { .. } => {}
+                }
                 return Some(Ok(event));
             }
             if self.done {
@@ -448,11 +478,8 @@ impl Reader {
                 self.release_connection();
                 return Ok(());
             }
-            let events = decode_chunk(data)?;
-            self.token_seen |= events.token.is_some();
-            self.finish_seen |= events.finish.is_some();
-            if !events.is_empty() {
-                self.pending = events;
+            decode::decode_chunk(data, &mut self.pending)?;
+            if !self.pending.is_empty() {
                 return Ok(());
             }
         }
@@ -494,127 +521,6 @@ impl Reader {
 
 fn protocol(error: impl fmt::Display) -> UpstreamError {
     UpstreamError::Protocol(error.to_string())
-}
-
-/// What one `chat.completion.chunk` carries for us, yielded in this order.
-#[derive(Debug, Default, PartialEq)]
-struct ChunkEvents {
-    token: Option<String>,
-    finish: Option<String>,
-    usage: Option<Value>,
-}
-
-impl ChunkEvents {
-    fn is_empty(&self) -> bool {
-        self.token.is_none() && self.finish.is_none() && self.usage.is_none()
-    }
-
-    fn pop(&mut self) -> Option<UpstreamEvent> {
-        if let Some(text) = self.token.take() {
-            return Some(UpstreamEvent::Token(text));
-        }
-        if let Some(reason) = self.finish.take() {
-            return Some(UpstreamEvent::Finish(reason));
-        }
-        self.usage.take().map(UpstreamEvent::Usage)
-    }
-}
-
-/// A `chat.completion.chunk`, borrowing from the event data: parsing a token chunk allocates
-/// nothing but the token's text.
-#[derive(Deserialize)]
-struct Chunk<'a> {
-    #[serde(borrow, default)]
-    choices: Option<FirstChoice<'a>>,
-    #[serde(default)]
-    usage: Option<Value>,
-    #[serde(default)]
-    error: Option<Value>,
-}
-
-#[derive(Deserialize)]
-struct Choice<'a> {
-    #[serde(default)]
-    index: u64,
-    #[serde(borrow, default)]
-    delta: Option<Delta<'a>>,
-    #[serde(borrow, default)]
-    finish_reason: Option<Cow<'a, str>>,
-}
-
-#[derive(Deserialize)]
-struct Delta<'a> {
-    #[serde(borrow, default)]
-    content: Option<Cow<'a, str>>,
-}
-
-/// `choices` reduced to the choice with index 0 (with `n > 1` the others interleave), without
-/// collecting a `Vec` per chunk.
-struct FirstChoice<'a>(Option<Choice<'a>>);
-
-impl<'de: 'a, 'a> Deserialize<'de> for FirstChoice<'a> {
-    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-        struct Choices<'a>(PhantomData<Choice<'a>>);
-
-        impl<'de: 'a, 'a> Visitor<'de> for Choices<'a> {
-            type Value = FirstChoice<'a>;
-
-            fn expecting(&self, formatter: &mut fmt::Formatter) -> fmt::Result {
-                formatter.write_str("an array of choices")
-            }
-
-            fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
-                let mut first = None;
-                while let Some(choice) = seq.next_element::<Choice<'a>>()? {
-                    if choice.index == 0 && first.is_none() {
-                        first = Some(choice);
-                    }
-                }
-                Ok(FirstChoice(first))
-            }
-        }
-
-        deserializer.deserialize_seq(Choices(PhantomData))
-    }
-}
-
-/// Turns one event's data into events.
-///
-/// A chunk with neither a choice, a final usage nor an error is ignored rather than rejected:
-/// compatible providers interleave such chunks (Azure's `prompt_filter_results`, heartbeat
-/// objects), and a stream that never finishes is still caught at its end.
-fn decode_chunk(data: &str) -> Result<ChunkEvents, UpstreamError> {
-    let chunk: Chunk = serde_json::from_str(data)
-        .map_err(|error| protocol(format_args!("invalid JSON in a stream chunk: {error}")))?;
-    if let Some(error) = chunk.error {
-        return Err(UpstreamError::Provider(provider_message(&error)));
-    }
-    let choice = chunk.choices.and_then(|choices| choices.0);
-    let has_choice = choice.is_some();
-    let (token, finish) = match choice {
-        Some(Choice {
-            delta,
-            finish_reason,
-            ..
-        }) => (
-            delta
-                .and_then(|delta| delta.content)
-                .filter(|content| !content.is_empty())
-                .map(Cow::into_owned),
-            finish_reason.map(Cow::into_owned),
-        ),
-        None => (None, None),
-    };
-    // The final usage rides alone (`choices: []`, OpenAI) or next to the finish_reason (some
-    // compatible servers). Usage on every chunk (vLLM's continuous stats) is not the total.
-    let usage = chunk
-        .usage
-        .filter(|usage| usage.is_object() && (!has_choice || finish.is_some()));
-    Ok(ChunkEvents {
-        token,
-        finish,
-        usage,
-    })
 }
 
 #[cfg(test)]
@@ -894,8 +800,12 @@ mod tests {
         provider.requests.recv().await.unwrap();
     }
 
+    fn text(text: &str) -> UpstreamEvent {
+        UpstreamEvent::Delta(crate::hub::Delta::Text(text.to_owned()))
+    }
+
     fn hi() -> UpstreamEvent {
-        UpstreamEvent::Token("Hi".to_owned())
+        text("Hi")
     }
 
     fn hi_stop() -> Vec<UpstreamEvent> {
@@ -927,12 +837,13 @@ mod tests {
         assert_eq!(
             events,
             [
-                UpstreamEvent::Token("Hel".to_owned()),
-                UpstreamEvent::Token("lo".to_owned()),
+                text("Hel"),
+                text("lo"),
                 UpstreamEvent::Finish("stop".to_owned()),
-                UpstreamEvent::Usage(
-                    json!({"prompt_tokens": 9, "completion_tokens": 2, "total_tokens": 11})
-                ),
+                UpstreamEvent::Usage {
+                    usage: json!({"prompt_tokens": 9, "completion_tokens": 2, "total_tokens": 11}),
+                    bytes: 59,
+                },
             ]
         );
         let received = provider.requests.recv().await.unwrap();
@@ -1475,64 +1386,6 @@ mod tests {
         assert_eq!(body["stream"], json!(true));
         assert_eq!(body["stream_options"], json!({"include_usage": true}));
         assert_eq!(body["model"], json!("m"));
-    }
-
-    fn decoded(data: Value) -> ChunkEvents {
-        decode_chunk(&data.to_string()).unwrap()
-    }
-
-    #[test]
-    fn chunks_decode_into_events() {
-        let role =
-            json!({"choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}}]});
-        assert!(decoded(role).is_empty());
-        let escaped = json!({"choices": [{"index": 0, "delta": {"content": "a\"b\n"}}]});
-        assert_eq!(decoded(escaped).token.as_deref(), Some("a\"b\n"));
-        let null_content =
-            json!({"choices": [{"index": 0, "delta": {"content": null, "refusal": null}}]});
-        assert!(decoded(null_content).is_empty());
-        let other_choice = json!({"choices": [{"index": 1, "delta": {"content": "x"}}]});
-        assert!(decoded(other_choice).is_empty());
-        let no_choices = json!({"id": "x", "prompt_filter_results": []});
-        assert!(decoded(no_choices).is_empty());
-        let null_choices = json!({"choices": null, "usage": {"total_tokens": 3}});
-        assert_eq!(
-            decoded(null_choices).usage,
-            Some(json!({"total_tokens": 3}))
-        );
-    }
-
-    #[test]
-    fn usage_counts_only_on_the_final_chunk() {
-        let running = json!({"choices": [{"index": 0, "delta": {"content": "x"}}], "usage": {"total_tokens": 1}});
-        assert_eq!(decoded(running).usage, None);
-        let last = json!({
-            "choices": [{"index": 0, "delta": {"content": "y"}, "finish_reason": "length"}],
-            "usage": {"total_tokens": 2},
-        });
-        let mut events = decoded(last);
-        assert_eq!(events.pop(), Some(UpstreamEvent::Token("y".to_owned())));
-        assert_eq!(
-            events.pop(),
-            Some(UpstreamEvent::Finish("length".to_owned()))
-        );
-        assert_eq!(
-            events.pop(),
-            Some(UpstreamEvent::Usage(json!({"total_tokens": 2})))
-        );
-        assert_eq!(events.pop(), None);
-    }
-
-    #[test]
-    fn provider_errors_keep_a_bounded_message() {
-        let bare = decode_chunk(r#"{"error":"boom"}"#).err().unwrap();
-        assert!(matches!(&bare, UpstreamError::Provider(message) if message == "boom"));
-        let long = json!({"error": {"message": "é".repeat(2 * MAX_MESSAGE_CHARS)}});
-        let UpstreamError::Provider(message) = decode_chunk(&long.to_string()).err().unwrap()
-        else {
-            panic!("not a provider error");
-        };
-        assert_eq!(message.chars().count(), MAX_MESSAGE_CHARS + 1);
     }
 
     #[test]
