@@ -234,34 +234,13 @@ async fn completion_response(generation: &Generation, meta: &Meta) -> Response {
         "model": meta.model,
         "choices": [{
             "index": 0,
-            "message": message(&snapshot),
+            "message": chunk::message(&snapshot.content),
             "logprobs": null,
             "finish_reason": snapshot.finish_reason.as_deref().unwrap_or("stop"),
         }],
         "usage": snapshot.usage,
     }))
     .into_response()
-}
-
-/// The assistant message of a whole completion, in OpenAI's shape: `content` is null when the
-/// answer is only tool calls (or a refusal); `tool_calls` and `reasoning_content` appear only
-/// when there are some.
-fn message(snapshot: &Snapshot) -> Value {
-    let content = (!snapshot.text.is_empty()
-        || (snapshot.tool_calls.is_empty() && snapshot.refusal.is_none()))
-    .then_some(snapshot.text.as_str());
-    let mut message = json!({
-        "role": "assistant",
-        "content": content,
-        "refusal": snapshot.refusal,
-    });
-    if let Some(reasoning) = &snapshot.reasoning {
-        message["reasoning_content"] = json!(reasoning);
-    }
-    if !snapshot.tool_calls.is_empty() {
-        message["tool_calls"] = json!(snapshot.tool_calls);
-    }
-    message
 }
 
 fn stream_response(subscription: Subscription, meta: Meta) -> Response {
@@ -370,6 +349,7 @@ impl IntoResponse for OpenAiError {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::hub::delta::Assembled;
 
     fn options(request: Value) -> Result<Options, ApiError> {
         Options::of(request.as_object().unwrap())
@@ -416,10 +396,10 @@ mod tests {
         let snapshot = Snapshot {
             id: "gen_x".into(),
             status: Status::Completed,
-            text: "Hi".into(),
-            reasoning: None,
-            refusal: None,
-            tool_calls: Vec::new(),
+            content: Assembled {
+                text: "Hi".into(),
+                ..Assembled::default()
+            },
             token_count: 1,
             finish_reason: Some("length".into()),
             usage: Some(json!({"prompt_tokens": 9, "completion_tokens": 1, "total_tokens": 10})),

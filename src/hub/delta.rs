@@ -184,16 +184,18 @@ impl Assembled {
     pub fn of<'a>(deltas: impl IntoIterator<Item = &'a Delta>) -> Self {
         let mut assembled = Self::default();
         for delta in deltas {
-            match delta {
-                Delta::Text(text) => assembled.text.push_str(text),
-                Delta::Reasoning(text) => {
-                    assembled.reasoning.get_or_insert_default().push_str(text)
-                }
-                Delta::Refusal(text) => assembled.refusal.get_or_insert_default().push_str(text),
-                Delta::ToolCall(fragment) => assembled.add_fragment(fragment),
-            }
+            assembled.push(delta);
         }
         assembled
+    }
+
+    pub fn push(&mut self, delta: &Delta) {
+        match delta {
+            Delta::Text(text) => self.text.push_str(text),
+            Delta::Reasoning(text) => self.reasoning.get_or_insert_default().push_str(text),
+            Delta::Refusal(text) => self.refusal.get_or_insert_default().push_str(text),
+            Delta::ToolCall(fragment) => self.add_fragment(fragment),
+        }
     }
 
     fn add_fragment(&mut self, fragment: &ToolCallDelta) {
@@ -252,7 +254,11 @@ mod tests {
             tool(u32::MAX, None, Some(""), "é"),
             tool(1, Some(""), None, ""),
         ] {
-            assert_eq!(Delta::decode(&delta.encode()), Ok(delta.clone()), "{delta:?}");
+            assert_eq!(
+                Delta::decode(&delta.encode()),
+                Ok(delta.clone()),
+                "{delta:?}"
+            );
         }
     }
 

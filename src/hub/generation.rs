@@ -19,10 +19,7 @@ use bytes::{Bytes, BytesMut};
 use serde::Serialize;
 use tokio_util::sync::CancellationToken;
 
-use super::{
-    delta::{Assembled, ToolCall},
-    frame, Delta,
-};
+use super::{delta::Assembled, frame, Delta};
 
 /// Most bytes handed to a subscriber in one replay step: large enough to amortise the lock,
 /// small enough that one late joiner never holds it long or allocates much.
@@ -67,10 +64,9 @@ pub struct ErrorInfo {
 pub struct Snapshot {
     pub id: String,
     pub status: Status,
-    pub text: String,
-    pub reasoning: Option<String>,
-    pub refusal: Option<String>,
-    pub tool_calls: Vec<ToolCall>,
+    /// `text`, `reasoning`, `refusal`, `tool_calls`.
+    #[serde(flatten)]
+    pub content: Assembled,
     /// Log entries (of every kind), so also the id of the terminal event.
     pub token_count: u64,
     pub finish_reason: Option<String>,
@@ -391,19 +387,10 @@ impl Generation {
 
     pub fn snapshot(&self) -> Snapshot {
         let state = self.lock();
-        let Assembled {
-            text,
-            reasoning,
-            refusal,
-            tool_calls,
-        } = Assembled::of(&state.deltas);
         Snapshot {
             id: self.id.clone(),
             status: state.status,
-            text,
-            reasoning,
-            refusal,
-            tool_calls,
+            content: Assembled::of(&state.deltas),
             token_count: state.frames.len() as u64,
             finish_reason: state.finish_reason.clone(),
             usage: state.usage.clone(),

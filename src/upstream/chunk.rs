@@ -7,7 +7,7 @@
 use bytes::BufMut;
 use serde::Serialize;
 
-use crate::hub::Delta as LogDelta;
+use crate::hub::{delta::Assembled, Delta as LogDelta};
 
 /// One `chat.completion.chunk`. `U` is the usage object: the mock counts its own, the chat
 /// endpoint passes on the provider's as it came.
@@ -155,6 +155,26 @@ impl<'a> Delta<'a> {
             ),
         }
     }
+}
+
+/// The assistant message of a whole `chat.completion`, in OpenAI's shape: `content` is null
+/// when the answer is only tool calls or a refusal; `refusal` is always there (null when
+/// none); `reasoning_content` and `tool_calls` only when there are some.
+pub fn message(answer: &Assembled) -> serde_json::Value {
+    let has_text =
+        !answer.text.is_empty() || (answer.tool_calls.is_empty() && answer.refusal.is_none());
+    let mut message = serde_json::json!({
+        "role": "assistant",
+        "content": has_text.then_some(answer.text.as_str()),
+        "refusal": answer.refusal,
+    });
+    if let Some(reasoning) = &answer.reasoning {
+        message["reasoning_content"] = reasoning.as_str().into();
+    }
+    if !answer.tool_calls.is_empty() {
+        message["tool_calls"] = serde_json::json!(answer.tool_calls);
+    }
+    message
 }
 
 /// Appends `data` as one SSE event, `data: <json>` and a blank line.

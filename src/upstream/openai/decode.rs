@@ -145,10 +145,8 @@ pub(super) fn decode_chunk(
 }
 
 fn push_deltas(delta: ChoiceDelta<'_>, out: &mut VecDeque<UpstreamEvent>) {
-    let text = |text: Option<Cow<'_, str>>| {
-        text.filter(|text| !text.is_empty())
-            .map(Cow::into_owned)
-    };
+    let text =
+        |text: Option<Cow<'_, str>>| text.filter(|text| !text.is_empty()).map(Cow::into_owned);
     if let Some(reasoning) = text(delta.reasoning_content.or(delta.reasoning)) {
         out.push_back(UpstreamEvent::Delta(Delta::Reasoning(reasoning)));
     }
