@@ -1160,6 +1160,31 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn provider_messages_quoting_credentials_are_redacted() {
+        let quoting = r#"{"error":{"message":"Incorrect API key provided: sk-test-key. Your header: Bearer sk-test-key; org acme; other sk-proj-0123456789abcdef"}}"#;
+        let (_, error) = run_response(&[&http_error("401 Unauthorized", "", quoting)]).await;
+        let error = error.unwrap();
+        assert_eq!(error.code(), "upstream_http_error");
+        assert_eq!(
+            error.to_string(),
+            "upstream answered HTTP 401: Incorrect API key provided: [redacted]. Your header: \
+             Bearer [redacted]; org [redacted]; other [redacted]"
+        );
+
+        // Mid-stream error objects too.
+        let body = [
+            SSE_HEAD,
+            &event(r#"{"error":{"message":"key sk-test-key was revoked"}}"#),
+            LAST_CHUNK,
+        ];
+        let (_, error) = run_response(&body).await;
+        assert_eq!(
+            error.unwrap().to_string(),
+            "upstream reported an error: key [redacted] was revoked"
+        );
+    }
+
+    #[tokio::test]
     async fn refused_connection_is_retried_then_reported() {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let base_url = format!("http://{}/v1", listener.local_addr().unwrap());
