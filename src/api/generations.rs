@@ -76,10 +76,15 @@ pub(crate) async fn start<T>(
     let idempotency_key = idempotency_key(headers)?;
     let request = chat_request(headers, body, app.max_request_body).await?;
     let inspected = inspect(&request)?;
+    let key = key.map(|Extension(key)| key);
     app.access
-        .take_creation(key.map(|Extension(key)| key))
+        .take_creation(key)
         .map_err(ApiError::RateLimited)?;
-    Ok((app.hub.create(request, idempotency_key)?, inspected))
+    let key_label = app.access.key_label(key);
+    Ok((
+        app.hub.create(request, idempotency_key, key_label)?,
+        inspected,
+    ))
 }
 
 /// `GET /v1/generations/{id}`

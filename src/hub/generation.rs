@@ -255,6 +255,11 @@ impl Generation {
         grown
     }
 
+    /// The provider's usage object, once it came.
+    pub fn usage(&self) -> Option<serde_json::Value> {
+        self.lock().usage.clone()
+    }
+
     /// Keeps the provider's usage object, `size` bytes as received (bounded by the upstream)
     /// and counted as several times that, because a parsed JSON value is larger than its text;
     /// returns what the log memory grew by, never shrinking as [`Self::set_finish_reason`].

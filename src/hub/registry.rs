@@ -46,6 +46,12 @@ pub enum HubError {
     MemoryBudgetExceeded,
 }
 
+/// Whose a generation is, for the usage metrics recorded when it ends.
+struct Owner {
+    model: String,
+    key_label: String,
+}
+
 /// A new or existing generation, as returned by [`Hub::create`].
 pub struct Created {
     pub generation: Arc<Generation>,
@@ -90,10 +96,12 @@ impl Hub {
 
     /// Starts a generation (one upstream task), or returns the one an earlier request with the
     /// same idempotency key started.
+    /// `key_label` names the caller's API key in the usage metrics.
     pub fn create(
         self: &Arc<Self>,
         request: serde_json::Map<String, serde_json::Value>,
         idempotency_key: Option<String>,
+        key_label: &str,
     ) -> Result<Created, HubError> {
         if self.running() >= self.settings.max_generations {
             return Err(HubError::TooManyGenerations);
@@ -130,9 +138,17 @@ impl Hub {
         ::metrics::gauge!(metrics::GENERATIONS_RUNNING).increment(1);
         ::metrics::counter!(metrics::GENERATIONS_STARTED).increment(1);
         let span = info_span!("generation", generation_id = %id);
+        let owner = Owner {
+            model: request
+                .get("model")
+                .and_then(serde_json::Value::as_str)
+                .unwrap_or_default()
+                .to_owned(),
+            key_label: key_label.to_owned(),
+        };
         tokio::spawn(
             self.clone()
-                .run(generation.clone(), request)
+                .run(generation.clone(), request, owner)
                 .instrument(span),
         );
         Ok(Created {
@@ -200,6 +216,7 @@ impl Hub {
         self: Arc<Self>,
         generation: Arc<Generation>,
         request: serde_json::Map<String, serde_json::Value>,
+        owner: Owner,
     ) {
         info!("generation started");
         let outcome = tokio::select! {
@@ -224,6 +241,7 @@ impl Hub {
         ::metrics::gauge!(metrics::GENERATIONS_RUNNING).decrement(1);
         ::metrics::counter!(metrics::GENERATIONS_FINISHED, "status" => status_label(status))
             .increment(1);
+        metrics::record_usage(&owner.model, &owner.key_label, generation.usage().as_ref());
 
         tokio::select! {
             () = tokio::time::sleep(self.settings.retention) => {}
