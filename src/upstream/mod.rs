@@ -8,7 +8,9 @@
 //! [`mock`] is the embedded OpenAI-compatible mock LLM, the default upstream; [`chunk`] the
 //! `chat.completion.chunk` it writes, which the OpenAI-compatible endpoint writes too.
 
+mod anthropic;
 pub mod chunk;
+mod dialect;
 pub mod http1;
 pub mod mock;
 mod openai;

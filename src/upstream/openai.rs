@@ -24,7 +24,10 @@ use serde::Deserialize;
 use serde_json::{Map, Value};
 use tokio::time::{timeout_at, Instant, Sleep};
 
+pub(super) use decode::{bounded_finish_reason, OpenAi};
+
 use super::{
+    dialect::{self, Dialect, StreamDecoder},
     http1::{self, HttpError, Response},
     redact::{self, LogSafe},
     sse::SseDecoder,
@@ -53,6 +56,7 @@ pub struct Upstream {
 
 struct Inner {
     client: http1::Client,
+    dialect: Box<dyn Dialect>,
     /// The configured key and extra header values: removed from any provider text we pass on.
     secrets: Vec<String>,
     first_token_timeout: Duration,
@@ -63,9 +67,11 @@ struct Inner {
 }
 
 impl Upstream {
-    /// `base_url` ends in `/v1`; requests go to `{base_url}/chat/completions`.
+    /// `base_url` ends in `/v1`; requests go to `{base_url}/chat/completions` (or
+    /// `{base_url}/messages` for Anthropic).
     pub fn new(config: &UpstreamConfig, base_url: &str) -> Result<Self, UpstreamError> {
-        let url = format!("{}/chat/completions", base_url.trim_end_matches('/'));
+        let dialect = dialect::of_kind(config.kind);
+        let url = format!("{}/{}", base_url.trim_end_matches('/'), dialect.path());
         let url = url::Url::parse(&url)
             .map_err(|error| invalid_config(format!("invalid upstream URL: {error}")))?;
         let proxy = config
@@ -77,7 +83,7 @@ impl Upstream {
         let client = http1::Client::new(&http1::Settings {
             url: &url,
             proxy: proxy.as_ref(),
-            headers: &default_headers(config)?,
+            headers: &default_headers(config, dialect.as_ref())?,
             ca_file: config.ca_file.as_deref(),
             connect_timeout: config.connect_timeout,
             tcp_keepalive: TCP_KEEPALIVE,
@@ -98,6 +104,7 @@ impl Upstream {
         Ok(Self {
             inner: Arc::new(Inner {
                 client,
+                dialect,
                 secrets,
                 first_token_timeout: config.first_token_timeout,
                 idle_timeout: config.idle_timeout,
@@ -128,9 +135,12 @@ impl Upstream {
             let mut reader = match phase {
                 Phase::Open(inner, request, deadlines) => {
                     match open(&inner, request, deadlines).await {
-                        Ok(response) => {
-                            Box::new(Reader::new(response, deadlines, inner.idle_timeout))
-                        }
+                        Ok(response) => Box::new(Reader::new(
+                            response,
+                            inner.dialect.decoder(),
+                            deadlines,
+                            inner.idle_timeout,
+                        )),
                         Err(error) => return Some((Err(error), Phase::Done)),
                     }
                 }
@@ -186,8 +196,11 @@ fn deadline_after(now: Instant, timeout: Duration) -> Instant {
     now + timeout.min(CENTURY)
 }
 
-/// `Accept`, `Content-Type`, the configured extra headers and the bearer key.
-fn default_headers(config: &UpstreamConfig) -> Result<HeaderMap, UpstreamError> {
+/// `Accept`, `Content-Type`, the configured extra headers and the dialect's key headers.
+fn default_headers(
+    config: &UpstreamConfig,
+    dialect: &dyn Dialect,
+) -> Result<HeaderMap, UpstreamError> {
     let mut headers = HeaderMap::new();
     headers.insert(
         header::USER_AGENT,
@@ -215,10 +228,12 @@ fn default_headers(config: &UpstreamConfig) -> Result<HeaderMap, UpstreamError> 
         headers.append(name, value);
     }
     if let Some(key) = &config.api_key {
-        let mut value = HeaderValue::from_str(&format!("Bearer {}", key.expose()))
-            .map_err(|_| invalid_config("the upstream API key is not a valid header value"))?;
-        value.set_sensitive(true);
-        headers.insert(header::AUTHORIZATION, value);
+        for (name, value) in dialect.key_headers(key.expose()) {
+            let mut value = HeaderValue::from_str(&value)
+                .map_err(|_| invalid_config("the upstream API key is not a valid header value"))?;
+            value.set_sensitive(true);
+            headers.insert(name, value);
+        }
     }
     Ok(headers)
 }
@@ -234,22 +249,6 @@ fn parse_header(line: &str) -> Option<(HeaderName, HeaderValue)> {
 /// Configuration errors surface as connect errors: the gateway cannot reach the upstream.
 fn invalid_config(message: impl Into<String>) -> UpstreamError {
     UpstreamError::Connect(message.into())
-}
-
-/// Serializes the client's request with streaming and usage reporting forced on; other
-/// `stream_options` fields are kept.
-fn streaming_body(mut request: Map<String, Value>) -> Result<Bytes, UpstreamError> {
-    request.insert("stream".to_owned(), Value::Bool(true));
-    let options = request.entry("stream_options").or_insert(Value::Null);
-    if !options.is_object() {
-        *options = Value::Object(Map::new());
-    }
-    if let Value::Object(options) = options {
-        options.insert("include_usage".to_owned(), Value::Bool(true));
-    }
-    serde_json::to_vec(&request)
-        .map(Bytes::from)
-        .map_err(|error| UpstreamError::Protocol(format!("cannot encode the request: {error}")))
 }
 
 /// Why one attempt failed, and whether another may succeed.
@@ -268,7 +267,7 @@ async fn open(
     request: Map<String, Value>,
     deadlines: Deadlines,
 ) -> Result<Response, UpstreamError> {
-    let body = streaming_body(request)?;
+    let body = inner.dialect.request_body(request)?;
     let (deadline, which) = deadlines.earliest(false);
     let mut attempt = 0;
     loop {
@@ -401,7 +400,7 @@ async fn error_message(mut response: Response) -> String {
 }
 
 /// The message of an OpenAI error object (`{"message": …}`), or of a bare error string.
-fn provider_message(error: &Value) -> String {
+pub(super) fn provider_message(error: &Value) -> String {
     match error
         .get("message")
         .and_then(Value::as_str)
@@ -423,6 +422,8 @@ fn truncated(text: &str) -> String {
 struct Reader {
     body: http1::Body,
     decoder: SseDecoder,
+    /// The dialect's reading of each event.
+    events: Box<dyn StreamDecoder>,
     /// Decoded events not yielded yet (a chunk may carry several); allocated once per call.
     pending: VecDeque<UpstreamEvent>,
     deadlines: Deadlines,
@@ -437,10 +438,16 @@ struct Reader {
 }
 
 impl Reader {
-    fn new(response: Response, deadlines: Deadlines, idle_timeout: Duration) -> Self {
+    fn new(
+        response: Response,
+        events: Box<dyn StreamDecoder>,
+        deadlines: Deadlines,
+        idle_timeout: Duration,
+    ) -> Self {
         Self {
             body: response.body,
             decoder: SseDecoder::default(),
+            events,
             pending: VecDeque::new(),
             deadlines,
             idle_timeout,
@@ -473,12 +480,11 @@ impl Reader {
     /// Decodes buffered events until one yields something, else reads one more chunk.
     async fn fill(&mut self) -> Result<(), UpstreamError> {
         while let Some(data) = self.decoder.next_data().map_err(protocol)? {
-            if data.trim_ascii() == "[DONE]" {
+            if self.events.decode(data, &mut self.pending)? {
                 self.done = true;
                 self.release_connection();
                 return Ok(());
             }
-            decode::decode_chunk(data, &mut self.pending)?;
             if !self.pending.is_empty() {
                 return Ok(());
             }
@@ -489,7 +495,7 @@ impl Reader {
             None if self.finish_seen => self.done = true,
             None => {
                 return Err(UpstreamError::Interrupted(
-                    "the stream ended before a finish_reason or [DONE]".to_owned(),
+                    "the stream ended before a finish reason or its end event".to_owned(),
                 ))
             }
         }
@@ -519,7 +525,7 @@ impl Reader {
     }
 }
 
-fn protocol(error: impl fmt::Display) -> UpstreamError {
+pub(super) fn protocol(error: impl fmt::Display) -> UpstreamError {
     UpstreamError::Protocol(error.to_string())
 }
 
@@ -538,7 +544,7 @@ mod tests {
     use tokio_rustls::TlsAcceptor;
 
     use super::*;
-    use crate::config::Secret;
+    use crate::config::{Secret, UpstreamKind};
 
     /// What the scripted provider does on one connection after reading the request. The
     /// connection closes after the last step.
@@ -734,6 +740,7 @@ mod tests {
     fn config() -> UpstreamConfig {
         UpstreamConfig {
             url: None,
+            kind: UpstreamKind::Openai,
             api_key: Some(Secret::new("sk-test-key")),
             headers: vec!["X-Org: acme".to_owned(), String::new()],
             proxy: None,
@@ -1097,6 +1104,60 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn anthropic_is_called_at_messages_with_its_headers_and_529_is_retried() {
+        let overloaded = http_error(
+            "529 Overloaded",
+            "",
+            r#"{"type":"error","error":{"type":"overloaded_error","message":"Overloaded"}}"#,
+        );
+        let stream = [
+            SSE_HEAD,
+            &chunk(concat!(
+                "event: message_start\n",
+                r#"data: {"type":"message_start","message":{"usage":{"input_tokens":5,"output_tokens":1}}}"#,
+                "\n\nevent: content_block_start\n",
+                r#"data: {"type":"content_block_start","index":0,"content_block":{"type":"text","text":""}}"#,
+                "\n\nevent: content_block_delta\n",
+                r#"data: {"type":"content_block_delta","index":0,"delta":{"type":"text_delta","text":"Hi"}}"#,
+                "\n\nevent: message_delta\n",
+                r#"data: {"type":"message_delta","delta":{"stop_reason":"end_turn"},"usage":{"output_tokens":1}}"#,
+                "\n\nevent: message_stop\n",
+                r#"data: {"type":"message_stop"}"#,
+                "\n\n",
+            )),
+            LAST_CHUNK,
+        ];
+        let mut provider = provider(vec![
+            vec![Step::Write(overloaded)],
+            vec![Step::Write(stream.concat())],
+        ])
+        .await;
+        let config = UpstreamConfig {
+            kind: UpstreamKind::Anthropic,
+            ..config()
+        };
+
+        let (events, error) = run(config, &provider.base_url).await;
+
+        assert!(error.is_none(), "{error:?}");
+        assert_eq!(events[..2], hi_stop());
+        assert!(matches!(&events[2], UpstreamEvent::Usage { usage, .. }
+            if usage == &json!({"prompt_tokens": 5, "completion_tokens": 1, "total_tokens": 6})));
+        provider.requests.recv().await.unwrap();
+        let received = provider.requests.recv().await.unwrap();
+        let (head, body) = received.split_once("\r\n\r\n").unwrap();
+        let head = head.to_ascii_lowercase();
+        assert!(head.starts_with("post /v1/messages http/1.1\r\n"), "{head}");
+        assert!(head.contains("\r\nx-api-key: sk-test-key\r\n"));
+        assert!(head.contains("\r\nanthropic-version: 2023-06-01\r\n"));
+        assert!(!head.contains("authorization"));
+        let body: Value = serde_json::from_str(body).unwrap();
+        assert_eq!(body["stream"], json!(true));
+        assert_eq!(body["max_tokens"], json!(4096));
+        assert_eq!(body.get("stream_options"), None);
+    }
+
+    #[tokio::test]
     async fn connection_closed_before_any_response_is_retried() {
         let hang_up = vec![];
 
@@ -1407,7 +1468,7 @@ mod tests {
     fn request_body_forces_streaming_and_usage() {
         let mut request = request();
         request.insert("stream_options".to_owned(), json!("nonsense"));
-        let body: Value = serde_json::from_slice(&streaming_body(request).unwrap()).unwrap();
+        let body: Value = serde_json::from_slice(&OpenAi.request_body(request).unwrap()).unwrap();
         assert_eq!(body["stream"], json!(true));
         assert_eq!(body["stream_options"], json!({"include_usage": true}));
         assert_eq!(body["model"], json!("m"));

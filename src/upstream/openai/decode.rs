@@ -1,6 +1,7 @@
-//! Decoding one `chat.completion.chunk` of a provider's stream into [`UpstreamEvent`]s: every
-//! kind of delta (text, reasoning, refusal, tool-call fragments), the finish reason and the
-//! final usage, each bounded before it is kept.
+//! The OpenAI dialect: the request with streaming and usage forced on, and each
+//! `chat.completion.chunk` decoded into [`UpstreamEvent`]s: every kind of delta (text,
+//! reasoning, refusal, tool-call fragments), the finish reason and the final usage, each
+//! bounded before it is kept.
 
 use std::{borrow::Cow, collections::VecDeque, fmt, marker::PhantomData};
 
@@ -10,11 +11,65 @@ use serde::{
 };
 use serde_json::{value::RawValue, Value};
 
+use bytes::Bytes;
+use serde_json::Map;
+
 use super::{protocol, provider_message};
 use crate::{
     hub::{delta::ToolCallDelta, Delta},
-    upstream::{UpstreamError, UpstreamEvent, MAX_FINISH_REASON_BYTES, MAX_USAGE_BYTES},
+    upstream::{
+        dialect::{self, Dialect, StreamDecoder},
+        UpstreamError, UpstreamEvent, MAX_FINISH_REASON_BYTES, MAX_USAGE_BYTES,
+    },
 };
+
+/// OpenAI-compatible chat completions.
+pub(crate) struct OpenAi;
+
+impl Dialect for OpenAi {
+    fn path(&self) -> &'static str {
+        "chat/completions"
+    }
+
+    fn key_headers(&self, key: &str) -> Vec<(&'static str, String)> {
+        vec![("authorization", format!("Bearer {key}"))]
+    }
+
+    /// The client's request with streaming and usage reporting forced on; other
+    /// `stream_options` fields are kept.
+    fn request_body(&self, mut request: Map<String, Value>) -> Result<Bytes, UpstreamError> {
+        request.insert("stream".to_owned(), Value::Bool(true));
+        let options = request.entry("stream_options").or_insert(Value::Null);
+        if !options.is_object() {
+            *options = Value::Object(Map::new());
+        }
+        if let Value::Object(options) = options {
+            options.insert("include_usage".to_owned(), Value::Bool(true));
+        }
+        dialect::encode(&request)
+    }
+
+    fn decoder(&self) -> Box<dyn StreamDecoder> {
+        Box::new(OpenAiStream)
+    }
+}
+
+/// An OpenAI stream keeps no state between chunks.
+struct OpenAiStream;
+
+impl StreamDecoder for OpenAiStream {
+    fn decode(
+        &mut self,
+        data: &str,
+        out: &mut VecDeque<UpstreamEvent>,
+    ) -> Result<bool, UpstreamError> {
+        if data.trim_ascii() == "[DONE]" {
+            return Ok(true);
+        }
+        decode_chunk(data, out)?;
+        Ok(false)
+    }
+}
 
 /// A `chat.completion.chunk`, borrowing from the event data: parsing a text chunk allocates
 /// nothing but the text. `usage` stays raw until its size is checked.
@@ -108,10 +163,7 @@ impl<'de: 'a, 'a> Deserialize<'de> for FirstChoice<'a> {
 /// A chunk with neither a choice, a final usage nor an error is ignored rather than rejected:
 /// compatible providers interleave such chunks (Azure's `prompt_filter_results`, heartbeat
 /// objects), and a stream that never finishes is still caught at its end.
-pub(super) fn decode_chunk(
-    data: &str,
-    out: &mut VecDeque<UpstreamEvent>,
-) -> Result<(), UpstreamError> {
+fn decode_chunk(data: &str, out: &mut VecDeque<UpstreamEvent>) -> Result<(), UpstreamError> {
     let chunk: Chunk = serde_json::from_str(data)
         .map_err(|error| protocol(format_args!("invalid JSON in a stream chunk: {error}")))?;
     if let Some(error) = chunk.error {
@@ -176,7 +228,7 @@ fn push_deltas(delta: ChoiceDelta<'_>, out: &mut VecDeque<UpstreamEvent>) {
 
 /// A finish reason is a short word; a longer one is not kept (it would be held, and sent to
 /// every viewer, for the generation's lifetime).
-fn bounded_finish_reason(reason: Cow<'_, str>) -> Option<String> {
+pub(crate) fn bounded_finish_reason(reason: Cow<'_, str>) -> Option<String> {
     if reason.len() > MAX_FINISH_REASON_BYTES {
         tracing::warn!(
             bytes = reason.len(),
@@ -200,7 +252,7 @@ fn bounded_usage(raw: &str) -> Result<Option<UpstreamEvent>, UpstreamError> {
         return Ok(None);
     }
     let usage: Value = serde_json::from_str(raw).map_err(protocol)?;
-    Ok(usage.is_object().then(|| UpstreamEvent::Usage {
+    Ok(usage.is_object().then_some(UpstreamEvent::Usage {
         usage,
         bytes: raw.len(),
     }))
