@@ -130,9 +130,12 @@ struct ChatRequest {
     mock: Option<Value>,
 }
 
+/// An OpenAI tool (`{"type":"function","function":{"name"}}`) or an Anthropic one
+/// (`{"name"}`).
 #[derive(Debug, Deserialize)]
 struct Tool {
     function: Option<ToolFunction>,
+    name: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -278,32 +281,37 @@ pub(super) fn parse(body: &[u8], defaults: &MockConfig) -> Result<MockRequest, R
 /// The functions the mock calls: none when the last message is a tool result (the follow-up
 /// turn is answered in text) or `tool_choice` is `"none"`; else `tool_calls` of them (the knob),
 /// or one when `tool_choice` is `"required"` or names a function. A named function is the one
-/// called; otherwise the request's tools take turns.
+/// called; otherwise the request's tools take turns. Both OpenAI's and Anthropic's shapes of
+/// tools, tool choices and tool results are understood.
 fn tool_calls(request: &ChatRequest, knob: Option<u32>) -> Result<Vec<String>, KnobError> {
     let names: Vec<&str> = request
         .tools
         .iter()
-        .filter_map(|tool| tool.function.as_ref())
-        .map(|function| function.name.as_str())
+        .filter_map(|tool| {
+            tool.function
+                .as_ref()
+                .map(|f| &f.name)
+                .or(tool.name.as_ref())
+        })
+        .map(String::as_str)
         .collect();
-    let answered = request
-        .messages
-        .last()
-        .and_then(|message| message.get("role"))
-        .is_some_and(|role| role == "tool");
-    let named = request
-        .tool_choice
-        .as_ref()
-        .and_then(|choice| choice.get("function")?.get("name")?.as_str());
-    let required = named.is_some()
-        || request
-            .tool_choice
-            .as_ref()
-            .is_some_and(|choice| choice == "required");
-    let declined = request
-        .tool_choice
-        .as_ref()
-        .is_some_and(|choice| choice == "none");
+    let answered = request.messages.last().is_some_and(|message| {
+        let tool_result = |content: &Value| {
+            content
+                .as_array()
+                .is_some_and(|blocks| blocks.iter().any(|b| b["type"] == "tool_result"))
+        };
+        message.get("role").is_some_and(|role| role == "tool")
+            || message.get("content").is_some_and(tool_result)
+    });
+    let choice = request.tool_choice.as_ref().unwrap_or(&Value::Null);
+    let named = choice["function"]["name"].as_str().or_else(|| {
+        (choice["type"] == "tool")
+            .then(|| choice["name"].as_str())
+            .flatten()
+    });
+    let required = named.is_some() || choice == "required" || choice["type"] == "any";
+    let declined = choice == "none" || choice["type"] == "none";
     let count = match knob {
         Some(count) => at_most("tool_calls", count.into(), MAX_TOOL_CALLS.into())?,
         None => u64::from(required),

@@ -91,7 +91,7 @@ const MOCK_FAILURE: ErrorBody<'static> = ErrorBody {
 };
 
 /// What `invalid_json_after` injects: a chunk cut short, as a broken proxy would pass it on.
-const INVALID_JSON_FRAME: &[u8] =
+pub(super) const INVALID_JSON_FRAME: &[u8] =
     b"data: {\"id\":\"chatcmpl-mock\",\"choices\":[{\"index\":0,\"delta\":{\"content\":\"cut\n\n";
 
 /// How a stream is written, beyond its script.
@@ -141,7 +141,15 @@ pub(super) fn streaming_response(
     stopping: CancellationToken,
 ) -> Response {
     let frames = sse_frames(script, meta, options, stopping);
-    let body = match options.trickle {
+    event_stream(frames, options.trickle)
+}
+
+/// A `text/event-stream` response of `frames`, trickled when asked.
+pub(super) fn event_stream(
+    frames: impl Stream<Item = Result<Bytes, Abort>> + Send + 'static,
+    trickled: Option<Duration>,
+) -> Response {
+    let body = match trickled {
         Some(every) => Body::from_stream(trickle(frames, every)),
         None => Body::from_stream(frames),
     };
