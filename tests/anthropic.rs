@@ -38,6 +38,16 @@ async fn text_streams_with_usage_from_an_anthropic_upstream() {
     gateway.shutdown().await;
 }
 
+/// A non-streaming `/v1/chat/completions` answer.
+async fn complete(gateway: &Gateway, request: Value) -> Value {
+    gateway
+        .chat_completions(&request)
+        .await
+        .json()
+        .await
+        .unwrap()
+}
+
 #[tokio::test]
 async fn tool_calls_and_the_follow_up_turn_go_through_the_translation() {
     let gateway = anthropic_gateway().await;
@@ -49,19 +59,12 @@ async fn tool_calls_and_the_follow_up_turn_go_through_the_translation() {
         {"role": "system", "content": "Be brief."},
         {"role": "user", "content": "Find two things"},
     ]);
-    let completion: Value = gateway
-        .http
-        .post(gateway.url("/v1/chat/completions"))
-        .json(
-            &json!({"model": "claude-mock", "messages": question, "tools": tools,
+    let completion = complete(
+        &gateway,
+        json!({"model": "claude-mock", "messages": question, "tools": tools,
             "tool_choice": "required", "mock": {"tool_calls": 2, "interval_ms": 1}}),
-        )
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    )
+    .await;
     let choice = &completion["choices"][0];
     assert_eq!(choice["finish_reason"], "tool_calls", "{completion}");
     let message = &choice["message"];
@@ -84,19 +87,12 @@ async fn tool_calls_and_the_follow_up_turn_go_through_the_translation() {
     for call in calls {
         follow_up.push(json!({"role": "tool", "tool_call_id": call["id"], "content": "found"}));
     }
-    let answer: Value = gateway
-        .http
-        .post(gateway.url("/v1/chat/completions"))
-        .json(
-            &json!({"model": "claude-mock", "messages": follow_up, "tools": tools,
+    let answer = complete(
+        &gateway,
+        json!({"model": "claude-mock", "messages": follow_up, "tools": tools,
             "mock": {"tokens": 3, "interval_ms": 1}}),
-        )
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    )
+    .await;
     assert_eq!(answer["choices"][0]["finish_reason"], "stop", "{answer}");
     assert!(!answer["choices"][0]["message"]["content"]
         .as_str()

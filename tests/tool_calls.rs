@@ -108,15 +108,12 @@ async fn chat_completions_streams_tool_calls_as_openai_chunks() {
     let gateway = Gateway::start().await;
     let mut request = tool_request(json!({"tool_calls": 1, "interval_ms": 1}));
     request["stream"] = json!(true);
-    let response = gateway
-        .http
-        .post(gateway.url("/v1/chat/completions"))
-        .json(&request)
-        .send()
+    let body = gateway
+        .chat_completions(&request)
+        .await
+        .text()
         .await
         .unwrap();
-    assert_eq!(response.status(), 200);
-    let body = response.text().await.unwrap();
     let chunks: Vec<Value> = parse_events(&body)
         .iter()
         .filter(|e| e.data != "[DONE]")

@@ -35,16 +35,11 @@ async fn metric(gateway: &Gateway, metric: &str, labels: &[&str]) -> (String, f6
 async fn create(gateway: &Gateway, model: &str, mock: Value) -> String {
     let mut body = chat_request(mock);
     body["model"] = json!(model);
-    let response = gateway
-        .http
-        .post(gateway.url("/v1/generations"))
-        .bearer_auth(KEY)
-        .json(&body)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(response.status(), 201);
-    let created: Value = response.json().await.unwrap();
+    let bearer = format!("Bearer {KEY}");
+    let (status, created) = gateway
+        .post_generation(body, &[("authorization", &bearer)])
+        .await;
+    assert_eq!(status, 201, "{created}");
     created["id"].as_str().unwrap().to_owned()
 }
 
