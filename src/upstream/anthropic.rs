@@ -13,8 +13,10 @@ use serde::Deserialize;
 use serde_json::{json, Map, Value};
 
 use super::{
+    client::provider_message,
     dialect::{self, Dialect, StreamDecoder},
-    openai::{bounded_finish_reason, protocol, provider_message},
+    openai::bounded_finish_reason,
+    reader::protocol,
     UpstreamError, UpstreamEvent,
 };
 use crate::hub::{delta::ToolCallDelta, Delta};

@@ -1,23 +1,31 @@
 //! Upstream providers: where tokens come from.
 //!
-//! [`Upstream`] calls an OpenAI-compatible `POST {url}/chat/completions` with `stream: true` and
-//! turns the provider's SSE stream into [`UpstreamEvent`]s. It owns retries (only before the first
-//! token, so a retry can never duplicate tokens) and every upstream timeout. It knows nothing of
-//! subscribers or HTTP handlers: the hub drives it, one task per generation.
+//! [`Upstream`] calls the provider with one streaming request per generation — an
+//! OpenAI-compatible `POST {url}/chat/completions` or Anthropic's `POST {url}/messages`, each a
+//! `dialect` — and turns its SSE stream into [`UpstreamEvent`]s. It owns retries (only before
+//! the first token, so a retry can never duplicate one) and every upstream timeout. It knows
+//! nothing of subscribers or HTTP handlers: the hub drives it, one task per generation.
 //!
-//! [`mock`] is the embedded OpenAI-compatible mock LLM, the default upstream; [`chunk`] the
-//! `chat.completion.chunk` it writes, which the OpenAI-compatible endpoint writes too.
+//! - `client`: sending, retries, deadlines; `reader`: the stream reader.
+//! - `dialect`: the seam to a provider's API; `openai` and `anthropic` implement it.
+//! - `redact`: credentials out of provider text, and text made safe for logs.
+//! - [`mock`] is the embedded mock LLM (both dialects), the default upstream; [`chunk`] the
+//!   `chat.completion.chunk` it writes, which the OpenAI-compatible endpoint writes too.
 
 mod anthropic;
 pub mod chunk;
+mod client;
 mod dialect;
 pub mod http1;
 pub mod mock;
 mod openai;
+mod reader;
 mod redact;
 pub mod sse;
+#[cfg(test)]
+mod tests;
 
-pub use openai::Upstream;
+pub use client::Upstream;
 pub use redact::LogSafe;
 
 use crate::hub::Delta;
