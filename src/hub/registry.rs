@@ -95,8 +95,8 @@ impl Hub {
     }
 
     /// Starts a generation (one upstream task), or returns the one an earlier request with the
-    /// same idempotency key started.
-    /// `key_label` names the caller's API key in the usage metrics.
+    /// same idempotency key started. `key_label` names the caller's API key in the usage
+    /// metrics.
     pub fn create(
         self: &Arc<Self>,
         request: serde_json::Map<String, serde_json::Value>,
