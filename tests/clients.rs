@@ -297,6 +297,8 @@ async fn openai_python_sdk_streams_parallel_tool_calls_and_takes_the_follow_up()
     assert_eq!(calls.len(), 2);
     calls.iter().for_each(|call| drop(mock_arguments(call)));
 
+    assert_eq!(report["models"], serde_json::json!(["tokenfan-mock"]));
+
     let follow_up = &report["follow_up"];
     assert_eq!(follow_up["finish_reason"], "stop", "{report:#}");
     assert!(!follow_up["text"].as_str().unwrap().is_empty());

@@ -87,6 +87,14 @@ pub async fn completions(
     Ok(response)
 }
 
+/// `GET /v1/models`: the provider's models, as OpenAI lists them (an Anthropic upstream's list
+/// is translated), so that SDKs' `models.list()` works against the gateway.
+pub async fn models(State(app): State<Arc<App>>) -> Result<Json<Value>, OpenAiError> {
+    Ok(Json(
+        app.hub.upstream().models().await.map_err(ApiError::from)?,
+    ))
+}
+
 /// The headers that let other viewers find the generation behind a completion.
 fn name_generation(headers: &mut HeaderMap, app: &App, generation: &Generation, is_new: bool) {
     if let Ok(id) = HeaderValue::from_str(generation.id()) {

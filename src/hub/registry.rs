@@ -94,6 +94,11 @@ impl Hub {
         &self.settings
     }
 
+    /// The provider generations stream from (for calls that are not generations: its models).
+    pub fn upstream(&self) -> &Upstream {
+        &self.upstream
+    }
+
     /// Starts a generation (one upstream task), or returns the one an earlier request with the
     /// same idempotency key started. `key_label` names the caller's API key in the usage
     /// metrics.

@@ -50,6 +50,18 @@ impl Dialect for Anthropic {
     fn decoder(&self) -> Box<dyn StreamDecoder> {
         Box::new(AnthropicStream::default())
     }
+
+    /// `{"data":[{"type":"model","id","display_name","created_at"}],…}` as OpenAI's list.
+    fn models(&self, answer: Value) -> Value {
+        let data: Vec<Value> = answer["data"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|model| model.get("id"))
+            .map(|id| json!({"id": id, "object": "model", "created": 0, "owned_by": "anthropic"}))
+            .collect();
+        json!({"object": "list", "data": data})
+    }
 }
 
 /// An OpenAI chat request as an Anthropic Messages request: `system`/`developer` messages

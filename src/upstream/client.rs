@@ -23,7 +23,7 @@ use tokio::time::{timeout_at, Instant};
 use super::{
     dialect::{self, Dialect},
     http1::{self, HttpError, Response},
-    reader::Reader,
+    reader::{body_error, protocol, Reader},
     redact::{self, LogSafe},
     UpstreamError, UpstreamEvent,
 };
@@ -35,6 +35,9 @@ pub(super) const MAX_MESSAGE_CHARS: usize = 500;
 
 /// Most bytes read from an error response's body to find its message.
 const MAX_ERROR_BODY_BYTES: usize = 64 * 1024;
+
+/// Most bytes of a model list read (OpenAI's is ~10 KB); a longer one is cut and then invalid.
+const MAX_MODELS_BODY_BYTES: usize = 1024 * 1024;
 
 /// Idle pooled connections are closed after this; providers drop theirs after about a minute.
 const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
@@ -50,6 +53,8 @@ pub struct Upstream {
 
 struct Inner {
     client: http1::Client,
+    /// `GET {url}/models`.
+    models: http1::Client,
     dialect: Box<dyn Dialect>,
     /// The configured key and extra header values: removed from any provider text we pass on.
     secrets: Vec<String>,
@@ -74,16 +79,28 @@ impl Upstream {
             .map(|proxy| url::Url::parse(proxy.expose()))
             .transpose()
             .map_err(|_| invalid_config("the upstream proxy is not a valid URL"))?;
-        let client = http1::Client::new(&http1::Settings {
-            url: &url,
-            proxy: proxy.as_ref(),
-            headers: &default_headers(config, dialect.as_ref())?,
-            ca_file: config.ca_file.as_deref(),
-            connect_timeout: config.connect_timeout,
-            tcp_keepalive: TCP_KEEPALIVE,
-            pool_idle_timeout: POOL_IDLE_TIMEOUT,
-        })
-        .map_err(|error| invalid_config(format!("invalid upstream settings: {error}")))?;
+        let headers = default_headers(config, dialect.as_ref())?;
+        let client_for = |method, url: &url::Url, headers: &HeaderMap| {
+            http1::Client::new(&http1::Settings {
+                method,
+                url,
+                proxy: proxy.as_ref(),
+                headers,
+                ca_file: config.ca_file.as_deref(),
+                connect_timeout: config.connect_timeout,
+                tcp_keepalive: TCP_KEEPALIVE,
+                pool_idle_timeout: POOL_IDLE_TIMEOUT,
+            })
+            .map_err(|error| invalid_config(format!("invalid upstream settings: {error}")))
+        };
+        let client = client_for("POST", &url, &headers)?;
+        // The model list: the same provider, key and headers, asking for JSON.
+        let models_url = url::Url::parse(&format!("{}/models", base_url.trim_end_matches('/')))
+            .map_err(|error| invalid_config(format!("invalid upstream URL: {error}")))?;
+        let mut models_headers = headers.clone();
+        models_headers.remove(header::CONTENT_TYPE);
+        models_headers.insert(header::ACCEPT, HeaderValue::from_static("application/json"));
+        let models = client_for("GET", &models_url, &models_headers)?;
         let header_values = config
             .headers
             .iter()
@@ -98,6 +115,7 @@ impl Upstream {
         Ok(Self {
             inner: Arc::new(Inner {
                 client,
+                models,
                 dialect,
                 secrets,
                 first_token_timeout: config.first_token_timeout,
@@ -107,6 +125,30 @@ impl Upstream {
                 retry_backoff: config.retry_backoff,
             }),
         })
+    }
+
+    /// The provider's models, as OpenAI's list (`{"object":"list","data":[{"id",…}]}`), within
+    /// the first-token deadline; not retried (the caller may ask again).
+    pub async fn models(&self) -> Result<Value, UpstreamError> {
+        let inner = &self.inner;
+        let ask = async {
+            let mut response = inner.models.send(&[]).await.map_err(send_error)?;
+            if !response.status.is_success() {
+                return Err(UpstreamError::Http {
+                    status: response.status.as_u16(),
+                    message: error_message(response).await,
+                });
+            }
+            let body = read_body(&mut response, MAX_MODELS_BODY_BYTES)
+                .await
+                .map_err(body_error)?;
+            let answer: Value = serde_json::from_slice(&body).map_err(protocol)?;
+            Ok(inner.dialect.models(answer))
+        };
+        match tokio::time::timeout(inner.first_token_timeout, ask).await {
+            Ok(answer) => answer.map_err(|error| inner.redact(error)),
+            Err(_) => Err(UpstreamError::Timeout("first_token")),
+        }
     }
 
     /// Starts one streaming chat completion. `request` is the client's body; `stream: true` and
@@ -295,7 +337,7 @@ async fn open(
 
 /// One attempt: a 2xx `text/event-stream` response, or why not.
 async fn send(inner: &Inner, body: Bytes) -> Result<Response, Failure> {
-    let response = inner.client.post(&body).await.map_err(|error| Failure {
+    let response = inner.client.send(&body).await.map_err(|error| Failure {
         // No response means no token: retrying is always safe.
         retryable: true,
         error: send_error(error),
@@ -365,13 +407,10 @@ async fn error_message(mut response: Response) -> String {
         error: Value,
     }
     let status = response.status;
-    let mut body = Vec::new();
-    while body.len() < MAX_ERROR_BODY_BYTES {
-        match response.body.chunk().await {
-            Ok(Some(chunk)) => body.extend_from_slice(&chunk),
-            Ok(None) | Err(_) => break,
-        }
-    }
+    // A body cut short still has a start worth showing.
+    let body = read_body(&mut response, MAX_ERROR_BODY_BYTES)
+        .await
+        .unwrap_or_default();
     if let Ok(ErrorBody { error }) = serde_json::from_slice(&body) {
         return provider_message(&error);
     }
@@ -383,6 +422,18 @@ async fn error_message(mut response: Response) -> String {
             .to_owned(),
         text => truncated(text),
     }
+}
+
+/// A response body up to about `limit` bytes (whole chunks: at most one chunk beyond).
+async fn read_body(response: &mut Response, limit: usize) -> Result<Vec<u8>, HttpError> {
+    let mut body = Vec::new();
+    while body.len() < limit {
+        match response.body.chunk().await? {
+            Some(chunk) => body.extend_from_slice(&chunk),
+            None => break,
+        }
+    }
+    Ok(body)
 }
 
 /// The message of an OpenAI error object (`{"message": …}`), or of a bare error string.

@@ -24,6 +24,9 @@ pub(super) trait Dialect: Send + Sync + 'static {
 
     /// A decoder for one call's stream.
     fn decoder(&self) -> Box<dyn StreamDecoder>;
+
+    /// The provider's answer to `GET {url}/models` as OpenAI's model list.
+    fn models(&self, answer: Value) -> Value;
 }
 
 /// Reads one call's SSE `data:` payloads, in order.

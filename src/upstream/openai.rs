@@ -53,6 +53,11 @@ impl Dialect for OpenAi {
     fn decoder(&self) -> Box<dyn StreamDecoder> {
         Box::new(OpenAiStream)
     }
+
+    /// Already OpenAI's list.
+    fn models(&self, answer: Value) -> Value {
+        answer
+    }
 }
 
 /// An OpenAI stream keeps no state between chunks.

@@ -128,7 +128,7 @@ pub(super) fn protocol(error: impl fmt::Display) -> UpstreamError {
 }
 
 /// A failure while reading the body: the stream was cut, or it broke HTTP framing.
-fn body_error(error: HttpError) -> UpstreamError {
+pub(super) fn body_error(error: HttpError) -> UpstreamError {
     match error {
         HttpError::Protocol(message) => UpstreamError::Protocol(message),
         other => UpstreamError::Interrupted(other.to_string()),

@@ -627,6 +627,38 @@ async fn anthropic_is_called_at_messages_with_its_headers_and_529_is_retried() {
 }
 
 #[tokio::test]
+async fn models_are_asked_with_a_get_and_the_dialects_headers() {
+    let list =
+        r#"{"data":[{"type":"model","id":"claude-x","display_name":"Claude X"}],"has_more":false}"#;
+    let answer = format!(
+        "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{list}",
+        list.len()
+    );
+    let mut provider = provider(vec![vec![Step::Write(answer)]]).await;
+    let config = UpstreamConfig {
+        kind: UpstreamKind::Anthropic,
+        ..config()
+    };
+    let upstream = Upstream::new(&config, &provider.base_url).unwrap();
+
+    let models = upstream.models().await.unwrap();
+
+    assert_eq!(
+        models,
+        json!({"object": "list", "data": [{"id": "claude-x", "object": "model", "created": 0,
+            "owned_by": "anthropic"}]})
+    );
+    let request = provider.requests.recv().await.unwrap().to_ascii_lowercase();
+    assert!(
+        request.starts_with("get /v1/models http/1.1\r\n"),
+        "{request}"
+    );
+    assert!(request.contains("\r\nx-api-key: sk-test-key\r\n"));
+    assert!(request.contains("\r\naccept: application/json\r\n"));
+    assert!(!request.contains("content-type"));
+}
+
+#[tokio::test]
 async fn connection_closed_before_any_response_is_retried() {
     let hang_up = vec![];
 

@@ -105,4 +105,7 @@ report["follow_up"] = streamed(
     messages=follow_up, tools=TOOLS, extra_body={"mock": {"tokens": 6, "interval_ms": 1}}
 )
 
+# The model list, through the SDK's own call.
+report["models"] = [model.id for model in client.models.list()]
+
 print(json.dumps(report))
