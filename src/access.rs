@@ -51,6 +51,8 @@ pub struct Access {
     /// SHA-256 of each key: comparing fixed-size digests in constant time leaks neither the
     /// keys' contents nor their lengths.
     key_digests: Vec<[u8; 32]>,
+    /// Each key's metrics label, index for index: `key-` and a short hash, never the key.
+    key_labels: Vec<String>,
     token_key: Vec<u8>,
     token_ttl: Duration,
     limiter: RateLimiter,
@@ -71,6 +73,11 @@ impl Access {
         };
         Ok(Self {
             key_digests: config.api_keys.iter().map(|k| digest(k.expose())).collect(),
+            key_labels: config
+                .api_keys
+                .iter()
+                .map(|k| key_label(k.expose()))
+                .collect(),
             token_key,
             token_ttl: config.subscribe_token_ttl,
             limiter: RateLimiter::new(limits.create_rate, limits.create_burst),
@@ -139,6 +146,12 @@ impl Access {
         Ok(())
     }
 
+    /// The label that names `key` in metrics; `anonymous` on a gateway without keys.
+    pub fn key_label(&self, key: Option<KeyId>) -> &str {
+        key.and_then(|KeyId(index)| self.key_labels.get(index))
+            .map_or("anonymous", String::as_str)
+    }
+
     /// Takes one creation from `key`'s budget; `Err` says how long until the next is allowed.
     pub fn take_creation(&self, key: Option<KeyId>) -> Result<(), Duration> {
         self.limiter.take(key)
@@ -155,6 +168,17 @@ impl Access {
 
 fn digest(value: &str) -> [u8; 32] {
     Sha256::digest(value.as_bytes()).into()
+}
+
+/// `key-` and 32 bits of a domain-separated SHA-256 of the key: tells keys apart on a
+/// dashboard, and is not the key's digest used for authentication.
+fn key_label(key: &str) -> String {
+    let hash = Sha256::digest(format!("tokenfan metrics label\0{key}").as_bytes());
+    let mut label = String::from("key-");
+    for byte in &hash[..4] {
+        label.push_str(&format!("{byte:02x}"));
+    }
+    label
 }
 
 fn unix_now() -> u64 {
@@ -221,6 +245,23 @@ mod tests {
         assert_eq!(access.check_api_key("old-key"), Some(KeyId(0)));
         assert_eq!(access.check_api_key("new-ke"), None);
         assert_eq!(access.check_api_key(""), None);
+    }
+
+    #[test]
+    fn key_labels_are_short_stable_hashes_never_the_key() {
+        let access = access(&["sk-tokenfan-secret-0", "sk-tokenfan-secret-1"]);
+        let (first, second) = (
+            access.key_label(Some(KeyId(0))),
+            access.key_label(Some(KeyId(1))),
+        );
+        assert!(first.starts_with("key-") && first.len() == 12, "{first}");
+        assert_ne!(first, second);
+        assert!(!first.contains("secret"));
+        assert_eq!(
+            first,
+            self::access(&["sk-tokenfan-secret-0"]).key_label(Some(KeyId(0)))
+        );
+        assert_eq!(access.key_label(None), "anonymous");
     }
 
     #[test]

@@ -107,13 +107,24 @@ pub struct StoreConfig {
     pub unready_after: Duration,
 }
 
-/// The OpenAI-compatible provider the generations are streamed from.
+/// The provider the generations are streamed from.
 #[derive(Debug, Clone, Args)]
 pub struct UpstreamConfig {
-    /// Base URL of an OpenAI-compatible API, ending in `/v1` (tokenfan calls
-    /// `{url}/chat/completions`). Unset: an embedded mock LLM is started on a loopback port.
+    /// Base URL of the provider's API, ending in `/v1` (tokenfan calls `{url}/chat/completions`,
+    /// or `{url}/messages` for Anthropic). Unset: an embedded mock LLM is started on a loopback
+    /// port (it speaks both dialects).
     #[arg(long = "upstream-url", env = "TOKENFAN_UPSTREAM_URL")]
     pub url: Option<String>,
+
+    /// The provider's API dialect: OpenAI-compatible chat completions, or Anthropic Messages
+    /// (key in `x-api-key`, with `anthropic-version`; requests are translated from OpenAI's).
+    #[arg(
+        long = "upstream-kind",
+        env = "TOKENFAN_UPSTREAM_KIND",
+        value_enum,
+        default_value_t = UpstreamKind::Openai
+    )]
+    pub kind: UpstreamKind,
 
     /// Bearer key sent to the upstream. Never logged.
     #[arg(
@@ -175,6 +186,13 @@ pub struct UpstreamConfig {
     /// First retry delay; doubled on each retry, with jitter, unless `Retry-After` says otherwise.
     #[arg(long = "upstream-retry-backoff", env = "TOKENFAN_UPSTREAM_RETRY_BACKOFF", default_value = "250ms", value_parser = parse_duration)]
     pub retry_backoff: Duration,
+}
+
+/// The API dialect of an upstream.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum UpstreamKind {
+    Openai,
+    Anthropic,
 }
 
 /// How generations are kept and streamed to subscribers.

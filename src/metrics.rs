@@ -4,7 +4,10 @@
 //! are updated once per token (with the number of subscribers reached), never once per
 //! subscriber.
 
-use std::sync::OnceLock;
+use std::{
+    collections::BTreeSet,
+    sync::{Mutex, OnceLock, PoisonError},
+};
 
 use metrics::{counter, describe_counter, describe_gauge, describe_histogram, Counter, Unit};
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
@@ -37,6 +40,13 @@ pub const LIMITED: &str = "tokenfan_limited_total";
 pub const CONNECTIONS_SHED: &str = "tokenfan_connections_shed_total";
 /// Counter: requests refused for missing or bad credentials (label `reason`).
 pub const AUTH_FAILURES: &str = "tokenfan_auth_failures_total";
+/// Counter: prompt tokens the provider reported, by `model` and API `key` (label, never the key).
+pub const USAGE_PROMPT_TOKENS: &str = "tokenfan_usage_prompt_tokens_total";
+/// Counter: completion tokens the provider reported, by `model` and API `key`.
+pub const USAGE_COMPLETION_TOKENS: &str = "tokenfan_usage_completion_tokens_total";
+/// Counter: generations that ended without a usage report (cancelled, failed early, or a
+/// provider that sends none), by `model` and API `key`.
+pub const USAGE_UNREPORTED: &str = "tokenfan_usage_unreported_total";
 /// Counter: tokens received from the upstream.
 pub const TOKENS: &str = "tokenfan_tokens_total";
 /// Counter: token events queued to live subscribers (replays not included).
@@ -90,6 +100,18 @@ fn describe() {
     describe_counter!(LIMITED, "Requests refused by a limit, by limit");
     describe_counter!(CONNECTIONS_SHED, "Connections answered over capacity");
     describe_counter!(AUTH_FAILURES, "Requests refused for credentials, by reason");
+    describe_counter!(
+        USAGE_PROMPT_TOKENS,
+        "Prompt tokens reported by the provider, by model and API key"
+    );
+    describe_counter!(
+        USAGE_COMPLETION_TOKENS,
+        "Completion tokens reported by the provider, by model and API key"
+    );
+    describe_counter!(
+        USAGE_UNREPORTED,
+        "Generations ended without a usage report, by model and API key"
+    );
     describe_counter!(TOKENS, "Tokens received from the upstream");
     describe_counter!(EVENTS_DELIVERED, "Token events queued to live subscribers");
     describe_counter!(DRAIN_STARTED, "Drains begun");
@@ -106,6 +128,43 @@ fn describe() {
         Unit::Seconds,
         "Time from shutdown signal to drain end"
     );
+}
+
+/// Distinct `model` labels at most: models are named by clients, so beyond this they are
+/// counted as `other` rather than growing the registry without bound.
+const MAX_MODEL_LABELS: usize = 64;
+/// Longest `model` label; a longer name is counted as `other`.
+const MAX_MODEL_LABEL_BYTES: usize = 64;
+
+/// Counts a finished generation's token usage, whatever its status. `usage` is the provider's
+/// object: OpenAI's `prompt_tokens`/`completion_tokens`, or Anthropic's
+/// `input_tokens`/`output_tokens`.
+pub fn record_usage(model: &str, key: &str, usage: Option<&serde_json::Value>) {
+    let model = model_label(model);
+    let count = |names: [&str; 2]| names.iter().find_map(|name| usage?.get(name)?.as_u64());
+    let prompt = count(["prompt_tokens", "input_tokens"]);
+    let completion = count(["completion_tokens", "output_tokens"]);
+    if prompt.is_none() && completion.is_none() {
+        counter!(USAGE_UNREPORTED, "model" => model, "key" => key.to_owned()).increment(1);
+        return;
+    }
+    counter!(USAGE_PROMPT_TOKENS, "model" => model.clone(), "key" => key.to_owned())
+        .increment(prompt.unwrap_or(0));
+    counter!(USAGE_COMPLETION_TOKENS, "model" => model, "key" => key.to_owned())
+        .increment(completion.unwrap_or(0));
+}
+
+/// `model` as a label, within [`MAX_MODEL_LABELS`] distinct values and
+/// [`MAX_MODEL_LABEL_BYTES`].
+fn model_label(model: &str) -> String {
+    static SEEN: Mutex<BTreeSet<String>> = Mutex::new(BTreeSet::new());
+    let mut seen = SEEN.lock().unwrap_or_else(PoisonError::into_inner);
+    let fits = model.len() <= MAX_MODEL_LABEL_BYTES && !model.is_empty();
+    if fits && (seen.contains(model) || seen.len() < MAX_MODEL_LABELS) {
+        seen.insert(model.to_owned());
+        return model.to_owned();
+    }
+    "other".to_owned()
 }
 
 /// The per-token counters, looked up in the recorder once: `counter!` hashes the name and
@@ -130,5 +189,26 @@ pub fn record_fan_out(fan_out: FanOut) {
     counters.delivered.increment(fan_out.delivered);
     if fan_out.evicted > 0 {
         counters.evicted.increment(fan_out.evicted);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn model_labels_are_bounded_in_number_and_length() {
+        assert_eq!(model_label("gpt-4o-mini"), "gpt-4o-mini");
+        assert_eq!(model_label(&"m".repeat(MAX_MODEL_LABEL_BYTES + 1)), "other");
+        assert_eq!(model_label(""), "other");
+        for n in 0..2 * MAX_MODEL_LABELS {
+            model_label(&format!("model-{n}"));
+        }
+        assert_eq!(model_label("one-model-too-many"), "other");
+        assert_eq!(
+            model_label("gpt-4o-mini"),
+            "gpt-4o-mini",
+            "known models stay"
+        );
     }
 }

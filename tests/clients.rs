@@ -245,6 +245,83 @@ async fn openai_python_sdk_streams_completes_and_raises_its_own_errors() {
     gateway.shutdown().await;
 }
 
+/// The arguments of a tool call the mock made: JSON with its `query` and its position `n`.
+fn mock_arguments(call: &Value) -> Value {
+    let arguments: Value = serde_json::from_str(call["arguments"].as_str().unwrap())
+        .unwrap_or_else(|e| panic!("arguments are not JSON ({e}): {call}"));
+    assert!(arguments["query"].is_string(), "{arguments}");
+    arguments
+}
+
+/// Tool calls with the official `openai` Python SDK: parallel streamed calls whose arguments
+/// arrive in many chunks (after reasoning), `tool_choice` naming a function or `"none"`, the
+/// non-streamed message, and the follow-up turn with the tool results.
+#[tokio::test]
+async fn openai_python_sdk_streams_parallel_tool_calls_and_takes_the_follow_up() {
+    let python = python();
+    let gateway = Gateway::start().await;
+    let report = run(&python, &["openai_tools.py", &gateway.url("")]).await;
+
+    let parallel = &report["parallel"];
+    assert_eq!(parallel["finish_reason"], "tool_calls", "{report:#}");
+    assert_eq!(parallel["text"], "");
+    assert!(!parallel["reasoning"].as_str().unwrap().is_empty());
+    let calls = parallel["tool_calls"].as_array().unwrap();
+    let names: Vec<_> = calls.iter().map(|call| call["name"].clone()).collect();
+    assert_eq!(names, ["search", "lookup"]);
+    for (n, call) in calls.iter().enumerate() {
+        assert!(call["id"].as_str().unwrap().starts_with("call_"));
+        assert_eq!(mock_arguments(call)["n"], n);
+    }
+    assert!(
+        parallel["tool_call_chunks"].as_u64().unwrap() > 10,
+        "{report:#}"
+    );
+
+    let named = &report["named"]["tool_calls"];
+    assert_eq!(named.as_array().unwrap().len(), 1, "{report:#}");
+    assert_eq!(named[0]["name"], "lookup");
+    assert_eq!(report["none"]["finish_reason"], "stop");
+    assert_eq!(report["none"]["tool_calls"], serde_json::json!([]));
+    assert!(!report["none"]["text"].as_str().unwrap().is_empty());
+
+    let completion = &report["completion"];
+    assert_eq!(completion["finish_reason"], "tool_calls", "{report:#}");
+    assert_eq!(completion["content"], Value::Null);
+    let calls = completion["tool_calls"].as_array().unwrap();
+    assert_eq!(calls.len(), 2);
+    calls.iter().for_each(|call| drop(mock_arguments(call)));
+
+    assert_eq!(report["models"], serde_json::json!(["tokenfan-mock"]));
+
+    let follow_up = &report["follow_up"];
+    assert_eq!(follow_up["finish_reason"], "stop", "{report:#}");
+    assert!(!follow_up["text"].as_str().unwrap().is_empty());
+    assert_eq!(follow_up["tool_calls"], serde_json::json!([]));
+    gateway.shutdown().await;
+}
+
+/// Tool calls with the official `openai` npm SDK: its stream helper assembles two parallel
+/// calls from their fragments; the follow-up turn with the results is answered in text.
+#[tokio::test]
+async fn openai_node_sdk_assembles_streamed_tool_calls() {
+    let gateway = Gateway::start().await;
+    let report = run(&which("node"), &["openai_tools.mjs", &gateway.url("")]).await;
+
+    let stream = &report["stream"];
+    assert_eq!(stream["finish_reason"], "tool_calls", "{report:#}");
+    assert!(stream["fragments"].as_u64().unwrap() > 10, "{report:#}");
+    let calls = stream["tool_calls"].as_array().unwrap();
+    assert_eq!(calls.len(), 2, "{report:#}");
+    for (n, call) in calls.iter().enumerate() {
+        assert!(call["id"].as_str().unwrap().starts_with("call_"));
+        assert_eq!(mock_arguments(call)["n"], n);
+    }
+    assert_eq!(report["follow_up"]["finish_reason"], "stop");
+    assert!(!report["follow_up"]["content"].as_str().unwrap().is_empty());
+    gateway.shutdown().await;
+}
+
 /// `httpx-sse`, a second SSE client: reads part of a stream, drops it, resumes with
 /// `Last-Event-ID`, and gets the rest without a gap or a repeat; resuming after the end is 204.
 #[tokio::test]

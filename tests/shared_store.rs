@@ -186,6 +186,38 @@ async fn the_openai_endpoint_names_a_generation_every_instance_serves() {
 }
 
 #[tokio::test]
+async fn tool_calls_and_reasoning_reach_viewers_and_snapshots_on_every_instance() {
+    let cluster = Cluster::start(2, &[], &[]).await;
+    let bases = cluster.bases();
+    let mut request = chat_request(json!({"tokens": 5, "reasoning": 6, "tool_calls": 2}));
+    request["tools"] = json!([{
+        "type": "function",
+        "function": {"name": "search", "parameters": {"type": "object"}}
+    }]);
+    let created: Value = cluster
+        .http
+        .post(format!("{}/v1/generations", bases[0]))
+        .json(&request)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let id = created["id"].as_str().unwrap();
+    let on_owner = view(&cluster.http, &bases, id, Roam::Stay(0)).await;
+    let elsewhere = view(&cluster.http, &bases, id, Roam::Stay(1)).await;
+    assert_eq!(elsewhere.texts, on_owner.texts);
+    assert!(elsewhere.texts.iter().any(|e| e.starts_with("tool_call: ")));
+    assert!(elsewhere.texts.iter().any(|e| e.starts_with("reasoning: ")));
+    let (_, owner_view) = cluster.snapshot(0, id).await;
+    let (_, replica_view) = cluster.snapshot(1, id).await;
+    assert_eq!(replica_view, owner_view);
+    assert_eq!(owner_view["tool_calls"].as_array().unwrap().len(), 2);
+    assert_eq!(owner_view["finish_reason"], "tool_calls");
+}
+
+#[tokio::test]
 async fn viewers_roaming_between_instances_see_every_token_once_in_order() {
     let cluster = Cluster::start(3, &[], &[]).await;
     let bases = cluster.bases();

@@ -87,6 +87,14 @@ pub async fn completions(
     Ok(response)
 }
 
+/// `GET /v1/models`: the provider's models, as OpenAI lists them (an Anthropic upstream's list
+/// is translated), so that SDKs' `models.list()` works against the gateway.
+pub async fn models(State(app): State<Arc<App>>) -> Result<Json<Value>, OpenAiError> {
+    Ok(Json(
+        app.hub.upstream().models().await.map_err(ApiError::from)?,
+    ))
+}
+
 /// The headers that let other viewers find the generation behind a completion.
 fn name_generation(headers: &mut HeaderMap, app: &App, generation: &Generation, is_new: bool) {
     if let Ok(id) = HeaderValue::from_str(generation.id()) {
@@ -234,7 +242,7 @@ async fn completion_response(generation: &Generation, meta: &Meta) -> Response {
         "model": meta.model,
         "choices": [{
             "index": 0,
-            "message": {"role": "assistant", "content": snapshot.text},
+            "message": chunk::message(&snapshot.content),
             "logprobs": null,
             "finish_reason": snapshot.finish_reason.as_deref().unwrap_or("stop"),
         }],
@@ -270,9 +278,8 @@ enum Phase {
 impl CompletionStream {
     fn tokens(&self, from: u64, to: u64) -> Bytes {
         let mut out = BytesMut::new();
-        for text in self.subscription.generation().token_texts(from, to) {
-            self.meta
-                .write_choice(&mut out, Delta::content(&text), None);
+        for delta in self.subscription.generation().deltas(from, to) {
+            self.meta.write_choice(&mut out, Delta::of(&delta), None);
         }
         out.freeze()
     }
@@ -350,6 +357,7 @@ impl IntoResponse for OpenAiError {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::hub::delta::Assembled;
 
     fn options(request: Value) -> Result<Options, ApiError> {
         Options::of(request.as_object().unwrap())
@@ -396,7 +404,10 @@ mod tests {
         let snapshot = Snapshot {
             id: "gen_x".into(),
             status: Status::Completed,
-            text: "Hi".into(),
+            content: Assembled {
+                text: "Hi".into(),
+                ..Assembled::default()
+            },
             token_count: 1,
             finish_reason: Some("length".into()),
             usage: Some(json!({"prompt_tokens": 9, "completion_tokens": 1, "total_tokens": 10})),

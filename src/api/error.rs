@@ -13,7 +13,7 @@ use serde_json::json;
 
 use std::time::Duration;
 
-use crate::{access::Denied, hub::HubError, metrics};
+use crate::{access::Denied, hub::HubError, metrics, upstream::UpstreamError};
 
 /// Seconds a client is asked to wait before retrying a request refused for lack of capacity.
 const BUSY_RETRY_AFTER_SECS: u64 = 5;
@@ -58,6 +58,9 @@ pub enum ApiError {
     MalformedRequest(&'static str),
     #[error("request head is larger than {0} bytes or has too many headers")]
     HeadTooLarge(usize),
+    /// A call to the provider outside a generation (the model list) failed.
+    #[error(transparent)]
+    Upstream(#[from] UpstreamError),
 }
 
 impl ApiError {
@@ -84,6 +87,8 @@ impl ApiError {
             Self::RateLimited(_) | Self::TooManySubscribers => StatusCode::TOO_MANY_REQUESTS,
             Self::GenerationNotFound | Self::RouteNotFound => StatusCode::NOT_FOUND,
             Self::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
+            Self::Upstream(UpstreamError::Timeout(_)) => StatusCode::GATEWAY_TIMEOUT,
+            Self::Upstream(_) => StatusCode::BAD_GATEWAY,
         }
     }
 
@@ -115,6 +120,7 @@ impl ApiError {
             Self::TooManySubscribers => "too_many_subscribers",
             Self::MalformedRequest(_) => "malformed_request",
             Self::HeadTooLarge(_) => "head_too_large",
+            Self::Upstream(error) => error.code(),
         }
     }
 

@@ -83,7 +83,11 @@ pub(crate) async fn start<T>(
     app.access
         .take_creation(key)
         .map_err(ApiError::RateLimited)?;
-    Ok((app.hub.create(request, idempotency_key).await?, inspected))
+    let key_label = app.access.key_label(key);
+    Ok((
+        app.hub.create(request, idempotency_key, key_label).await?,
+        inspected,
+    ))
 }
 
 /// `GET /v1/generations/{id}`

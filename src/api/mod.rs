@@ -67,6 +67,13 @@ pub fn router(app: Arc<App>, cors: Option<CorsLayer>) -> Router {
                 chat::require_api_key,
             )),
         )
+        .route(
+            "/v1/models",
+            get(chat::models).layer(middleware::from_fn_with_state(
+                app.clone(),
+                chat::require_api_key,
+            )),
+        )
         .route("/", get(demo::page))
         .route("/demo/{asset}", get(demo::asset))
         .route("/livez", get(ops::livez))

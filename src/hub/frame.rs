@@ -1,6 +1,6 @@
 //! SSE frames, encoded once and shared.
 //!
-//! A token's frame is built once, when the token arrives, and the same [`Bytes`] is handed to
+//! A log entry's frame is built once, when it arrives, and the same [`Bytes`] is handed to
 //! the log and to every subscriber (a reference-count increment each), so fan-out costs no
 //! allocation per subscriber.
 
@@ -9,19 +9,59 @@ use std::io::Write;
 use bytes::{BufMut, Bytes, BytesMut};
 use serde::Serialize;
 
+use super::delta::Delta;
+
 /// A comment line that keeps idle connections (and the proxies on their way) open.
 pub const KEEPALIVE: Bytes = Bytes::from_static(b":\n\n");
 
 /// `id: N\nevent: token\ndata: {"index":N,"text":"…"}\n\n`
-pub fn token(index: u64, text: &str) -> Bytes {
-    #[derive(Serialize)]
-    struct Data<'a> {
-        index: u64,
-        text: &'a str,
-    }
+fn token(index: u64, text: &str) -> Bytes {
+    text_event(index, "token", text)
+}
+
+/// `id: N\nevent: <name>\ndata: {"index":N,"text":"…"}\n\n`
+fn text_event(index: u64, name: &str, text: &str) -> Bytes {
     // Sized for the whole frame up front: growing a 64-byte buffer was a realloc per token.
     let capacity = TOKEN_FRAME_OVERHEAD + text.len() + text.len() / 8;
-    encode(capacity, Some(index), None, "token", &Data { index, text })
+    encode(capacity, Some(index), None, name, &TextData { index, text })
+}
+
+/// The frame of log entry `index`: `token` for text (byte-identical to [`token`]), `reasoning`
+/// and `refusal` with the same `{"index","text"}` data, `tool_call` with the fragment's fields
+/// (`id` and `name` only when the fragment carries them).
+pub fn delta(index: u64, delta: &Delta) -> Bytes {
+    #[derive(Serialize)]
+    struct ToolCallData<'a> {
+        index: u64,
+        tool_call_index: u32,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        id: Option<&'a str>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        name: Option<&'a str>,
+        arguments: &'a str,
+    }
+    match delta {
+        Delta::Text(text) => token(index, text),
+        Delta::Reasoning(text) => text_event(index, "reasoning", text),
+        Delta::Refusal(text) => text_event(index, "refusal", text),
+        Delta::ToolCall(call) => {
+            let data = ToolCallData {
+                index,
+                tool_call_index: call.index,
+                id: call.id.as_deref(),
+                name: call.name.as_deref(),
+                arguments: &call.arguments,
+            };
+            let capacity = TOKEN_FRAME_OVERHEAD + 64 + delta.content_len() * 9 / 8;
+            encode(capacity, Some(index), None, "tool_call", &data)
+        }
+    }
+}
+
+#[derive(Serialize)]
+struct TextData<'a> {
+    index: u64,
+    text: &'a str,
 }
 
 /// `id:`, `event: token`, `data:` and the JSON around the text, with room for long indexes.
@@ -76,6 +116,40 @@ mod tests {
         assert_eq!(
             &frame[..],
             b"id: 7\nevent: token\ndata: {\"index\":7,\"text\":\"a \\\"quoted\\\"\\nline\"}\n\n"
+        );
+    }
+
+    #[test]
+    fn each_kind_of_delta_has_its_event() {
+        let text = delta(0, &Delta::Text("hi".into()));
+        assert_eq!(text, token(0, "hi"));
+        assert_eq!(
+            &delta(1, &Delta::Reasoning("hm".into()))[..],
+            b"id: 1\nevent: reasoning\ndata: {\"index\":1,\"text\":\"hm\"}\n\n"
+        );
+        assert_eq!(
+            &delta(2, &Delta::Refusal("no".into()))[..],
+            b"id: 2\nevent: refusal\ndata: {\"index\":2,\"text\":\"no\"}\n\n"
+        );
+        let first = Delta::ToolCall(Box::new(super::super::delta::ToolCallDelta {
+            index: 1,
+            id: Some("call_1".into()),
+            name: Some("f".into()),
+            arguments: String::new(),
+        }));
+        assert_eq!(
+            &delta(3, &first)[..],
+            &b"id: 3\nevent: tool_call\ndata: {\"index\":3,\"tool_call_index\":1,\"id\":\"call_1\",\"name\":\"f\",\"arguments\":\"\"}\n\n"[..]
+        );
+        let next = Delta::ToolCall(Box::new(super::super::delta::ToolCallDelta {
+            index: 1,
+            id: None,
+            name: None,
+            arguments: "{\"a\"".into(),
+        }));
+        assert_eq!(
+            &delta(4, &next)[..],
+            &b"id: 4\nevent: tool_call\ndata: {\"index\":4,\"tool_call_index\":1,\"arguments\":\"{\\\"a\\\"\"}\n\n"[..]
         );
     }
 

@@ -22,7 +22,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::store::End;
 
-use super::frame;
+use super::{delta::Assembled, frame, Delta};
 
 /// Most bytes handed to a subscriber in one replay step: large enough to amortise the lock,
 /// small enough that one late joiner never holds it long or allocates much.
@@ -67,7 +67,10 @@ pub struct ErrorInfo {
 pub struct Snapshot {
     pub id: String,
     pub status: Status,
-    pub text: String,
+    /// `text`, `reasoning`, `refusal`, `tool_calls`.
+    #[serde(flatten)]
+    pub content: Assembled,
+    /// Log entries (of every kind), so also the id of the terminal event.
     pub token_count: u64,
     pub finish_reason: Option<String>,
     pub usage: Option<serde_json::Value>,
@@ -96,9 +99,9 @@ pub enum Attach {
     Ended(Bytes),
 }
 
-/// Bookkeeping per logged token beyond its text and frame bytes (the `Bytes` handle and the
-/// token's end offset).
-const LOG_OVERHEAD_PER_TOKEN: usize = std::mem::size_of::<Bytes>() + std::mem::size_of::<usize>();
+/// Bookkeeping per log entry beyond its content and frame bytes (the `Bytes` handle and the
+/// entry's slot).
+const LOG_OVERHEAD_PER_TOKEN: usize = std::mem::size_of::<Bytes>() + std::mem::size_of::<Delta>();
 
 /// How big one generation's log may grow.
 #[derive(Debug, Clone, Copy)]
@@ -107,7 +110,7 @@ pub struct LogLimits {
     pub max_bytes: usize,
 }
 
-/// What became of a token offered to [`Generation::push_token`].
+/// What became of a delta offered to [`Generation::push`].
 #[derive(Debug)]
 pub enum Pushed {
     /// Logged and fanned out; `log_bytes` is what the log grew by.
@@ -141,17 +144,20 @@ pub struct Generation {
 
 struct State {
     status: Status,
-    text: String,
-    /// Where each token's text ends in `text`; the index is the token id.
-    token_ends: Vec<usize>,
-    /// Encoded token frames; the index is the token id.
+    /// The log; the index is the entry's (event) id.
+    deltas: Vec<Delta>,
+    /// Bytes of content in `deltas`, against [`LogLimits::max_bytes`].
+    content_bytes: usize,
+    /// Encoded frames of `deltas`, index for index.
     frames: Vec<Bytes>,
     terminal: Option<Bytes>,
     finish_reason: Option<String>,
     usage: Option<serde_json::Value>,
+    /// What `usage` is counted as in `log_bytes`.
+    usage_bytes: usize,
     error: Option<ErrorInfo>,
     subscribers: Vec<queue::Sender<Outbound>>,
-    /// Memory held by `text` and `frames`, for the hub's log budget.
+    /// Memory held by `deltas`, `frames`, `finish_reason` and `usage`, for the hub's log budget.
     log_bytes: usize,
     /// Since when no subscriber is attached (None while someone is).
     unwatched_since: Option<Instant>,
@@ -177,12 +183,13 @@ impl Generation {
             viewers: AtomicUsize::new(0),
             state: Mutex::new(State {
                 status: Status::Running,
-                text: String::new(),
-                token_ends: Vec::new(),
+                deltas: Vec::new(),
+                content_bytes: 0,
                 frames: Vec::new(),
                 terminal: None,
                 finish_reason: None,
                 usage: None,
+                usage_bytes: 0,
                 error: None,
                 subscribers: Vec::new(),
                 log_bytes: 0,
@@ -214,13 +221,14 @@ impl Generation {
         self.lock().frames.len() as u64
     }
 
-    /// The texts of up to `max` tokens from `from` on, for the store writer.
+    /// Up to `max` log entries from `from` on, encoded for the store writer.
     pub fn entries_from(&self, from: u64, max: usize) -> Vec<Bytes> {
-        let to = from.saturating_add(max as u64);
-        self.token_texts(from, to)
-            .into_iter()
-            .map(Bytes::from)
-            .collect()
+        let state = self.lock();
+        let start = usize::try_from(from)
+            .unwrap_or(usize::MAX)
+            .min(state.deltas.len());
+        let end = start.saturating_add(max).min(state.deltas.len());
+        state.deltas[start..end].iter().map(Delta::encode).collect()
     }
 
     /// How the generation ended, once it has and the store holds all `stored` tokens.
@@ -244,12 +252,10 @@ impl Generation {
         if let Some(reason) = &end.finish_reason {
             self.set_finish_reason(reason.clone());
         }
-        if let Some(usage) = end
-            .usage
-            .as_deref()
-            .and_then(|u| serde_json::from_str(u).ok())
-        {
-            self.set_usage(usage);
+        if let Some(text) = &end.usage {
+            if let Ok(usage) = serde_json::from_str(text) {
+                self.set_usage(usage, text.len());
+            }
         }
         let outcome = match end.status.as_str() {
             "completed" => Outcome::Completed,
@@ -276,26 +282,26 @@ impl Generation {
             .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
-    /// Appends a token to the log and offers its frame to every live subscriber. A subscriber
+    /// Appends a delta to the log and offers its frame to every live subscriber. A subscriber
     /// whose channel is full is dropped from the set: its stream ends with `event: reconnect`
     /// and it resumes from the log.
-    pub fn push_token(&self, text: &str, limits: LogLimits) -> Pushed {
+    pub fn push(&self, delta: Delta, limits: LogLimits) -> Pushed {
         let mut state = self.lock();
         if state.status != Status::Running {
             return Pushed::Ended;
         }
+        let content = delta.content_len();
         if state.frames.len() >= limits.max_tokens
-            || state.text.len() + text.len() > limits.max_bytes
+            || state.content_bytes + content > limits.max_bytes
         {
             return Pushed::TooLarge;
         }
         let index = state.frames.len() as u64;
-        let frame = frame::token(index, text);
-        let log_bytes = text.len() + frame.len() + LOG_OVERHEAD_PER_TOKEN;
+        let frame = frame::delta(index, &delta);
+        let log_bytes = content + frame.len() + LOG_OVERHEAD_PER_TOKEN;
         state.log_bytes += log_bytes;
-        state.text.push_str(text);
-        let end = state.text.len();
-        state.token_ends.push(end);
+        state.content_bytes += content;
+        state.deltas.push(delta);
         state.frames.push(frame.clone());
         let fan_out = state.offer(|| Outbound::Token(frame.clone()));
         drop(state);
@@ -321,12 +327,34 @@ impl Generation {
         self.viewers.fetch_sub(1, Ordering::Relaxed);
     }
 
-    pub fn set_finish_reason(&self, reason: String) {
-        self.lock().finish_reason = Some(reason);
+    /// Keeps the provider's finish reason (bounded by the upstream); returns what the log
+    /// memory grew by. A replacement never shrinks the count: the hub's sum and this log's own
+    /// must move together, and a provider sends one finish reason anyway.
+    pub fn set_finish_reason(&self, reason: String) -> usize {
+        let mut state = self.lock();
+        let old = state.finish_reason.as_ref().map_or(0, String::len);
+        let grown = reason.len().saturating_sub(old);
+        state.finish_reason = Some(reason);
+        state.log_bytes += grown;
+        grown
     }
 
-    pub fn set_usage(&self, usage: serde_json::Value) {
-        self.lock().usage = Some(usage);
+    /// The provider's usage object, once it came.
+    pub fn usage(&self) -> Option<serde_json::Value> {
+        self.lock().usage.clone()
+    }
+
+    /// Keeps the provider's usage object, `size` bytes as received (bounded by the upstream)
+    /// and counted as several times that, because a parsed JSON value is larger than its text;
+    /// returns what the log memory grew by, never shrinking as [`Self::set_finish_reason`].
+    pub fn set_usage(&self, usage: serde_json::Value, size: usize) -> usize {
+        let mut state = self.lock();
+        let counted = size.saturating_mul(USAGE_MEMORY_FACTOR);
+        let grown = counted.saturating_sub(state.usage_bytes);
+        state.usage = Some(usage);
+        state.usage_bytes = state.usage_bytes.max(counted);
+        state.log_bytes += grown;
+        grown
     }
 
     /// Ends the generation: logs the terminal event, hands it to every subscriber and closes
@@ -432,23 +460,15 @@ impl Generation {
         state.unwatched_since.map(|since| since.elapsed())
     }
 
-    /// The texts of tokens `from..to` (clamped to the log), one string per token: for readers
-    /// that re-encode tokens in another format instead of forwarding the frames.
-    pub fn token_texts(&self, from: u64, to: u64) -> Vec<String> {
+    /// Log entries `from..to` (clamped to the log): for readers that re-encode them in another
+    /// format instead of forwarding the frames.
+    pub fn deltas(&self, from: u64, to: u64) -> Vec<Delta> {
         let state = self.lock();
         let end = usize::try_from(to)
             .unwrap_or(usize::MAX)
-            .min(state.token_ends.len());
+            .min(state.deltas.len());
         let start = usize::try_from(from).unwrap_or(usize::MAX).min(end);
-        let mut begin = start.checked_sub(1).map_or(0, |i| state.token_ends[i]);
-        state.token_ends[start..end]
-            .iter()
-            .map(|&token_end| {
-                let text = state.text[begin..token_end].to_owned();
-                begin = token_end;
-                text
-            })
-            .collect()
+        state.deltas[start..end].to_vec()
     }
 
     pub fn status(&self) -> Status {
@@ -460,7 +480,7 @@ impl Generation {
         Snapshot {
             id: self.id.clone(),
             status: state.status,
-            text: state.text.clone(),
+            content: Assembled::of(&state.deltas),
             token_count: state.frames.len() as u64,
             finish_reason: state.finish_reason.clone(),
             usage: state.usage.clone(),
@@ -507,6 +527,9 @@ fn known_code(code: Option<&str>) -> &'static str {
         .copied()
         .unwrap_or("failed")
 }
+
+/// A parsed usage object holds about this many times its JSON text (maps, boxed numbers).
+const USAGE_MEMORY_FACTOR: usize = 8;
 
 #[derive(Serialize)]
 struct DoneData<'a> {

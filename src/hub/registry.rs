@@ -25,7 +25,7 @@ use super::{
 use crate::{
     metrics,
     store::{IdempotencyClaim, Store, StoreError},
-    upstream::{Upstream, UpstreamEvent},
+    upstream::{LogSafe, Upstream, UpstreamEvent},
 };
 
 /// Settings of the hub, taken from [`crate::config::StreamConfig`].
@@ -67,6 +67,12 @@ pub struct IdempotencyKey {
     /// another tenant's generation.
     pub scope: String,
     pub key: String,
+}
+
+/// Whose a generation is, for the usage metrics recorded when it ends.
+struct UsageLabels {
+    model: String,
+    key_label: String,
 }
 
 /// A new or existing generation, as returned by [`Hub::create`].
@@ -143,12 +149,19 @@ impl Hub {
         self.closed.cancelled()
     }
 
+    /// The provider generations stream from (for calls that are not generations: its models).
+    pub fn upstream(&self) -> &Upstream {
+        &self.upstream
+    }
+
     /// Starts a generation (one upstream task), or returns the one an earlier request with the
-    /// same idempotency key (from the same credential) started, on any instance.
+    /// same idempotency key (from the same credential) started, on any instance. `key_label`
+    /// names the caller's API key in the usage metrics.
     pub async fn create(
         self: &Arc<Self>,
         request: serde_json::Map<String, serde_json::Value>,
         idempotency_key: Option<IdempotencyKey>,
+        key_label: &str,
     ) -> Result<Created, HubError> {
         if self.running() >= self.settings.max_generations {
             return Err(HubError::TooManyGenerations);
@@ -200,9 +213,17 @@ impl Hub {
         ::metrics::gauge!(metrics::GENERATIONS_RUNNING).increment(1);
         ::metrics::counter!(metrics::GENERATIONS_STARTED).increment(1);
         let span = info_span!("generation", generation_id = %generation.id());
+        let labels = UsageLabels {
+            model: request
+                .get("model")
+                .and_then(serde_json::Value::as_str)
+                .unwrap_or_default()
+                .to_owned(),
+            key_label: key_label.to_owned(),
+        };
         tokio::spawn(
             self.clone()
-                .run(generation.clone(), request)
+                .run(generation.clone(), request, labels)
                 .instrument(span),
         );
         Ok(Created {
@@ -391,6 +412,7 @@ impl Hub {
         self: Arc<Self>,
         generation: Arc<Generation>,
         request: serde_json::Map<String, serde_json::Value>,
+        labels: UsageLabels,
     ) {
         info!("generation started");
         let writer = self.shared.as_ref().map(|shared| {
@@ -414,7 +436,8 @@ impl Hub {
         };
         if let Some(outcome) = outcome {
             if let Outcome::Failed { code, message } = &outcome {
-                warn!(code, message, "generation failed");
+                // Provider text: escaped, so that a newline in it cannot forge a log line.
+                warn!(code, message = %LogSafe(message), "generation failed");
             }
             generation.finish(outcome);
         }
@@ -436,6 +459,11 @@ impl Hub {
         ::metrics::gauge!(metrics::GENERATIONS_RUNNING).decrement(1);
         ::metrics::counter!(metrics::GENERATIONS_FINISHED, "status" => status_label(status))
             .increment(1);
+        metrics::record_usage(
+            &labels.model,
+            &labels.key_label,
+            generation.usage().as_ref(),
+        );
         self.retain_then_forget(&generation).await;
     }
 
@@ -457,12 +485,11 @@ impl Hub {
         futures_util::pin_mut!(stream);
         while let Some(event) = stream.next().await {
             match event {
-                Ok(UpstreamEvent::Token(text)) => {
-                    match generation.push_token(&text, self.settings.log_limits) {
+                Ok(UpstreamEvent::Delta(delta)) => {
+                    match generation.push(delta, self.settings.log_limits) {
                         Pushed::Logged { fan_out, log_bytes } => {
                             metrics::record_fan_out(fan_out);
-                            self.log_bytes.fetch_add(log_bytes, Ordering::Relaxed);
-                            self.fit_log_budget();
+                            self.grow_log(log_bytes);
                         }
                         Pushed::Ended => break,
                         Pushed::TooLarge => {
@@ -473,8 +500,12 @@ impl Hub {
                         }
                     }
                 }
-                Ok(UpstreamEvent::Finish(reason)) => generation.set_finish_reason(reason),
-                Ok(UpstreamEvent::Usage(usage)) => generation.set_usage(usage),
+                Ok(UpstreamEvent::Finish(reason)) => {
+                    self.grow_log(generation.set_finish_reason(reason));
+                }
+                Ok(UpstreamEvent::Usage { usage, bytes }) => {
+                    self.grow_log(generation.set_usage(usage, bytes));
+                }
                 Err(error) => {
                     return Outcome::Failed {
                         code: error.code(),
@@ -484,6 +515,11 @@ impl Hub {
             }
         }
         Outcome::Completed
+    }
+
+    fn grow_log(&self, bytes: usize) {
+        self.log_bytes.fetch_add(bytes, Ordering::Relaxed);
+        self.fit_log_budget();
     }
 
     /// Resolves when `--cancel-unwatched-after` is set and nobody has watched for that long.

@@ -19,7 +19,7 @@ use tracing::{info, warn, Instrument};
 use super::{
     generation::{Generation, Outcome, Pushed, LOG_LOST, OWNER_LOST},
     registry::Shared,
-    Hub, HubError, Status,
+    Delta, Hub, HubError, Status,
 };
 use crate::{
     metrics,
@@ -139,10 +139,15 @@ impl Relay {
         }
     }
 
+    /// Appends one entry of the owner's log. An entry that does not decode (a newer version's
+    /// kind, or corruption) is logged as an empty text, so that indices stay aligned.
     fn push(&self, entry: &bytes::Bytes) {
-        let text = String::from_utf8_lossy(entry);
+        let delta = Delta::decode(entry).unwrap_or_else(|error| {
+            warn!(%error, "an undecodable log entry was replaced by an empty text");
+            Delta::Text(String::new())
+        });
         let limits = self.hub.settings().log_limits;
-        if let Pushed::Logged { fan_out, log_bytes } = self.generation.push_token(&text, limits) {
+        if let Pushed::Logged { fan_out, log_bytes } = self.generation.push(delta, limits) {
             metrics::record_fan_out(fan_out);
             self.hub.logged(log_bytes);
         }

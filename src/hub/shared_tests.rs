@@ -3,12 +3,12 @@
 
 use std::{sync::Arc, time::Duration};
 
-use bytes::Bytes;
 use serde_json::{json, Map, Value};
 
 use super::{
     generation::{Generation, LOG_LOST, OWNER_LOST},
-    Delivery, Hub, HubError, HubSettings, IdempotencyKey, LogLimits, Shared, Status, Subscription,
+    Delivery, Delta, Hub, HubError, HubSettings, IdempotencyKey, LogLimits, Shared, Status,
+    Subscription,
 };
 use crate::{
     config::Config,
@@ -119,7 +119,11 @@ async fn a_generation_created_on_one_instance_streams_whole_from_another() {
     let cluster = Cluster::start().await;
     let (a, b) = (cluster.hub("a").await, cluster.hub("b").await);
     let created = a
-        .create(request(json!({"tokens": 200, "interval_ms": [0, 2]})), None)
+        .create(
+            request(json!({"tokens": 200, "interval_ms": [0, 2]})),
+            None,
+            "-",
+        )
         .await
         .unwrap();
     let id = created.generation.id().to_owned();
@@ -133,7 +137,10 @@ async fn a_generation_created_on_one_instance_streams_whole_from_another() {
         "every token once, in order"
     );
     assert!(terminal.contains("event: done"), "{terminal}");
-    assert_eq!(replica.snapshot().text, created.generation.snapshot().text);
+    assert_eq!(
+        replica.snapshot().content.text,
+        created.generation.snapshot().content.text
+    );
     assert_eq!(
         replica.snapshot().usage,
         created.generation.snapshot().usage
@@ -156,7 +163,7 @@ async fn a_replica_that_missed_live_messages_fills_the_gap_from_the_log_without_
         .await
         .unwrap();
     let id = "gen_00000000000000000000000000000001";
-    let entry = |i: u64| vec![Bytes::from(format!("t{i} "))];
+    let entry = |i: u64| vec![Delta::Text(format!("t{i} ")).encode()];
     store.append(id, "ghost", 0, &entry(0)).await.unwrap();
     let replica = b.find(id).await.unwrap().unwrap();
     assert_eq!(replica.token_count(), 1);
@@ -185,7 +192,7 @@ async fn a_replica_that_missed_live_messages_fills_the_gap_from_the_log_without_
     store.finish(id, Some("ghost"), &end).await.unwrap();
     ended(&replica).await;
     let expected: String = (0..1000).map(|i| format!("t{i} ")).collect();
-    assert_eq!(replica.snapshot().text, expected);
+    assert_eq!(replica.snapshot().content.text, expected);
     assert_eq!(replica.status(), Status::Completed);
 }
 
@@ -197,7 +204,7 @@ async fn a_generation_whose_owner_died_ends_failed_owner_lost() {
     cluster.store.create(id, "ghost").await.unwrap();
     cluster
         .store
-        .append(id, "ghost", 0, &[Bytes::from_static(b"hello")])
+        .append(id, "ghost", 0, &[Delta::Text("hello".into()).encode()])
         .await
         .unwrap();
     let replica = b.find(id).await.unwrap().unwrap();
@@ -206,7 +213,10 @@ async fn a_generation_whose_owner_died_ends_failed_owner_lost() {
     let snapshot = replica.snapshot();
     assert_eq!(snapshot.status, Status::Failed);
     assert_eq!(snapshot.error.unwrap().code, OWNER_LOST);
-    assert_eq!(snapshot.text, "hello", "what was logged stays readable");
+    assert_eq!(
+        snapshot.content.text, "hello",
+        "what was logged stays readable"
+    );
     // The store says so too, for every other instance.
     let meta = cluster.store.meta(id).await.unwrap().unwrap();
     assert_eq!(meta.end.unwrap().error_code.as_deref(), Some(OWNER_LOST));
@@ -218,7 +228,7 @@ async fn a_live_owner_keeps_its_generation_however_long_it_runs() {
     let (a, b) = (cluster.hub("a").await, cluster.hub("b").await);
     // Slower than several leases: only renewals keep it alive.
     let created = a
-        .create(request(json!({"tokens": 3, "interval_ms": 400})), None)
+        .create(request(json!({"tokens": 3, "interval_ms": 400})), None, "-")
         .await
         .unwrap();
     let replica = b.find(created.generation.id()).await.unwrap().unwrap();
@@ -232,7 +242,11 @@ async fn cancelling_on_another_instance_stops_the_owners_upstream_call() {
     let cluster = Cluster::start().await;
     let (a, b) = (cluster.hub("a").await, cluster.hub("b").await);
     let created = a
-        .create(request(json!({"tokens": 10_000, "interval_ms": 10})), None)
+        .create(
+            request(json!({"tokens": 10_000, "interval_ms": 10})),
+            None,
+            "-",
+        )
         .await
         .unwrap();
     let replica = b.find(created.generation.id()).await.unwrap().unwrap();
@@ -253,7 +267,11 @@ async fn an_owner_writes_again_what_the_store_lost_while_running() {
     let cluster = Cluster::start().await;
     let (a, b) = (cluster.hub("a").await, cluster.hub("b").await);
     let created = a
-        .create(request(json!({"tokens": 300, "interval_ms": [0, 3]})), None)
+        .create(
+            request(json!({"tokens": 300, "interval_ms": [0, 3]})),
+            None,
+            "-",
+        )
         .await
         .unwrap();
     let id = created.generation.id().to_owned();
@@ -269,7 +287,10 @@ async fn an_owner_writes_again_what_the_store_lost_while_running() {
     let (ids, terminal) = read_all(&b, replica.clone(), 0).await;
     assert_eq!(ids, (0..300).collect::<Vec<_>>());
     assert!(terminal.contains("event: done"), "{terminal}");
-    assert_eq!(replica.snapshot().text, created.generation.snapshot().text);
+    assert_eq!(
+        replica.snapshot().content.text,
+        created.generation.snapshot().content.text
+    );
 }
 
 #[tokio::test]
@@ -284,24 +305,24 @@ async fn idempotency_keys_are_shared_by_instances_and_scoped_by_credential() {
     };
     let knobs = json!({"tokens": 5, "interval_ms": 0});
     let first = a
-        .create(request(knobs.clone()), key("tenant-1"))
+        .create(request(knobs.clone()), key("tenant-1"), "-")
         .await
         .unwrap();
     assert!(first.is_new);
     let again = b
-        .create(request(knobs.clone()), key("tenant-1"))
+        .create(request(knobs.clone()), key("tenant-1"), "-")
         .await
         .unwrap();
     assert!(!again.is_new);
     assert_eq!(again.generation.id(), first.generation.id());
     let other_tenant = b
-        .create(request(knobs.clone()), key("tenant-2"))
+        .create(request(knobs.clone()), key("tenant-2"), "-")
         .await
         .unwrap();
     assert!(other_tenant.is_new);
     assert_ne!(other_tenant.generation.id(), first.generation.id());
     let other_body = b
-        .create(request(json!({"tokens": 6})), key("tenant-1"))
+        .create(request(json!({"tokens": 6})), key("tenant-1"), "-")
         .await;
     assert!(matches!(other_body, Err(HubError::IdempotencyKeyReused)));
 }
@@ -313,7 +334,10 @@ async fn an_ended_generation_whose_log_the_store_lost_is_never_served_as_whole()
     let id = "gen_00000000000000000000000000000003";
     let store = &cluster.store;
     store.create(id, "ghost").await.unwrap();
-    let entries = [Bytes::from_static(b"a"), Bytes::from_static(b"b")];
+    let entries = [
+        Delta::Text("a".into()).encode(),
+        Delta::Text("b".into()).encode(),
+    ];
     store.append(id, "ghost", 0, &entries).await.unwrap();
     let end = crate::store::End {
         status: "completed".into(),

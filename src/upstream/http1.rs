@@ -95,6 +95,8 @@ pub struct Client {
 
 /// Everything [`Client::new`] needs.
 pub struct Settings<'a> {
+    /// `POST` for completions, `GET` for the model list.
+    pub method: &'static str,
     pub url: &'a url::Url,
     /// Sent with every request, after `host` and before `content-length`.
     pub headers: &'a HeaderMap,
@@ -130,7 +132,7 @@ impl Client {
             port,
             proxy,
             tls,
-            head: request_head(url, settings.headers),
+            head: request_head(settings.method, url, settings.headers),
             connect_timeout: settings.connect_timeout,
             tcp_keepalive: settings.tcp_keepalive,
             pool: Arc::new(Pool {
@@ -140,8 +142,9 @@ impl Client {
         })
     }
 
-    /// POSTs `body` on a pooled or new connection and reads the response head.
-    pub async fn post(&self, body: &[u8]) -> Result<Response, HttpError> {
+    /// Sends the request with `body` (empty for a `GET`) on a pooled or new connection and
+    /// reads the response head.
+    pub async fn send(&self, body: &[u8]) -> Result<Response, HttpError> {
         let mut request = Vec::with_capacity(self.head.len() + 32 + body.len());
         request.extend_from_slice(&self.head);
         request.extend_from_slice(format!("content-length: {}\r\n\r\n", body.len()).as_bytes());
@@ -326,9 +329,9 @@ fn tls_connector(ca_file: Option<&Path>) -> Result<TlsConnector, String> {
     Ok(TlsConnector::from(Arc::new(config)))
 }
 
-/// `POST {path} HTTP/1.1`, `host` and `headers`, each line ending in CRLF. Header values were
-/// validated as [`HeaderValue`]s, so none holds a line break.
-fn request_head(url: &url::Url, headers: &HeaderMap) -> Box<[u8]> {
+/// `{method} {path} HTTP/1.1`, `host` and `headers`, each line ending in CRLF. Header values
+/// were validated as [`HeaderValue`]s, so none holds a line break.
+fn request_head(method: &str, url: &url::Url, headers: &HeaderMap) -> Box<[u8]> {
     let mut target = url.path().to_owned();
     if let Some(query) = url.query() {
         target.push('?');
@@ -338,7 +341,7 @@ fn request_head(url: &url::Url, headers: &HeaderMap) -> Box<[u8]> {
     if let Some(port) = url.port() {
         host.push_str(&format!(":{port}"));
     }
-    let mut head = format!("POST {target} HTTP/1.1\r\nhost: {host}\r\n").into_bytes();
+    let mut head = format!("{method} {target} HTTP/1.1\r\nhost: {host}\r\n").into_bytes();
     for (name, value) in headers {
         head.extend_from_slice(name.as_str().as_bytes());
         head.extend_from_slice(b": ");

@@ -6,8 +6,10 @@
 //! body (token count, pacing, latency stamps, injected failures; see CONTRACT.md).
 //!
 //! This file holds the HTTP side (routes, request counters, injected statuses). `knobs` reads a
-//! request, `script` decides what is said and when, `wire` encodes it as OpenAI JSON and SSE.
+//! request, `script` decides what is said and when, `wire` encodes it as OpenAI JSON and SSE,
+//! `anthropic` as Anthropic's Messages event stream (`POST /v1/messages`).
 
+mod anthropic;
 mod knobs;
 mod script;
 #[cfg(test)]
@@ -157,6 +159,7 @@ fn app(config: MockConfig, stopping: CancellationToken) -> Router {
     });
     Router::new()
         .route("/v1/chat/completions", post(chat_completions))
+        .route("/v1/messages", post(messages))
         .route("/v1/models", get(models))
         .route("/mock/stats", get(stats))
         .with_state(state)
@@ -198,30 +201,62 @@ impl Stats {
 }
 
 async fn chat_completions(State(mock): State<Arc<Mock>>, body: Bytes) -> Response {
-    mock.stats.requests.fetch_add(1, Ordering::Relaxed);
-    let request = match knobs::parse(&body, &mock.config) {
+    let request = match accept(&mock, &body).await {
         Ok(request) => request,
-        Err(error) => return error.into_response(),
+        Err(response) => return response,
     };
-    let nth = request.key.as_deref().map(|key| mock.stats.count_key(key));
     let stopping = mock.stopping.clone();
-    // `headers_ms`: a provider that accepted the request and does not answer yet.
-    if !request.headers_delay.is_zero()
-        && tokio::time::timeout(request.headers_delay, stopping.cancelled())
-            .await
-            .is_ok()
-    {
-        return shutting_down();
-    }
-    if let Some(injected) = request.injected.filter(|injected| injected.strikes(nth)) {
-        return injected_error(injected);
-    }
     let meta = Meta::new(request.model.unwrap_or_else(|| MODEL.to_owned()));
     if request.stream {
         wire::streaming_response(request.script, meta, request.sse, stopping)
     } else {
         wire::complete(request.script, meta, request.prompt_tokens, stopping).await
     }
+}
+
+/// `POST /v1/messages`: the same script in Anthropic's dialect (streaming only, as tokenfan
+/// calls it); usage is always sent, as Anthropic does.
+async fn messages(State(mock): State<Arc<Mock>>, body: Bytes) -> Response {
+    let request = match accept(&mock, &body).await {
+        Ok(request) => request,
+        Err(response) => return response,
+    };
+    if !request.stream {
+        return wire::error_response(
+            StatusCode::BAD_REQUEST,
+            "the mock's Messages endpoint only streams",
+            "invalid_request_error",
+            "invalid_request",
+        );
+    }
+    let frames = anthropic::frames(
+        request.script,
+        request.model.unwrap_or_else(|| MODEL.to_owned()),
+        request.prompt_tokens,
+        request.sse.done,
+        mock.stopping.clone(),
+    );
+    wire::event_stream(frames, request.sse.trickle)
+}
+
+/// What both dialects do before answering: count the request, read its knobs, hold the
+/// headers back (`headers_ms`) and answer an injected status. `Err` is the answer instead.
+async fn accept(mock: &Mock, body: &[u8]) -> Result<knobs::MockRequest, Response> {
+    mock.stats.requests.fetch_add(1, Ordering::Relaxed);
+    let request = knobs::parse(body, &mock.config).map_err(IntoResponse::into_response)?;
+    let nth = request.key.as_deref().map(|key| mock.stats.count_key(key));
+    // `headers_ms`: a provider that accepted the request and does not answer yet.
+    if !request.headers_delay.is_zero()
+        && tokio::time::timeout(request.headers_delay, mock.stopping.cancelled())
+            .await
+            .is_ok()
+    {
+        return Err(shutting_down());
+    }
+    if let Some(injected) = request.injected.filter(|injected| injected.strikes(nth)) {
+        return Err(injected_error(injected));
+    }
+    Ok(request)
 }
 
 fn shutting_down() -> Response {

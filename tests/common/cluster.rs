@@ -136,6 +136,7 @@ async fn start_instance(
 /// What a viewer saw of one generation, over all its connections.
 #[derive(Debug)]
 pub struct Viewed {
+    /// Every log entry in order: a token's text, or `kind: data` for the other kinds.
     pub texts: Vec<String>,
     pub terminal: Event,
     pub connections: usize,
@@ -246,14 +247,18 @@ async fn read_connection(
         buffer.drain(..complete + 2);
         for event in events {
             match event.event.as_str() {
-                "token" => {
+                kind @ ("token" | "reasoning" | "refusal" | "tool_call") => {
                     let expected = texts.len().to_string();
                     assert_eq!(
                         event.id.as_deref(),
                         Some(expected.as_str()),
                         "gap or duplicate"
                     );
-                    texts.push(event.json()["text"].as_str().unwrap().to_owned());
+                    // A token is its text; other log entries are kept whole, with their kind.
+                    texts.push(match kind {
+                        "token" => event.json()["text"].as_str().unwrap().to_owned(),
+                        _ => format!("{kind}: {}", event.data),
+                    });
                 }
                 "instance" => {
                     assert!(

@@ -79,6 +79,19 @@ impl Gateway {
         (status, response.json().await.unwrap_or(Value::Null))
     }
 
+    /// Posts an OpenAI chat request to `/v1/chat/completions`, expecting 200.
+    pub async fn chat_completions(&self, request: &Value) -> reqwest::Response {
+        let response = self
+            .http
+            .post(self.url("/v1/chat/completions"))
+            .json(request)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 200);
+        response
+    }
+
     pub async fn snapshot(&self, id: &str) -> (u16, Value) {
         let response = self
             .http

@@ -124,7 +124,23 @@ struct ChatRequest {
     stream_options: Option<StreamOptions>,
     max_tokens: Option<u32>,
     max_completion_tokens: Option<u32>,
+    #[serde(default)]
+    tools: Vec<Tool>,
+    tool_choice: Option<Value>,
     mock: Option<Value>,
+}
+
+/// An OpenAI tool (`{"type":"function","function":{"name"}}`) or an Anthropic one
+/// (`{"name"}`).
+#[derive(Debug, Deserialize)]
+struct Tool {
+    function: Option<ToolFunction>,
+    name: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+struct ToolFunction {
+    name: String,
 }
 
 #[derive(Debug, Deserialize)]
@@ -157,7 +173,12 @@ struct Knobs {
     done: Option<bool>,
     headers_ms: Option<u64>,
     trickle_ms: Option<u64>,
+    reasoning: Option<u32>,
+    tool_calls: Option<u32>,
 }
+
+/// More parallel tool calls than this is a mistake in a test, not a load profile.
+const MAX_TOOL_CALLS: u32 = 64;
 
 /// The knobs of [`Knobs::fault`], of which a request may set one.
 const FAULT_KNOBS: [&str; 6] = [
@@ -188,7 +209,7 @@ enum IntervalMs {
 
 /// Parses and validates a request body against the server defaults.
 pub(super) fn parse(body: &[u8], defaults: &MockConfig) -> Result<MockRequest, RequestError> {
-    let request: ChatRequest = serde_json::from_slice(body).map_err(|error| {
+    let mut request: ChatRequest = serde_json::from_slice(body).map_err(|error| {
         if error.is_syntax() || error.is_eof() {
             RequestError::Syntax(error)
         } else {
@@ -198,7 +219,7 @@ pub(super) fn parse(body: &[u8], defaults: &MockConfig) -> Result<MockRequest, R
     if request.messages.is_empty() {
         return Err(RequestError::NoMessages);
     }
-    let knobs = match request.mock {
+    let knobs = match request.mock.take() {
         Some(value) => Knobs::deserialize(value).map_err(KnobError::Parse)?,
         None => Knobs::default(),
     };
@@ -208,7 +229,9 @@ pub(super) fn parse(body: &[u8], defaults: &MockConfig) -> Result<MockRequest, R
     // OpenAI: `max_completion_tokens` supersedes the deprecated `max_tokens`.
     let cap = request.max_completion_tokens.or(request.max_tokens);
     let wanted = knobs.tokens.unwrap_or(defaults.tokens);
+    let tool_calls = tool_calls(&request, knobs.tool_calls)?;
     let (tokens, finish_reason) = match cap {
+        _ if !tool_calls.is_empty() => (0, "tool_calls"),
         Some(cap) if cap < wanted => (cap, "length"),
         _ => (wanted, "stop"),
     };
@@ -224,6 +247,10 @@ pub(super) fn parse(body: &[u8], defaults: &MockConfig) -> Result<MockRequest, R
         stamp: knobs.stamp,
         token_bytes: knobs.token_bytes()?,
         fault: knobs.fault()?,
+        reasoning: at_most("reasoning", knobs.reasoning.unwrap_or(0).into(), 1 << 20)?
+            .try_into()
+            .unwrap_or(u32::MAX),
+        tool_calls,
     };
     let prompt_tokens = u32::try_from(prompt.bytes().div_ceil(4)).unwrap_or(u32::MAX);
     let include_usage = request
@@ -249,6 +276,58 @@ pub(super) fn parse(body: &[u8], defaults: &MockConfig) -> Result<MockRequest, R
         key: knobs.key,
         script: Script::new(spec),
     })
+}
+
+/// The functions the mock calls: none when the last message is a tool result (the follow-up
+/// turn is answered in text) or `tool_choice` is `"none"`; else `tool_calls` of them (the knob),
+/// or one when `tool_choice` is `"required"` or names a function. A named function is the one
+/// called; otherwise the request's tools take turns. Both OpenAI's and Anthropic's shapes of
+/// tools, tool choices and tool results are understood.
+fn tool_calls(request: &ChatRequest, knob: Option<u32>) -> Result<Vec<String>, KnobError> {
+    let names: Vec<&str> = request
+        .tools
+        .iter()
+        .filter_map(|tool| {
+            tool.function
+                .as_ref()
+                .map(|f| &f.name)
+                .or(tool.name.as_ref())
+        })
+        .map(String::as_str)
+        .collect();
+    let answered = request.messages.last().is_some_and(|message| {
+        let tool_result = |content: &Value| {
+            content
+                .as_array()
+                .is_some_and(|blocks| blocks.iter().any(|b| b["type"] == "tool_result"))
+        };
+        message.get("role").is_some_and(|role| role == "tool")
+            || message.get("content").is_some_and(tool_result)
+    });
+    let choice = request.tool_choice.as_ref().unwrap_or(&Value::Null);
+    let named = choice["function"]["name"].as_str().or_else(|| {
+        (choice["type"] == "tool")
+            .then(|| choice["name"].as_str())
+            .flatten()
+    });
+    let required = named.is_some() || choice == "required" || choice["type"] == "any";
+    let declined = choice == "none" || choice["type"] == "none";
+    let count = match knob {
+        Some(count) => at_most("tool_calls", count.into(), MAX_TOOL_CALLS.into())?,
+        None => u64::from(required),
+    };
+    if count > 0 && names.is_empty() && named.is_none() {
+        return Err(needs("tool_calls", "`tools` in the request"));
+    }
+    if answered || declined {
+        return Ok(Vec::new());
+    }
+    Ok((0..count)
+        .map(|n| match named {
+            Some(name) => name.to_owned(),
+            None => names[usize::try_from(n).unwrap_or(0) % names.len()].to_owned(),
+        })
+        .collect())
 }
 
 fn at_most(knob: &'static str, value: u64, limit: u64) -> Result<u64, KnobError> {

@@ -166,7 +166,12 @@ impl Fault {
 #[derive(Debug)]
 pub(super) struct Spec {
     pub seed: u64,
+    /// Answer tokens, unless `tool_calls` replaces the answer.
     pub tokens: u32,
+    /// Reasoning tokens streamed before the answer.
+    pub reasoning: u32,
+    /// The functions to call, in parallel (one after the other on the wire, as OpenAI does);
+    /// empty: answer with text.
     pub finish_reason: &'static str,
     pub interval: Interval,
     pub first_token: Duration,
@@ -174,6 +179,28 @@ pub(super) struct Spec {
     pub token_bytes: usize,
     /// The fault and after how many content tokens it strikes.
     pub fault: Option<(Fault, u32)>,
+    pub tool_calls: Vec<String>,
+}
+
+/// Argument fragments are this many bytes: a tool call's JSON arrives in many chunks, as from a
+/// real model.
+const ARGUMENT_FRAGMENT_BYTES: usize = 4;
+
+/// One tool call the script makes: its arguments are generated from the seed.
+#[derive(Debug)]
+struct PlannedCall {
+    id: String,
+    name: String,
+    arguments: String,
+}
+
+/// One beat of tool-call streaming: call `call`'s opening (id and name) or a piece of its
+/// arguments.
+#[derive(Debug, Clone)]
+struct Fragment {
+    call: usize,
+    opening: bool,
+    arguments: std::ops::Range<usize>,
 }
 
 /// One step of a completion, produced when it is due.
@@ -182,6 +209,13 @@ pub(super) enum Beat<'a> {
     /// The opening chunk that names the assistant role.
     Role,
     Token(&'a str),
+    Reasoning(&'a str),
+    ToolCall {
+        index: u32,
+        id: Option<&'a str>,
+        name: Option<&'a str>,
+        arguments: &'a str,
+    },
     Finish {
         reason: &'static str,
         completion_tokens: u32,
@@ -226,19 +260,34 @@ pub(super) struct Script {
     phase: Phase,
     /// The current token, reused so a token costs no allocation of its own.
     text: String,
+    calls: Vec<PlannedCall>,
+    /// The tool-call beats, in order; empty when the answer is text.
+    fragments: Vec<Fragment>,
 }
 
 impl Script {
     pub(super) fn new(mut spec: Spec) -> Self {
+        let mut prose = Prose::new(spec.seed);
+        let calls = plan_calls(&spec, &mut prose);
+        let fragments = fragments(&calls);
+        // From here on `tokens` counts every streamed beat: reasoning, then answer or calls.
+        let answer = if calls.is_empty() {
+            spec.tokens
+        } else {
+            u32::try_from(fragments.len()).unwrap_or(u32::MAX)
+        };
+        spec.tokens = spec.reasoning.saturating_add(answer);
         // A fault set beyond the last token replaces the normal ending.
         spec.fault = spec.fault.map(|(fault, at)| (fault, at.min(spec.tokens)));
         Self {
-            prose: Prose::new(spec.seed),
+            prose,
             timing: SplitMix64(spec.seed ^ 0x5449_4D49_4E47_0000),
             spec,
             sent: 0,
             phase: Phase::Start,
             text: String::new(),
+            calls,
+            fragments,
         }
     }
 
@@ -251,10 +300,7 @@ impl Script {
         }
         Some(match step {
             Step::Role => Beat::Role,
-            Step::Token => {
-                self.write_token();
-                Beat::Token(&self.text)
-            }
+            Step::Token => self.token_beat(),
             Step::Finish => Beat::Finish {
                 reason: self.spec.finish_reason,
                 completion_tokens: self.sent,
@@ -325,6 +371,33 @@ impl Script {
         ))
     }
 
+    /// The beat of the token just counted in `sent`: reasoning first, then a tool-call
+    /// fragment or answer text.
+    fn token_beat(&mut self) -> Beat<'_> {
+        let at = self.sent.saturating_sub(1);
+        if at < self.spec.reasoning {
+            self.text.clear();
+            self.prose.push_next(&mut self.text);
+            return Beat::Reasoning(&self.text);
+        }
+        let beat = usize::try_from(at - self.spec.reasoning).unwrap_or(usize::MAX);
+        match self.fragments.get(beat) {
+            Some(fragment) => {
+                let call = &self.calls[fragment.call];
+                Beat::ToolCall {
+                    index: u32::try_from(fragment.call).unwrap_or(u32::MAX),
+                    id: fragment.opening.then_some(call.id.as_str()),
+                    name: fragment.opening.then_some(call.name.as_str()),
+                    arguments: &call.arguments[fragment.arguments.clone()],
+                }
+            }
+            None => {
+                self.write_token();
+                Beat::Token(&self.text)
+            }
+        }
+    }
+
     fn write_token(&mut self) {
         self.text.clear();
         if self.spec.stamp {
@@ -339,6 +412,51 @@ impl Script {
         let padding = self.spec.token_bytes.saturating_sub(self.text.len());
         self.text.extend(std::iter::repeat_n(' ', padding));
     }
+}
+
+/// The calls of `spec.tool_calls`, with ids and JSON arguments drawn from the seed.
+fn plan_calls(spec: &Spec, prose: &mut Prose) -> Vec<PlannedCall> {
+    let mut ids = SplitMix64(spec.seed ^ 0x4341_4C4C_0000_0000);
+    spec.tool_calls
+        .iter()
+        .enumerate()
+        .map(|(n, name)| {
+            let mut query = String::new();
+            for _ in 0..3 {
+                prose.push_word(&mut query);
+            }
+            PlannedCall {
+                id: format!("call_{:016x}", ids.next_u64()),
+                name: name.clone(),
+                // Serializing a map of strings and a number cannot fail.
+                arguments: serde_json::json!({"query": query.trim(), "n": n}).to_string(),
+            }
+        })
+        .collect()
+}
+
+/// Each call's opening, then its arguments in [`ARGUMENT_FRAGMENT_BYTES`] pieces.
+fn fragments(calls: &[PlannedCall]) -> Vec<Fragment> {
+    let mut fragments = Vec::new();
+    for (call, planned) in calls.iter().enumerate() {
+        fragments.push(Fragment {
+            call,
+            opening: true,
+            arguments: 0..0,
+        });
+        // The arguments are ASCII (JSON of prose words and a number): any cut is a boundary.
+        let len = planned.arguments.len();
+        fragments.extend(
+            (0..len)
+                .step_by(ARGUMENT_FRAGMENT_BYTES)
+                .map(|start| Fragment {
+                    call,
+                    opening: false,
+                    arguments: start..(start + ARGUMENT_FRAGMENT_BYTES).min(len),
+                }),
+        );
+    }
+    fragments
 }
 
 #[cfg(test)]
@@ -358,6 +476,8 @@ mod tests {
             stamp: false,
             token_bytes: 0,
             fault: None,
+            reasoning: 0,
+            tool_calls: Vec::new(),
         });
         std::iter::from_fn(|| script.next_step())
             .filter(|(_, step)| matches!(step, Step::Token))

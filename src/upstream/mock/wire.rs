@@ -18,7 +18,13 @@ use serde::Serialize;
 use tokio_util::sync::CancellationToken;
 
 use super::script::{Beat, Script};
-use crate::upstream::chunk::{self, Chunk, ChunkChoice, Delta};
+use crate::{
+    hub::{
+        delta::{Assembled, ToolCallDelta},
+        Delta as LogDelta,
+    },
+    upstream::chunk::{self, Chunk, ChunkChoice, Delta},
+};
 
 /// Who a completion is: the fields every chunk repeats.
 #[derive(Debug)]
@@ -51,21 +57,15 @@ struct Completion<'a> {
     object: &'static str,
     created: u64,
     model: &'a str,
-    choices: [CompletionChoice<'a>; 1],
+    choices: [CompletionChoice; 1],
     usage: Usage,
 }
 
 #[derive(Serialize)]
-struct CompletionChoice<'a> {
+struct CompletionChoice {
     index: u32,
-    message: Message<'a>,
+    message: serde_json::Value,
     finish_reason: &'static str,
-}
-
-#[derive(Serialize)]
-struct Message<'a> {
-    role: &'static str,
-    content: &'a str,
 }
 
 #[derive(Serialize)]
@@ -91,7 +91,7 @@ const MOCK_FAILURE: ErrorBody<'static> = ErrorBody {
 };
 
 /// What `invalid_json_after` injects: a chunk cut short, as a broken proxy would pass it on.
-const INVALID_JSON_FRAME: &[u8] =
+pub(super) const INVALID_JSON_FRAME: &[u8] =
     b"data: {\"id\":\"chatcmpl-mock\",\"choices\":[{\"index\":0,\"delta\":{\"content\":\"cut\n\n";
 
 /// How a stream is written, beyond its script.
@@ -141,7 +141,15 @@ pub(super) fn streaming_response(
     stopping: CancellationToken,
 ) -> Response {
     let frames = sse_frames(script, meta, options, stopping);
-    let body = match options.trickle {
+    event_stream(frames, options.trickle)
+}
+
+/// A `text/event-stream` response of `frames`, trickled when asked.
+pub(super) fn event_stream(
+    frames: impl Stream<Item = Result<Bytes, Abort>> + Send + 'static,
+    trickled: Option<Duration>,
+) -> Response {
+    let body = match trickled {
         Some(every) => Body::from_stream(trickle(frames, every)),
         None => Body::from_stream(frames),
     };
@@ -167,6 +175,13 @@ fn sse_frames(
         let frame = match script.advance(&stopping).await? {
             Beat::Role => meta.frame(Delta::role()),
             Beat::Token(text) => meta.frame(Delta::content(text)),
+            Beat::Reasoning(text) => meta.frame(Delta::reasoning(text)),
+            Beat::ToolCall {
+                index,
+                id,
+                name,
+                arguments,
+            } => meta.frame(Delta::tool_call(index, id, name, arguments)),
             Beat::Finish {
                 reason,
                 completion_tokens,
@@ -219,17 +234,33 @@ pub(super) async fn complete(
     prompt_tokens: u32,
     stopping: CancellationToken,
 ) -> Response {
-    let mut text = String::new();
+    let mut answer = Assembled::default();
     let abort = loop {
         match script.advance(&stopping).await {
             // Injected chunks exist only on the wire of a stream.
             Some(Beat::Role | Beat::InvalidJson | Beat::NoChoices) => {}
-            Some(Beat::Token(token)) => text.push_str(token),
+            Some(Beat::Token(token)) => answer.text.push_str(token),
+            Some(Beat::Reasoning(text)) => answer.push(&LogDelta::Reasoning(text.to_owned())),
+            Some(Beat::ToolCall {
+                index,
+                id,
+                name,
+                arguments,
+            }) => answer.push(&LogDelta::ToolCall(Box::new(ToolCallDelta {
+                index,
+                id: id.map(str::to_owned),
+                name: name.map(str::to_owned),
+                arguments: arguments.to_owned(),
+            }))),
             Some(Beat::Finish {
                 reason,
                 completion_tokens,
             }) => {
-                return meta.completion(&text, reason, Usage::new(prompt_tokens, completion_tokens))
+                return meta.completion(
+                    &answer,
+                    reason,
+                    Usage::new(prompt_tokens, completion_tokens),
+                )
             }
             // Every script ends with a finish or a fault, so `None` is never seen here.
             Some(Beat::Error) | None => {
@@ -316,7 +347,12 @@ impl Meta {
         Ok(chunk::write_data(buf, &self.chunk(&choices, None))?)
     }
 
-    fn completion(&self, text: &str, finish_reason: &'static str, usage: Usage) -> Response {
+    fn completion(
+        &self,
+        answer: &Assembled,
+        finish_reason: &'static str,
+        usage: Usage,
+    ) -> Response {
         Json(Completion {
             id: &self.id,
             object: "chat.completion",
@@ -324,10 +360,7 @@ impl Meta {
             model: &self.model,
             choices: [CompletionChoice {
                 index: 0,
-                message: Message {
-                    role: "assistant",
-                    content: text,
-                },
+                message: chunk::message(answer),
                 finish_reason,
             }],
             usage,
