@@ -32,7 +32,9 @@ pub async fn require_api_key(
 }
 
 /// A subscriber needs a subscribe token for this generation (`?token=`, since a browser's
-/// `EventSource` cannot set headers, or `Authorization: Bearer`), or an API key. Checked
+/// `EventSource` cannot set headers, or `Authorization: Bearer`), or an API key as a bearer
+/// credential. Never an API key in the query: URLs end up in the access logs of every proxy on
+/// the way, and a subscribe token there is scoped and expires, a key is neither. Checked
 /// before the generation is looked up, so the answer never reveals whether it exists.
 pub fn authorize_subscriber(
     app: &App,
@@ -43,12 +45,12 @@ pub fn authorize_subscriber(
     if !app.access.keys_required() {
         return Ok(());
     }
-    let credential = query_token
-        .or_else(|| bearer(headers))
-        .ok_or(ApiError::Denied(Denied::Missing))?;
-    if app.access.check_api_key(credential).is_some() {
-        return Ok(());
-    }
+    let credential = match (query_token, bearer(headers)) {
+        (Some(token), _) => token,
+        (None, Some(credential)) if app.access.check_api_key(credential).is_some() => return Ok(()),
+        (None, Some(credential)) => credential,
+        (None, None) => return Err(ApiError::Denied(Denied::Missing)),
+    };
     app.access
         .check_subscribe_token(credential, generation_id)
         .map_err(ApiError::Denied)

@@ -13,6 +13,7 @@ pub mod demo;
 pub mod error;
 pub mod events;
 pub mod generations;
+mod head_size;
 pub mod ops;
 
 use std::sync::Arc;
@@ -37,6 +38,8 @@ pub struct App {
     pub drain: Drain,
     pub prometheus: PrometheusHandle,
     pub max_request_body: usize,
+    /// `--max-header-bytes`, checked on the parsed head of every request.
+    pub max_header_bytes: usize,
     /// The `event: reconnect` sent to every evicted subscriber, encoded once.
     pub slow_consumer_frame: Bytes,
 }
@@ -69,6 +72,10 @@ pub fn router(app: Arc<App>, cors: Option<CorsLayer>) -> Router {
         .route("/metrics", get(ops::metrics))
         .fallback(error::route_not_found)
         .method_not_allowed_fallback(error::method_not_allowed)
+        .layer(middleware::from_fn_with_state(
+            app.max_header_bytes,
+            head_size::limit,
+        ))
         .with_state(app);
     match cors {
         Some(cors) => router.layer(cors),
@@ -87,21 +94,36 @@ pub fn over_capacity_router() -> Router {
 }
 
 #[derive(Debug, thiserror::Error)]
-#[error("invalid CORS origin {0:?}")]
-pub struct InvalidOrigin(String);
+pub enum InvalidOrigin {
+    #[error("invalid CORS origin {0:?}")]
+    Unparsable(String),
+    #[error("CORS origin \"*\" allows every origin: give it alone, not with other origins")]
+    WildcardAmongOthers,
+}
 
-/// CORS for the configured browser origins; none configured, no CORS headers at all.
+/// CORS for the configured browser origins; none configured, no CORS headers at all. `*` alone
+/// allows any origin (tower-http panics on a `*` inside an origin list, so it is told apart
+/// here).
 pub fn cors_layer(origins: &[String]) -> Result<Option<CorsLayer>, InvalidOrigin> {
-    if origins.is_empty() {
-        return Ok(None);
-    }
-    let origins = origins
-        .iter()
-        .map(|origin| HeaderValue::from_str(origin).map_err(|_| InvalidOrigin(origin.clone())))
-        .collect::<Result<Vec<_>, _>>()?;
+    let allow_origin = match origins {
+        [] => return Ok(None),
+        [only] if only == "*" => AllowOrigin::any(),
+        _ if origins.iter().any(|origin| origin == "*") => {
+            return Err(InvalidOrigin::WildcardAmongOthers)
+        }
+        _ => AllowOrigin::list(
+            origins
+                .iter()
+                .map(|origin| {
+                    HeaderValue::from_str(origin)
+                        .map_err(|_| InvalidOrigin::Unparsable(origin.clone()))
+                })
+                .collect::<Result<Vec<_>, _>>()?,
+        ),
+    };
     Ok(Some(
         CorsLayer::new()
-            .allow_origin(AllowOrigin::list(origins))
+            .allow_origin(allow_origin)
             .allow_methods([Method::GET, Method::POST, Method::DELETE])
             .allow_headers([
                 header::AUTHORIZATION,
