@@ -91,6 +91,7 @@ pub async fn serve(
         drain: drain.clone(),
         prometheus,
         max_request_body: config.connection.max_request_body,
+        max_header_bytes: config.limits.max_header_bytes as usize,
         slow_consumer_frame: frame::reconnect(slow_retry_ms, "slow_consumer"),
     });
     let connections = TaskTracker::new();
