@@ -125,6 +125,7 @@ pub async fn run(drain: &Drain, hub: &Hub, connections: &TaskTracker, deadline: 
     let started = Instant::now();
     info!(deadline = ?deadline, "drain started: not ready, refusing new work");
     ::metrics::counter!(metrics::DRAIN_STARTED).increment(1);
+    metrics::record_draining(Some(deadline));
     drain.enter(Phase::Draining);
 
     let finished_in_time = tokio::time::timeout(deadline, everything_ended(hub))
@@ -161,6 +162,7 @@ pub async fn run(drain: &Drain, hub: &Hub, connections: &TaskTracker, deadline: 
     hub.close();
     let elapsed = started.elapsed();
     ::metrics::histogram!(metrics::DRAIN_DURATION).record(elapsed.as_secs_f64());
+    metrics::record_draining(None);
     info!(elapsed = ?elapsed, "drain finished");
 }
 

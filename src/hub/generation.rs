@@ -128,6 +128,8 @@ pub struct Generation {
     cancel: CancellationToken,
     /// Subscriber streams open on this generation, replaying or live.
     viewers: AtomicUsize,
+    /// When the token sampled for the fan-out lag metric arrived.
+    lag: crate::metrics::LagSample,
     state: Mutex<State>,
 }
 
@@ -156,6 +158,7 @@ impl Generation {
             idempotency_key,
             cancel: CancellationToken::new(),
             viewers: AtomicUsize::new(0),
+            lag: crate::metrics::LagSample::default(),
             state: Mutex::new(State {
                 status: Status::Running,
                 text: String::new(),
@@ -207,6 +210,7 @@ impl Generation {
             return Pushed::TooLarge;
         }
         let index = state.frames.len() as u64;
+        self.lag.received(index);
         let frame = frame::token(index, text);
         let log_bytes = text.len() + frame.len() + LOG_OVERHEAD_PER_TOKEN;
         state.log_bytes += log_bytes;
@@ -216,6 +220,10 @@ impl Generation {
         state.frames.push(frame.clone());
         let fan_out = state.offer(|| Outbound::Token(frame.clone()));
         Pushed::Logged { fan_out, log_bytes }
+    }
+
+    pub fn lag(&self) -> &crate::metrics::LagSample {
+        &self.lag
     }
 
     /// Memory held by this generation's log.

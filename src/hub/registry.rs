@@ -202,8 +202,9 @@ impl Hub {
         request: serde_json::Map<String, serde_json::Value>,
     ) {
         info!("generation started");
+        let mut recorded = metrics::GenerationMetrics::start(metrics::model_label(&request));
         let outcome = tokio::select! {
-            outcome = self.stream_upstream(&generation, request) => Some(outcome),
+            outcome = self.stream_upstream(&generation, request, &mut recorded) => Some(outcome),
             () = generation.ended() => None,
             () = self.watch_unwatched(&generation) => Some(Outcome::Failed {
                 code: "unwatched",
@@ -218,6 +219,7 @@ impl Hub {
         }
         let status = generation.status();
         info!(?status, "generation ended");
+        recorded.finish(status_label(status));
         lock(&self.finished).push_back(generation.id().to_owned());
         self.running.fetch_sub(1, Ordering::Relaxed);
         ::metrics::gauge!(metrics::GENERATIONS_RUNNING).decrement(1);
@@ -235,6 +237,7 @@ impl Hub {
         &self,
         generation: &Generation,
         request: serde_json::Map<String, serde_json::Value>,
+        recorded: &mut metrics::GenerationMetrics,
     ) -> Outcome {
         let stream = self.upstream.stream(request);
         futures_util::pin_mut!(stream);
@@ -244,6 +247,7 @@ impl Hub {
                     match generation.push_token(&text, self.settings.log_limits) {
                         Pushed::Logged { fan_out, log_bytes } => {
                             metrics::record_fan_out(fan_out);
+                            recorded.token();
                             self.log_bytes.fetch_add(log_bytes, Ordering::Relaxed);
                             self.fit_log_budget();
                         }
@@ -259,10 +263,11 @@ impl Hub {
                 Ok(UpstreamEvent::Finish(reason)) => generation.set_finish_reason(reason),
                 Ok(UpstreamEvent::Usage(usage)) => generation.set_usage(usage),
                 Err(error) => {
+                    recorded.upstream_error(error.code());
                     return Outcome::Failed {
                         code: error.code(),
                         message: error.to_string(),
-                    }
+                    };
                 }
             }
         }

@@ -245,11 +245,23 @@ async fn open(
     request: Map<String, Value>,
     deadlines: Deadlines,
 ) -> Result<Response, UpstreamError> {
+    let model = crate::metrics::model_label(&request);
     let body = streaming_body(request)?;
     let (deadline, which) = deadlines.earliest(false);
     let mut attempt = 0;
     loop {
-        let failure = match timeout_at(deadline, send(inner, body.clone())).await {
+        let sent = Instant::now();
+        let answer = timeout_at(deadline, send(inner, body.clone())).await;
+        let status = match &answer {
+            Ok(Ok(response)) => Some(response.status.as_u16()),
+            Ok(Err(Failure {
+                error: UpstreamError::Http { status, .. },
+                ..
+            })) => Some(*status),
+            _ => None,
+        };
+        crate::metrics::record_upstream_attempt(&model, status, answer.is_err(), sent.elapsed());
+        let failure = match answer {
             Err(_) => return Err(UpstreamError::Timeout(which)),
             Ok(Ok(response)) => return Ok(response),
             Ok(Err(failure)) => failure,
@@ -265,6 +277,7 @@ async fn open(
             return Err(failure.error);
         }
         attempt += 1;
+        crate::metrics::record_upstream_retry(&model);
         tracing::warn!(
             attempt,
             max_retries = inner.max_retries,
