@@ -40,6 +40,28 @@ impl std::str::FromStr for Secret {
     }
 }
 
+/// How log lines are written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum LogFormat {
+    /// For people: one line per event, span fields as context.
+    Text,
+    /// For a log pipeline: one JSON object per line, stable field names (`telemetry`).
+    Json,
+}
+
+/// Logging, for every subcommand (`TOKENFAN_LOG` is the filter).
+#[derive(Debug, Clone, Args)]
+pub struct LogConfig {
+    /// Log line format: `text` or `json`.
+    #[arg(
+        long = "log-format",
+        env = "TOKENFAN_LOG_FORMAT",
+        default_value = "text",
+        global = true
+    )]
+    pub format: LogFormat,
+}
+
 /// Configuration of `tokenfan serve`.
 #[derive(Debug, Clone, Args)]
 pub struct Config {

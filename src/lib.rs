@@ -12,6 +12,7 @@ pub mod hub;
 pub mod metrics;
 pub mod server;
 pub mod signal;
+pub mod telemetry;
 pub mod upstream;
 
 use std::{future::Future, sync::Arc, time::Duration};

@@ -5,8 +5,10 @@ use std::net::SocketAddr;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
-use tokenfan::{config::Config, upstream::mock::MockConfig};
-use tracing_subscriber::EnvFilter;
+use tokenfan::{
+    config::{Config, LogConfig},
+    upstream::mock::MockConfig,
+};
 
 #[derive(Parser)]
 #[command(
@@ -18,6 +20,8 @@ struct Cli {
     /// Defaults to `serve`.
     #[command(subcommand)]
     command: Option<Command>,
+    #[command(flatten)]
+    log: LogConfig,
 }
 
 #[derive(Subcommand)]
@@ -37,12 +41,7 @@ enum Command {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
-    tracing_subscriber::fmt()
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stdout()))
-        .with_env_filter(
-            EnvFilter::try_from_env("TOKENFAN_LOG").unwrap_or_else(|_| EnvFilter::new("info")),
-        )
-        .init();
+    tokenfan::telemetry::init(cli.log.format);
     raise_open_files_limit();
     let shutdown = tokenfan::signal::shutdown_signal().context("installing signal handlers")?;
     match cli.command {

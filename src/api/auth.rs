@@ -26,6 +26,8 @@ pub async fn require_api_key(
             .access
             .check_api_key(presented)
             .ok_or(ApiError::Denied(Denied::Invalid))?;
+        // The access log names the key by its place in the configured list, never its value.
+        tracing::Span::current().record("key", key.0);
         request.extensions_mut().insert(key);
     }
     Ok(next.run(request).await)

@@ -15,6 +15,7 @@ pub mod events;
 pub mod generations;
 mod head_size;
 pub mod ops;
+pub mod request_id;
 
 use std::sync::Arc;
 
@@ -76,6 +77,7 @@ pub fn router(app: Arc<App>, cors: Option<CorsLayer>) -> Router {
             app.max_header_bytes,
             head_size::limit,
         ))
+        .layer(middleware::from_fn(request_id::track))
         .with_state(app);
     match cors {
         Some(cors) => router.layer(cors),
@@ -130,9 +132,11 @@ pub fn cors_layer(origins: &[String]) -> Result<Option<CorsLayer>, InvalidOrigin
                 header::CONTENT_TYPE,
                 HeaderName::from_static("last-event-id"),
                 HeaderName::from_static("idempotency-key"),
+                request_id::REQUEST_ID_HEADER,
             ])
             .expose_headers([
                 header::LOCATION,
+                request_id::REQUEST_ID_HEADER,
                 HeaderName::from_static("idempotent-replayed"),
                 HeaderName::from_static(chat::GENERATION_ID_HEADER),
                 HeaderName::from_static(chat::SUBSCRIBE_TOKEN_HEADER),
