@@ -137,6 +137,7 @@ pub async fn run(drain: &Drain, hub: &Hub, connections: &TaskTracker, deadline: 
         let told = hub.disconnect_all();
         let interrupted = hub.interrupt_all();
         ::metrics::counter!(metrics::DRAIN_RECONNECTS).increment(told as u64);
+        ::metrics::counter!(metrics::EVICTIONS, "reason" => "shutdown").increment(told as u64);
         ::metrics::counter!(metrics::DRAIN_INTERRUPTED).increment(interrupted as u64);
         info!(
             told,

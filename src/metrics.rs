@@ -36,7 +36,8 @@ pub const WRITE_TIMEOUTS: &str = "tokenfan_write_timeouts_total";
 pub const SUBSCRIBERS_OPEN: &str = "tokenfan_subscribers_open";
 /// Counter: SSE subscriptions answered with a stream.
 pub const SUBSCRIPTIONS: &str = "tokenfan_subscriptions_total";
-/// Counter: subscribers dropped from fan-out because their channel was full (label `reason`).
+/// Counter: subscribers dropped from fan-out, by `reason`: `slow_consumer` (their channel was
+/// full), `shutdown` (told to reconnect at the drain deadline).
 pub const EVICTIONS: &str = "tokenfan_evictions_total";
 /// Gauge: generations whose upstream call is running.
 pub const GENERATIONS_RUNNING: &str = "tokenfan_generations_running";
