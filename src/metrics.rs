@@ -177,7 +177,7 @@ pub fn install() -> PrometheusHandle {
         .get_or_init(|| {
             let mut builder = PrometheusBuilder::new();
             for (name, buckets) in BUCKETS {
-                // Fails only for an empty list, which BUCKETS has not.
+                // Fails only for an empty list, which BUCKETS has not (tested below).
                 builder = builder
                     .set_buckets_for_metric(Matcher::Full((*name).to_owned()), buckets)
                     .unwrap_or_else(|_| PrometheusBuilder::new());
@@ -313,11 +313,13 @@ pub fn model_label(request: &Map<String, Value>) -> SharedString {
     let seen = SEEN.get_or_init(Mutex::default);
     // A poisoned set is still a valid set.
     let mut seen = seen.lock().unwrap_or_else(PoisonError::into_inner);
-    if seen.contains(model) || seen.len() < MAX_MODELS {
+    if !seen.contains(model) {
+        if seen.len() >= MAX_MODELS {
+            return SharedString::const_str("other");
+        }
         seen.insert(model.to_owned());
-        return SharedString::from(model.to_owned());
     }
-    SharedString::const_str("other")
+    SharedString::from(model.to_owned())
 }
 
 /// What one generation records: its histograms looked up once, at its start, so that a token
@@ -537,6 +539,15 @@ pub fn record_fan_out(fan_out: FanOut) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn every_histogram_has_rising_buckets() {
+        // `install` relies on it: the exporter refuses an empty bucket list.
+        for (name, buckets) in BUCKETS {
+            assert!(!buckets.is_empty(), "{name}");
+            assert!(buckets.windows(2).all(|w| w[0] < w[1]), "{name}");
+        }
+    }
 
     #[test]
     fn proc_files_are_read_field_by_field() {
