@@ -49,9 +49,9 @@ pub enum LogFormat {
     Json,
 }
 
-/// Logging, for every subcommand (`TOKENFAN_LOG` is the filter).
+/// Logs and traces, for every subcommand (`TOKENFAN_LOG` is the log filter).
 #[derive(Debug, Clone, Args)]
-pub struct LogConfig {
+pub struct TelemetryConfig {
     /// Log line format: `text` or `json`.
     #[arg(
         long = "log-format",
@@ -59,7 +59,12 @@ pub struct LogConfig {
         default_value = "text",
         global = true
     )]
-    pub format: LogFormat,
+    pub log_format: LogFormat,
+
+    /// OTLP/HTTP endpoint traces are sent to, the full URL (e.g.
+    /// `http://collector:4318/v1/traces`; plain HTTP). Unset: no traces.
+    #[arg(long = "otlp-endpoint", env = "TOKENFAN_OTLP_ENDPOINT", global = true)]
+    pub otlp_endpoint: Option<String>,
 }
 
 /// Configuration of `tokenfan serve`.

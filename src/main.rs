@@ -6,7 +6,7 @@ use std::net::SocketAddr;
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 use tokenfan::{
-    config::{Config, LogConfig},
+    config::{Config, TelemetryConfig},
     upstream::mock::MockConfig,
 };
 
@@ -21,7 +21,7 @@ struct Cli {
     #[command(subcommand)]
     command: Option<Command>,
     #[command(flatten)]
-    log: LogConfig,
+    telemetry: TelemetryConfig,
 }
 
 #[derive(Subcommand)]
@@ -41,10 +41,22 @@ enum Command {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
-    tokenfan::telemetry::init(cli.log.format);
+    let traces = tokenfan::telemetry::init(&cli.telemetry)?;
     raise_open_files_limit();
     let shutdown = tokenfan::signal::shutdown_signal().context("installing signal handlers")?;
-    match cli.command {
+    let served = run(cli.command, shutdown).await;
+    if let Some(traces) = traces {
+        // The SDK's shutdown blocks until the last batch is sent, which runs on this runtime.
+        let _ = tokio::task::spawn_blocking(move || traces.shutdown()).await;
+    }
+    served
+}
+
+async fn run(
+    command: Option<Command>,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
+    match command {
         Some(Command::Serve(config)) => serve(*config, shutdown).await,
         None => serve(Config::defaults(), shutdown).await,
         Some(Command::MockUpstream { listen, mock }) => {

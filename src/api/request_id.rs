@@ -42,6 +42,7 @@ pub async fn track(request: Request, next: Next) -> Response {
         route,
         key = field::Empty,
     );
+    crate::telemetry::trace::adopt_parent(&span, request.headers());
     let mut response = next.run(request).instrument(span.clone()).await;
     span.in_scope(|| {
         info!(

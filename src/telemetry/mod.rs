@@ -1,4 +1,5 @@
-//! Logging setup: human-readable text, or one JSON object per line for a log pipeline.
+//! Logging setup: human-readable text, or one JSON object per line for a log pipeline; and
+//! traces ([`trace`]), when an OTLP endpoint is configured.
 //!
 //! JSON lines have stable field names: `timestamp` (RFC 3339, UTC, µs), `level`, `target`,
 //! `message`, then the fields of every enclosing span, outermost first (so `request_id`,
@@ -22,14 +23,25 @@ use tracing_subscriber::{
     EnvFilter, Layer,
 };
 
-use crate::config::LogFormat;
+use crate::config::{LogFormat, TelemetryConfig};
 
-/// Installs the process's log subscriber; `TOKENFAN_LOG` (an `EnvFilter`, default `info`)
-/// chooses what is logged.
-pub fn init(format: LogFormat) {
+pub mod trace;
+
+/// Installs the process's log subscriber (and the trace exporter, with an OTLP endpoint);
+/// `TOKENFAN_LOG` (an `EnvFilter`, default `info`) chooses what is logged. Call it on the
+/// runtime: trace exports run there. The returned exporter must be shut down at exit, to send
+/// the last spans.
+pub fn init(config: &TelemetryConfig) -> Result<Option<trace::Tracing>, trace::TraceError> {
     let filter = EnvFilter::try_from_env("TOKENFAN_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
-    let registry = tracing_subscriber::registry().with(filter);
-    match format {
+    let (traces, tracing) = match &config.otlp_endpoint {
+        Some(endpoint) => {
+            let (layer, tracing) = trace::layer(endpoint)?;
+            (Some(layer), Some(tracing))
+        }
+        None => (None, None),
+    };
+    let registry = tracing_subscriber::registry().with(filter).with(traces);
+    match config.log_format {
         LogFormat::Text => registry
             .with(
                 tracing_subscriber::fmt::layer()
@@ -41,6 +53,7 @@ pub fn init(format: LogFormat) {
             .with(tracing_subscriber::fmt::layer().event_format(FlatJson))
             .init(),
     }
+    Ok(tracing)
 }
 
 /// Keeps each span's fields as JSON values in the span's extensions, for [`FlatJson`].

@@ -113,7 +113,10 @@ impl Upstream {
         futures_util::stream::unfold(start, |phase| async move {
             let mut reader = match phase {
                 Phase::Open(inner, request, deadlines) => {
-                    match open(&inner, request, deadlines).await {
+                    let span = tracing::info_span!("upstream_request");
+                    match tracing::Instrument::instrument(open(&inner, request, deadlines), span)
+                        .await
+                    {
                         Ok(response) => {
                             Box::new(Reader::new(response, deadlines, inner.idle_timeout))
                         }
@@ -247,11 +250,15 @@ async fn open(
 ) -> Result<Response, UpstreamError> {
     let model = crate::metrics::model_label(&request);
     let body = streaming_body(request)?;
+    // The provider's spans join the trace as children of this call's span.
+    let extra_head = crate::telemetry::trace::traceparent()
+        .map(|traceparent| format!("traceparent: {traceparent}\r\n"))
+        .unwrap_or_default();
     let (deadline, which) = deadlines.earliest(false);
     let mut attempt = 0;
     loop {
         let sent = Instant::now();
-        let answer = timeout_at(deadline, send(inner, body.clone())).await;
+        let answer = timeout_at(deadline, send(inner, extra_head.as_bytes(), body.clone())).await;
         let status = match &answer {
             Ok(Ok(response)) => Some(response.status.as_u16()),
             Ok(Err(Failure {
@@ -290,13 +297,17 @@ async fn open(
 }
 
 /// One attempt: a 2xx `text/event-stream` response, or why not.
-async fn send(inner: &Inner, body: Bytes) -> Result<Response, Failure> {
-    let response = inner.client.post(&body).await.map_err(|error| Failure {
-        // No response means no token: retrying is always safe.
-        retryable: true,
-        error: send_error(error),
-        retry_after: None,
-    })?;
+async fn send(inner: &Inner, extra_head: &[u8], body: Bytes) -> Result<Response, Failure> {
+    let response = inner
+        .client
+        .post(extra_head, &body)
+        .await
+        .map_err(|error| Failure {
+            // No response means no token: retrying is always safe.
+            retryable: true,
+            error: send_error(error),
+            retry_after: None,
+        })?;
     let status = response.status;
     if status.is_success() {
         return match content_type_essence(&response.headers) {
