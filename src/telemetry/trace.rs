@@ -53,7 +53,7 @@ impl Tracing {
     /// Exports the spans still buffered; blocks until done (or the SDK's timeout).
     pub fn shutdown(self) {
         if let Err(error) = self.provider.shutdown() {
-            eprintln!("tokenfan: exporting the last spans failed: {error}");
+            tracing::warn!(%error, "exporting the last spans failed");
         }
     }
 }
