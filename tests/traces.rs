@@ -6,7 +6,7 @@ mod common;
 
 use std::{
     sync::{Arc, Mutex},
-    time::{Duration, Instant},
+    time::Instant,
 };
 
 use axum::{body::Bytes, extract::State, http::HeaderMap, routing::post, Router};
@@ -106,40 +106,17 @@ async fn a_generation_is_traced_under_the_callers_trace_and_the_provider_joins_i
         &format!("http://{receiver}/v1/traces"),
     ])
     .await;
-    let created: Value = gateway
+    let created = gateway
         .http
         .post(gateway.url("/v1/generations"))
         .header("traceparent", format!("00-{TRACE_ID}-{CALLER_SPAN_ID}-01"))
         .json(&chat_request(json!(null)))
         .send()
         .await
-        .unwrap()
-        .json()
-        .await
         .unwrap();
-    let snapshot = gateway.url(&format!(
-        "/v1/generations/{}",
-        created["id"].as_str().unwrap()
-    ));
-    tokio::time::timeout(WAIT, async {
-        loop {
-            let state: Value = gateway
-                .http
-                .get(&snapshot)
-                .send()
-                .await
-                .unwrap()
-                .json()
-                .await
-                .unwrap();
-            if state["status"] != "running" {
-                return assert_eq!(state["status"], "completed", "{state}");
-            }
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-    })
-    .await
-    .expect("the generation never ended");
+    assert_eq!(created.status(), 201);
+    let completed = r#"tokenfan_generations_finished_total{status="completed"}"#;
+    gateway.wait_metric(completed, |n| n == 1.0).await;
     // The last spans are sent as the process exits.
     gateway.signal(Signal::SIGTERM);
     let (status, _) = gateway.exit(Instant::now(), WAIT).await;
