@@ -153,3 +153,20 @@ async fn post(request: Request<Bytes>) -> Result<u16, HttpError> {
         .ok_or("the OTLP endpoint did not answer HTTP")?;
     Ok(status)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_plain_http_endpoints_are_taken() {
+        let refused = layer::<tracing_subscriber::Registry>("https://collector:4318/v1/traces");
+        assert!(matches!(refused, Err(TraceError::Endpoint(_))));
+    }
+
+    #[test]
+    fn without_traces_no_traceparent_is_sent() {
+        let span = tracing::info_span!("upstream_request");
+        assert_eq!(span.in_scope(traceparent), None);
+    }
+}
