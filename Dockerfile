@@ -29,6 +29,10 @@ RUN mkdir -p src loadtest/src \
 # The real sources. The stub artifacts of the `tokenfan` package were removed above, so cargo
 # rebuilds it whatever the mtimes of the copied files. loadtest/src keeps its stub: building
 # `--bin tokenfan` never compiles it, and copying it would only spoil the cache.
+# `tokenfan_build_info{commit}`: the image has no `.git`, so build.rs reads the commit from
+# `docker build --build-arg TOKENFAN_COMMIT=$(git rev-parse --short=12 HEAD)`.
+ARG TOKENFAN_COMMIT=unknown
+COPY build.rs ./
 COPY src src
 RUN cargo build --release --locked --bin tokenfan \
     && install -D -m 0755 target/release/tokenfan /out/tokenfan

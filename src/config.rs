@@ -40,6 +40,33 @@ impl std::str::FromStr for Secret {
     }
 }
 
+/// How log lines are written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum LogFormat {
+    /// For people: one line per event, span fields as context.
+    Text,
+    /// For a log pipeline: one JSON object per line, stable field names (`telemetry`).
+    Json,
+}
+
+/// Logs and traces, for every subcommand (`TOKENFAN_LOG` is the log filter).
+#[derive(Debug, Clone, Args)]
+pub struct TelemetryConfig {
+    /// Log line format: `text` or `json`.
+    #[arg(
+        long = "log-format",
+        env = "TOKENFAN_LOG_FORMAT",
+        default_value = "text",
+        global = true
+    )]
+    pub log_format: LogFormat,
+
+    /// OTLP/HTTP endpoint traces are sent to, the full URL (e.g.
+    /// `http://collector:4318/v1/traces`; plain HTTP). Unset: no traces.
+    #[arg(long = "otlp-endpoint", env = "TOKENFAN_OTLP_ENDPOINT", global = true)]
+    pub otlp_endpoint: Option<String>,
+}
+
 /// Configuration of `tokenfan serve`.
 #[derive(Debug, Clone, Args)]
 pub struct Config {

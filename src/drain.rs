@@ -127,6 +127,7 @@ pub async fn run(drain: &Drain, hub: &Hub, connections: &TaskTracker, deadline: 
     let started = Instant::now();
     info!(deadline = ?deadline, "drain started: not ready, refusing new work");
     ::metrics::counter!(metrics::DRAIN_STARTED).increment(1);
+    metrics::record_draining(Some(deadline));
     drain.enter(Phase::Draining);
     if hub.shared().is_some() {
         let told = hub.disconnect_all();
@@ -146,6 +147,7 @@ pub async fn run(drain: &Drain, hub: &Hub, connections: &TaskTracker, deadline: 
         let told = hub.disconnect_all();
         let interrupted = hub.interrupt_all();
         ::metrics::counter!(metrics::DRAIN_RECONNECTS).increment(told as u64);
+        ::metrics::counter!(metrics::EVICTIONS, "reason" => "shutdown").increment(told as u64);
         ::metrics::counter!(metrics::DRAIN_INTERRUPTED).increment(interrupted as u64);
         info!(
             told,
@@ -176,6 +178,7 @@ pub async fn run(drain: &Drain, hub: &Hub, connections: &TaskTracker, deadline: 
     hub.close();
     let elapsed = started.elapsed();
     ::metrics::histogram!(metrics::DRAIN_DURATION).record(elapsed.as_secs_f64());
+    metrics::record_draining(None);
     info!(elapsed = ?elapsed, "drain finished");
 }
 

@@ -14,6 +14,7 @@ pub mod server;
 pub mod signal;
 pub mod store;
 mod store_health;
+pub mod telemetry;
 pub mod upstream;
 
 use std::{future::Future, sync::Arc, time::Duration};
@@ -113,6 +114,7 @@ pub async fn serve(
         drain: drain.clone(),
         prometheus,
         max_request_body: config.connection.max_request_body,
+        max_header_bytes: config.limits.max_header_bytes as usize,
         slow_consumer_frame: frame::reconnect(slow_retry_ms, "slow_consumer"),
         store_health,
         instance_frame: hub.instance().map(|instance| {

@@ -5,8 +5,10 @@ use std::net::SocketAddr;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
-use tokenfan::{config::Config, upstream::mock::MockConfig};
-use tracing_subscriber::EnvFilter;
+use tokenfan::{
+    config::{Config, TelemetryConfig},
+    upstream::mock::MockConfig,
+};
 
 #[derive(Parser)]
 #[command(
@@ -18,6 +20,8 @@ struct Cli {
     /// Defaults to `serve`.
     #[command(subcommand)]
     command: Option<Command>,
+    #[command(flatten)]
+    telemetry: TelemetryConfig,
 }
 
 #[derive(Subcommand)]
@@ -37,15 +41,22 @@ enum Command {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
-    tracing_subscriber::fmt()
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stdout()))
-        .with_env_filter(
-            EnvFilter::try_from_env("TOKENFAN_LOG").unwrap_or_else(|_| EnvFilter::new("info")),
-        )
-        .init();
+    let traces = tokenfan::telemetry::init(&cli.telemetry)?;
     raise_open_files_limit();
     let shutdown = tokenfan::signal::shutdown_signal().context("installing signal handlers")?;
-    match cli.command {
+    let served = run(cli.command, shutdown).await;
+    if let Some(traces) = traces {
+        // The SDK's shutdown blocks until the last batch is sent, which runs on this runtime.
+        let _ = tokio::task::spawn_blocking(move || traces.shutdown()).await;
+    }
+    served
+}
+
+async fn run(
+    command: Option<Command>,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
+    match command {
         Some(Command::Serve(config)) => serve(*config, shutdown).await,
         None => serve(Config::defaults(), shutdown).await,
         Some(Command::MockUpstream { listen, mock }) => {

@@ -120,6 +120,17 @@ async fn subscribers_need_a_token_for_that_very_generation() {
         .await
         .unwrap();
     assert_eq!(by_key.status(), 200);
+    // But not in the query, where proxies log it: only subscribe tokens go there.
+    let key_in_query = gateway
+        .http
+        .get(format!("{}?token=key-old", events(id)))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        error_code(key_in_query).await,
+        (401, "invalid_credentials".into())
+    );
 
     // Refusals, identical whether or not the generation exists.
     let other = second["id"].as_str().unwrap();
@@ -179,22 +190,23 @@ async fn open_gateway_refuses_a_public_address_unless_told() {
     assert!(served.is_ok());
 }
 
+fn preflight(gateway: &Gateway, origin: &'static str) -> reqwest::RequestBuilder {
+    gateway
+        .http
+        .request(reqwest::Method::OPTIONS, gateway.url("/v1/generations"))
+        .header("origin", origin)
+        .header("access-control-request-method", "POST")
+        .header(
+            "access-control-request-headers",
+            "authorization,content-type",
+        )
+}
+
 #[tokio::test]
 async fn cors_answers_only_configured_origins() {
     let gateway =
         Gateway::start_with(|c| c.access.cors_origins = vec!["https://app.example".into()]).await;
-    let preflight = |origin: &'static str| {
-        gateway
-            .http
-            .request(reqwest::Method::OPTIONS, gateway.url("/v1/generations"))
-            .header("origin", origin)
-            .header("access-control-request-method", "POST")
-            .header(
-                "access-control-request-headers",
-                "authorization,content-type",
-            )
-            .send()
-    };
+    let preflight = |origin| preflight(&gateway, origin).send();
     let allowed = preflight("https://app.example").await.unwrap();
     assert_eq!(
         allowed.headers()["access-control-allow-origin"],
@@ -205,6 +217,25 @@ async fn cors_answers_only_configured_origins() {
         .headers()
         .contains_key("access-control-allow-origin"));
     gateway.shutdown().await;
+}
+
+#[tokio::test]
+async fn cors_star_allows_any_origin_and_is_refused_among_others() {
+    let gateway = Gateway::start_with(|c| c.access.cors_origins = vec!["*".into()]).await;
+    let allowed = preflight(&gateway, "https://anywhere.example")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(allowed.headers()["access-control-allow-origin"], "*");
+    gateway.shutdown().await;
+
+    let mut config = tokenfan::Config::defaults();
+    config.access.cors_origins = vec!["*".into(), "https://app.example".into()];
+    let listener = tokenfan::bind("127.0.0.1:0".parse().unwrap(), 16).unwrap();
+    let error = tokenfan::serve(listener, config, std::future::pending())
+        .await
+        .unwrap_err();
+    assert!(error.to_string().contains("give it alone"), "{error}");
 }
 
 #[tokio::test]

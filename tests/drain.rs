@@ -66,8 +66,20 @@ async fn sigterm_drains_under_the_deadline_and_exits_zero() {
     let signalled = Instant::now();
     gateway.signal(Signal::SIGTERM);
 
-    // 1. Not ready at once, still alive; new generations refused with Retry-After.
+    // 1. Not ready at once, still alive; new generations refused with Retry-After. The drain
+    // shows on /metrics while it runs, so a scrape sees one that outlasts its deadline.
     gateway.wait_readyz(503).await;
+    assert_eq!(gateway.metric("tokenfan_draining").await, 1.0);
+    assert_eq!(
+        gateway.metric("tokenfan_drain_deadline_seconds").await,
+        DEADLINE.as_secs_f64()
+    );
+    assert!(
+        gateway
+            .metric("tokenfan_drain_started_timestamp_seconds")
+            .await
+            > 1.7e9
+    );
     let live = gateway
         .http
         .get(gateway.url("/livez"))

@@ -223,6 +223,36 @@ async fn slowloris_headers_are_cut_off() {
 }
 
 #[tokio::test]
+async fn a_head_trickled_past_the_look_at_its_request_line_is_due_at_the_header_timeout() {
+    let timeout = Duration::from_secs(1);
+    let gateway = Gateway::start_with(|c| c.connection.header_read_timeout = timeout).await;
+    let mut stream = tokio::net::TcpStream::connect(gateway.addr).await.unwrap();
+    let started = Instant::now();
+    // Silent for most of the timeout, then a byte at a time: the look at the request line
+    // cannot tell yet and hands the connection to hyper, which must not start a new timeout.
+    tokio::time::sleep(timeout.mul_f64(0.9)).await;
+    let trickle = async {
+        for byte in b"GET /v1/generations/gen_x/events HTTP/1.1\r\nX-Slow: ".iter() {
+            if stream.write_all(&[*byte]).await.is_err() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+        let mut rest = Vec::new();
+        let _ = stream.read_to_end(&mut rest).await;
+    };
+    tokio::time::timeout(common::WAIT, trickle)
+        .await
+        .expect("the trickling client was never cut off");
+    assert!(
+        started.elapsed() < timeout.mul_f64(1.6),
+        "cut off only after {:?}",
+        started.elapsed()
+    );
+    gateway.shutdown().await;
+}
+
+#[tokio::test]
 async fn clients_leaving_mid_replay_or_mid_stream_leave_nothing_behind() {
     // A process of its own, so its gauges count this test's clients only.
     let gateway = GatewayProcess::start(&[]).await;

@@ -218,14 +218,32 @@ async fn creation_is_rate_limited_per_key() {
 
 #[tokio::test]
 async fn oversized_request_heads_are_refused() {
-    let gateway = Gateway::start().await;
-    let response = gateway
-        .http
-        .get(gateway.url("/livez"))
-        .header("x-padding", "a".repeat(32 * 1024))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(response.status(), 431);
+    let gateway = Gateway::start_with(|c| c.limits.max_header_bytes = 10_000).await;
+    let id = gateway.create(json!({"tokens": 1})).await;
+    let events = format!("/v1/generations/{id}/events");
+    // hyper serves `/livez` and a subscription after another request on the same connection;
+    // a subscription opening a connection is read by `server/subscriber.rs`.
+    for (path, size, status) in [
+        ("/livez", 32 * 1024, 431),
+        ("/livez", 15_000, 431),
+        ("/livez", 9_000, 200),
+        (events.as_str(), 15_000, 431),
+        (events.as_str(), 9_000, 200),
+    ] {
+        let response = gateway
+            .http
+            .get(gateway.url(path))
+            .header("x-padding", "a".repeat(size))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), status, "{path} with {size} bytes");
+    }
+    let head = format!(
+        "GET {events} HTTP/1.1\r\nX-Padding: {}\r\n\r\n",
+        "a".repeat(15_000)
+    );
+    let response = common::raw_exchange(gateway.addr, head.as_bytes()).await;
+    assert!(response.starts_with("HTTP/1.1 431 "), "{response:.80}");
     gateway.shutdown().await;
 }

@@ -26,13 +26,17 @@ pub async fn require_api_key(
             .access
             .check_api_key(presented)
             .ok_or(ApiError::Denied(Denied::Invalid))?;
+        // The access log names the key by its place in the configured list, never its value.
+        tracing::Span::current().record("key", key.0);
         request.extensions_mut().insert(key);
     }
     Ok(next.run(request).await)
 }
 
 /// A subscriber needs a subscribe token for this generation (`?token=`, since a browser's
-/// `EventSource` cannot set headers, or `Authorization: Bearer`), or an API key. Checked
+/// `EventSource` cannot set headers, or `Authorization: Bearer`), or an API key as a bearer
+/// credential. Never an API key in the query: URLs end up in the access logs of every proxy on
+/// the way, and a subscribe token there is scoped and expires, a key is neither. Checked
 /// before the generation is looked up, so the answer never reveals whether it exists.
 pub fn authorize_subscriber(
     app: &App,
@@ -43,12 +47,12 @@ pub fn authorize_subscriber(
     if !app.access.keys_required() {
         return Ok(());
     }
-    let credential = query_token
-        .or_else(|| bearer(headers))
-        .ok_or(ApiError::Denied(Denied::Missing))?;
-    if app.access.check_api_key(credential).is_some() {
-        return Ok(());
-    }
+    let credential = match (query_token, bearer(headers)) {
+        (Some(token), _) => token,
+        (None, Some(credential)) if app.access.check_api_key(credential).is_some() => return Ok(()),
+        (None, Some(credential)) => credential,
+        (None, None) => return Err(ApiError::Denied(Denied::Missing)),
+    };
     app.access
         .check_subscribe_token(credential, generation_id)
         .map_err(ApiError::Denied)

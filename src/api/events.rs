@@ -171,8 +171,15 @@ impl Stream for SubscriberStream {
             return Poll::Ready(None);
         };
         let frame = match ready!(subscription.poll_delivery(cx)) {
-            Some(Delivery::Replayed { frames, .. }) => frames,
-            Some(Delivery::Token { frame, .. }) => frame,
+            Some(Delivery::Replayed { frames, from, to }) => {
+                crate::metrics::record_replay(to - from);
+                frames
+            }
+            Some(Delivery::Token { frame, index }) => {
+                let queued = || subscription.queued();
+                subscription.generation().lag().delivered(index, queued);
+                frame
+            }
             Some(Delivery::KeepAlive) => frame::KEEPALIVE,
             Some(Delivery::Ended(terminal)) => {
                 self.subscription = None;

@@ -13,7 +13,9 @@ pub mod demo;
 pub mod error;
 pub mod events;
 pub mod generations;
+mod head_size;
 pub mod ops;
+pub mod request_id;
 
 use std::sync::Arc;
 
@@ -37,6 +39,8 @@ pub struct App {
     pub drain: Drain,
     pub prometheus: PrometheusHandle,
     pub max_request_body: usize,
+    /// `--max-header-bytes`, checked on the parsed head of every request.
+    pub max_header_bytes: usize,
     /// The `event: reconnect` sent to every evicted subscriber, encoded once.
     pub slow_consumer_frame: Bytes,
     /// Whether the shared store answers, when there is one (for readiness).
@@ -81,6 +85,11 @@ pub fn router(app: Arc<App>, cors: Option<CorsLayer>) -> Router {
         .route("/metrics", get(ops::metrics))
         .fallback(error::route_not_found)
         .method_not_allowed_fallback(error::method_not_allowed)
+        .layer(middleware::from_fn_with_state(
+            app.max_header_bytes,
+            head_size::limit,
+        ))
+        .layer(middleware::from_fn(request_id::track))
         .with_state(app);
     match cors {
         Some(cors) => router.layer(cors),
@@ -99,30 +108,47 @@ pub fn over_capacity_router() -> Router {
 }
 
 #[derive(Debug, thiserror::Error)]
-#[error("invalid CORS origin {0:?}")]
-pub struct InvalidOrigin(String);
+pub enum InvalidOrigin {
+    #[error("invalid CORS origin {0:?}")]
+    Unparsable(String),
+    #[error("CORS origin \"*\" allows every origin: give it alone, not with other origins")]
+    WildcardAmongOthers,
+}
 
-/// CORS for the configured browser origins; none configured, no CORS headers at all.
+/// CORS for the configured browser origins; none configured, no CORS headers at all. `*` alone
+/// allows any origin (tower-http panics on a `*` inside an origin list, so it is told apart
+/// here).
 pub fn cors_layer(origins: &[String]) -> Result<Option<CorsLayer>, InvalidOrigin> {
-    if origins.is_empty() {
-        return Ok(None);
-    }
-    let origins = origins
-        .iter()
-        .map(|origin| HeaderValue::from_str(origin).map_err(|_| InvalidOrigin(origin.clone())))
-        .collect::<Result<Vec<_>, _>>()?;
+    let allow_origin = match origins {
+        [] => return Ok(None),
+        [only] if only == "*" => AllowOrigin::any(),
+        _ if origins.iter().any(|origin| origin == "*") => {
+            return Err(InvalidOrigin::WildcardAmongOthers)
+        }
+        _ => AllowOrigin::list(
+            origins
+                .iter()
+                .map(|origin| {
+                    HeaderValue::from_str(origin)
+                        .map_err(|_| InvalidOrigin::Unparsable(origin.clone()))
+                })
+                .collect::<Result<Vec<_>, _>>()?,
+        ),
+    };
     Ok(Some(
         CorsLayer::new()
-            .allow_origin(AllowOrigin::list(origins))
+            .allow_origin(allow_origin)
             .allow_methods([Method::GET, Method::POST, Method::DELETE])
             .allow_headers([
                 header::AUTHORIZATION,
                 header::CONTENT_TYPE,
                 HeaderName::from_static("last-event-id"),
                 HeaderName::from_static("idempotency-key"),
+                request_id::REQUEST_ID_HEADER,
             ])
             .expose_headers([
                 header::LOCATION,
+                request_id::REQUEST_ID_HEADER,
                 HeaderName::from_static("idempotent-replayed"),
                 HeaderName::from_static(chat::GENERATION_ID_HEADER),
                 HeaderName::from_static(chat::SUBSCRIBE_TOKEN_HEADER),

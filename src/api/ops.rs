@@ -39,6 +39,7 @@ pub async fn readyz(State(app): State<Arc<App>>) -> impl IntoResponse {
 }
 
 pub async fn metrics(State(app): State<Arc<App>>) -> impl IntoResponse {
+    crate::metrics::record_process(app.hub.log_bytes(), app.hub.settings().log_memory_budget);
     (
         [(
             header::CONTENT_TYPE,

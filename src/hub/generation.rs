@@ -139,6 +139,8 @@ pub struct Generation {
     cancel: CancellationToken,
     /// Subscriber streams open on this generation, replaying or live.
     viewers: AtomicUsize,
+    /// When the token sampled for the fan-out lag metric arrived.
+    lag: crate::metrics::LagSample,
     state: Mutex<State>,
 }
 
@@ -181,6 +183,7 @@ impl Generation {
             changed: Notify::new(),
             cancel: CancellationToken::new(),
             viewers: AtomicUsize::new(0),
+            lag: crate::metrics::LagSample::default(),
             state: Mutex::new(State {
                 status: Status::Running,
                 deltas: Vec::new(),
@@ -297,6 +300,7 @@ impl Generation {
             return Pushed::TooLarge;
         }
         let index = state.frames.len() as u64;
+        self.lag.received(index);
         let frame = frame::delta(index, &delta);
         let log_bytes = content + frame.len() + LOG_OVERHEAD_PER_TOKEN;
         state.log_bytes += log_bytes;
@@ -307,6 +311,10 @@ impl Generation {
         drop(state);
         self.changed.notify_one();
         Pushed::Logged { fan_out, log_bytes }
+    }
+
+    pub fn lag(&self) -> &crate::metrics::LagSample {
+        &self.lag
     }
 
     /// Memory held by this generation's log.

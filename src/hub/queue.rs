@@ -107,6 +107,11 @@ pub struct Receiver<T> {
 }
 
 impl<T> Receiver<T> {
+    /// Items waiting to be received (for the queue-depth metric).
+    pub fn queued(&self) -> usize {
+        self.shared.lock().items.len()
+    }
+
     /// The next item; `None` once the sender is gone and everything it sent was received.
     pub fn poll_recv(&mut self, cx: &mut Context<'_>) -> Poll<Option<T>> {
         let mut inner = self.shared.lock();

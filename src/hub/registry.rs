@@ -69,9 +69,10 @@ pub struct IdempotencyKey {
     pub key: String,
 }
 
-/// Whose a generation is, for the usage metrics recorded when it ends.
+/// The labels of a generation's metrics: its model (bounded, see [`metrics::model_label`]) and
+/// the caller's API key name (for usage).
 struct UsageLabels {
-    model: String,
+    model: ::metrics::SharedString,
     key_label: String,
 }
 
@@ -214,11 +215,7 @@ impl Hub {
         ::metrics::counter!(metrics::GENERATIONS_STARTED).increment(1);
         let span = info_span!("generation", generation_id = %generation.id());
         let labels = UsageLabels {
-            model: request
-                .get("model")
-                .and_then(serde_json::Value::as_str)
-                .unwrap_or_default()
-                .to_owned(),
+            model: metrics::model_label(&request),
             key_label: key_label.to_owned(),
         };
         tokio::spawn(
@@ -426,8 +423,9 @@ impl Hub {
                 .in_current_span(),
             )
         });
+        let mut recorded = metrics::GenerationMetrics::start(labels.model.clone());
         let outcome = tokio::select! {
-            outcome = self.stream_upstream(&generation, request) => Some(outcome),
+            outcome = self.stream_upstream(&generation, request, &mut recorded) => Some(outcome),
             () = generation.ended() => None,
             () = self.watch_unwatched(&generation) => Some(Outcome::Failed {
                 code: "unwatched",
@@ -443,6 +441,7 @@ impl Hub {
         }
         let status = generation.status();
         info!(?status, "generation ended");
+        recorded.finish(status_label(status));
         self.mark_finished(&generation);
         if let Some(writer) = writer {
             // A generation counts as running until the store holds its end too (a drain waits
@@ -480,6 +479,7 @@ impl Hub {
         &self,
         generation: &Generation,
         request: serde_json::Map<String, serde_json::Value>,
+        recorded: &mut metrics::GenerationMetrics,
     ) -> Outcome {
         let stream = self.upstream.stream(request);
         futures_util::pin_mut!(stream);
@@ -489,6 +489,7 @@ impl Hub {
                     match generation.push(delta, self.settings.log_limits) {
                         Pushed::Logged { fan_out, log_bytes } => {
                             metrics::record_fan_out(fan_out);
+                            recorded.token();
                             self.grow_log(log_bytes);
                         }
                         Pushed::Ended => break,
@@ -507,10 +508,11 @@ impl Hub {
                     self.grow_log(generation.set_usage(usage, bytes));
                 }
                 Err(error) => {
+                    recorded.upstream_error(error.code());
                     return Outcome::Failed {
                         code: error.code(),
                         message: error.to_string(),
-                    }
+                    };
                 }
             }
         }

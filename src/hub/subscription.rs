@@ -72,6 +72,14 @@ impl Subscription {
         &self.generation
     }
 
+    /// Events waiting in the live queue (0 while catching up).
+    pub fn queued(&self) -> usize {
+        match &self.phase {
+            Phase::Live(rx) => rx.queued(),
+            Phase::CatchUp | Phase::Finished => 0,
+        }
+    }
+
     /// After [`Delivery::Dropped`]: catch up again from the first token not delivered.
     pub fn resume(&mut self) {
         self.phase = Phase::CatchUp;

@@ -167,7 +167,7 @@ impl Connection {
             // Killed, or nothing useful came within the header timeout: close, as hyper would.
             None | Some(Err(_) | Ok(Err(_))) => {}
             Some(Ok(Ok(true))) => self.serve_subscriber(head_deadline),
-            Some(Ok(Ok(false))) => self.serve_with_hyper(),
+            Some(Ok(Ok(false))) => self.serve_with_hyper(head_deadline),
         }
     }
 
@@ -183,12 +183,18 @@ impl Connection {
         spawn_serving(&self.connections, self._open, serve);
     }
 
-    fn serve_with_hyper(self) {
+    fn serve_with_hyper(self, head_deadline: Instant) {
         let accepted_while_draining = self.drain.is_draining();
+        // hyper starts its header timer when it first reads, after our look at the request
+        // line: given the full timeout, a head trickled past the look would get a second one.
+        // The rest of it instead, so the head is due at the accept + the timeout. (hyper uses
+        // one value for the connection: later requests of a connection whose first head
+        // trickled get the shorter timeout too, which only a trickling client notices.)
+        let header_read_timeout = head_deadline.saturating_duration_since(Instant::now());
         let mut builder = http1::Builder::new();
         builder
             .timer(TokioTimer::new())
-            .header_read_timeout(self.header_read_timeout)
+            .header_read_timeout(header_read_timeout)
             .max_buf_size(self.max_header_bytes)
             // hyper then copies each small SSE chunk (with its chunked-encoding framing) into
             // its write buffer and sends it with one send(2), which costs the kernel less than a

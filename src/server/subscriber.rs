@@ -153,7 +153,10 @@ async fn read_request(io: &mut WriteTimeout, max: usize) -> Result<Request<Body>
             let closed = io::Error::new(io::ErrorKind::UnexpectedEof, "peer closed mid-request");
             return Err(RequestError::Io(closed));
         }
-        if let Some(request) = parse_request(&head, max).map_err(RequestError::Api)? {
+        // A read may take more than `max` (the buffer grows in steps): only a head complete
+        // within the first `max` bytes is one.
+        let within = &head[..head.len().min(max)];
+        if let Some(request) = parse_request(within, max).map_err(RequestError::Api)? {
             return Ok(request);
         }
     }

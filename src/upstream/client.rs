@@ -132,7 +132,7 @@ impl Upstream {
     pub async fn models(&self) -> Result<Value, UpstreamError> {
         let inner = &self.inner;
         let ask = async {
-            let mut response = inner.models.send(&[]).await.map_err(send_error)?;
+            let mut response = inner.models.send(&[], &[]).await.map_err(send_error)?;
             if !response.status.is_success() {
                 return Err(UpstreamError::Http {
                     status: response.status.as_u16(),
@@ -170,7 +170,10 @@ impl Upstream {
         let events = futures_util::stream::unfold(start, |phase| async move {
             let mut reader = match phase {
                 Phase::Open(inner, request, deadlines) => {
-                    match open(&inner, request, deadlines).await {
+                    let span = tracing::info_span!("upstream_request");
+                    match tracing::Instrument::instrument(open(&inner, request, deadlines), span)
+                        .await
+                    {
                         Ok(response) => Box::new(Reader::new(
                             response,
                             inner.dialect.decoder(),
@@ -303,11 +306,27 @@ async fn open(
     request: Map<String, Value>,
     deadlines: Deadlines,
 ) -> Result<Response, UpstreamError> {
+    let model = crate::metrics::model_label(&request);
     let body = inner.dialect.request_body(request)?;
+    // The provider's spans join the trace as children of this call's span.
+    let extra_head = crate::telemetry::trace::traceparent()
+        .map(|traceparent| format!("traceparent: {traceparent}\r\n"))
+        .unwrap_or_default();
     let (deadline, which) = deadlines.earliest(false);
     let mut attempt = 0;
     loop {
-        let failure = match timeout_at(deadline, send(inner, body.clone())).await {
+        let sent = Instant::now();
+        let answer = timeout_at(deadline, send(inner, extra_head.as_bytes(), body.clone())).await;
+        let status = match &answer {
+            Ok(Ok(response)) => Some(response.status.as_u16()),
+            Ok(Err(Failure {
+                error: UpstreamError::Http { status, .. },
+                ..
+            })) => Some(*status),
+            _ => None,
+        };
+        crate::metrics::record_upstream_attempt(&model, status, answer.is_err(), sent.elapsed());
+        let failure = match answer {
             Err(_) => return Err(UpstreamError::Timeout(which)),
             Ok(Ok(response)) => return Ok(response),
             Ok(Err(failure)) => failure,
@@ -324,6 +343,7 @@ async fn open(
             return Err(error);
         }
         attempt += 1;
+        crate::metrics::record_upstream_retry(&model);
         tracing::warn!(
             attempt,
             max_retries = inner.max_retries,
@@ -336,13 +356,17 @@ async fn open(
 }
 
 /// One attempt: a 2xx `text/event-stream` response, or why not.
-async fn send(inner: &Inner, body: Bytes) -> Result<Response, Failure> {
-    let response = inner.client.send(&body).await.map_err(|error| Failure {
-        // No response means no token: retrying is always safe.
-        retryable: true,
-        error: send_error(error),
-        retry_after: None,
-    })?;
+async fn send(inner: &Inner, extra_head: &[u8], body: Bytes) -> Result<Response, Failure> {
+    let response = inner
+        .client
+        .send(extra_head, &body)
+        .await
+        .map_err(|error| Failure {
+            // No response means no token: retrying is always safe.
+            retryable: true,
+            error: send_error(error),
+            retry_after: None,
+        })?;
     let status = response.status;
     if status.is_success() {
         return match content_type_essence(&response.headers) {

@@ -144,9 +144,10 @@ impl Client {
 
     /// Sends the request with `body` (empty for a `GET`) on a pooled or new connection and
     /// reads the response head.
-    pub async fn send(&self, body: &[u8]) -> Result<Response, HttpError> {
-        let mut request = Vec::with_capacity(self.head.len() + 32 + body.len());
+    pub async fn send(&self, extra_head: &[u8], body: &[u8]) -> Result<Response, HttpError> {
+        let mut request = Vec::with_capacity(self.head.len() + extra_head.len() + 32 + body.len());
         request.extend_from_slice(&self.head);
+        request.extend_from_slice(extra_head);
         request.extend_from_slice(format!("content-length: {}\r\n\r\n", body.len()).as_bytes());
         request.extend_from_slice(body);
         if let Some(conn) = self.pool.take() {

@@ -17,7 +17,7 @@ mod tests;
 mod wire;
 
 use std::{
-    collections::BTreeMap,
+    collections::{BTreeMap, VecDeque},
     fmt,
     future::Future,
     str::FromStr,
@@ -173,13 +173,26 @@ struct Mock {
     stats: Stats,
 }
 
+/// Most `key`s the mock remembers. Keys are chosen by clients, so the table must not grow
+/// without bound (40 requests with megabyte keys once held 57.6 MB): beyond this many, the key
+/// seen first is forgotten (its `status_times` count starts again), and `knobs` bounds a key's
+/// length.
+const MAX_KEYS: usize = 1024;
+
 /// What `GET /mock/stats` reports, and what `status_times` counts against. `requests` counts
 /// every chat request, refused ones included (a client's retries show up there); `keys` counts the
-/// valid requests carrying each key.
+/// valid requests carrying each of the last [`MAX_KEYS`] keys.
 #[derive(Debug, Default)]
 struct Stats {
     requests: AtomicU64,
-    keys: Mutex<BTreeMap<String, u64>>,
+    keys: Mutex<Keys>,
+}
+
+/// Requests per key, and the order keys were first seen in (to forget the oldest).
+#[derive(Debug, Default)]
+struct Keys {
+    counts: BTreeMap<String, u64>,
+    first_seen: VecDeque<String>,
 }
 
 impl Stats {
@@ -187,16 +200,18 @@ impl Stats {
     fn count_key(&self, key: &str) -> u64 {
         // A poisoned counter map is still a valid map.
         let mut keys = self.keys.lock().unwrap_or_else(PoisonError::into_inner);
-        match keys.get_mut(key) {
-            Some(count) => {
-                *count += 1;
-                *count
-            }
-            None => {
-                keys.insert(key.to_owned(), 1);
-                1
+        if let Some(count) = keys.counts.get_mut(key) {
+            *count += 1;
+            return *count;
+        }
+        if keys.first_seen.len() >= MAX_KEYS {
+            if let Some(oldest) = keys.first_seen.pop_front() {
+                keys.counts.remove(&oldest);
             }
         }
+        keys.counts.insert(key.to_owned(), 1);
+        keys.first_seen.push_back(key.to_owned());
+        1
     }
 }
 
@@ -298,6 +313,7 @@ async fn stats(State(mock): State<Arc<Mock>>) -> Json<serde_json::Value> {
         .keys
         .lock()
         .unwrap_or_else(PoisonError::into_inner)
+        .counts
         .clone();
     Json(json!({
         "requests": mock.stats.requests.load(Ordering::Relaxed),

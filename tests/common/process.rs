@@ -57,8 +57,10 @@ impl GatewayProcess {
                 };
                 eprintln!("[tokenfan] {line}");
                 if let Some((_, addr)) = line.split_once("listening on ") {
+                    // The address ends the text line, or the JSON line's message string.
+                    let addr = addr.split(['"', ' ']).next().unwrap_or_default();
                     if let Some(listening) = listening.take() {
-                        let _ = listening.send(addr.trim().to_owned());
+                        let _ = listening.send(addr.to_owned());
                     }
                 }
                 sink.lock().unwrap().push(line);

@@ -21,6 +21,8 @@ use super::{
 
 /// Padding beyond this is a mistake, not a load profile, and would exhaust memory.
 const MAX_TOKEN_BYTES: u32 = 1 << 20;
+/// Longest `key`, in bytes: a name, not a payload (the mock remembers keys).
+const MAX_KEY_BYTES: usize = 256;
 /// Longest delay a knob may ask for (one hour), so timing arithmetic never overflows.
 const MAX_DELAY_MS: u64 = 3_600_000;
 
@@ -273,7 +275,7 @@ pub(super) fn parse(body: &[u8], defaults: &MockConfig) -> Result<MockRequest, R
         )?),
         prompt_tokens,
         injected: knobs.injected_status()?,
-        key: knobs.key,
+        key: knobs.key()?,
         script: Script::new(spec),
     })
 }
@@ -351,6 +353,14 @@ impl Knobs {
             min: Duration::from_millis(min),
             max: Duration::from_millis(at_most("interval_ms", max, MAX_DELAY_MS)?),
         })
+    }
+
+    fn key(self) -> Result<Option<String>, KnobError> {
+        let Some(key) = self.key else {
+            return Ok(None);
+        };
+        at_most("key length", key.len() as u64, MAX_KEY_BYTES as u64)?;
+        Ok(Some(key))
     }
 
     fn token_bytes(&self) -> Result<usize, KnobError> {

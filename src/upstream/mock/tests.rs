@@ -15,7 +15,7 @@ use tokio::{
     time::timeout,
 };
 
-use super::{serve, Interval, MockConfig};
+use super::{serve, Interval, MockConfig, Stats, MAX_KEYS};
 
 /// A running mock and the means to stop it.
 struct Running {
@@ -540,6 +540,11 @@ async fn invalid_requests_are_refused_with_openai_errors() {
             "trickle_ms needs a streaming request",
         ),
         (
+            request(json!({"status": 503, "key": "k".repeat(257)}), true),
+            "invalid_mock_knob",
+            "key length 257 is above the limit of 256",
+        ),
+        (
             json!({"model": "m", "stream": true}),
             "invalid_request",
             "messages",
@@ -600,6 +605,18 @@ async fn stats_count_requests_and_keys() {
     let stats = mock.get("/mock/stats").await;
     assert_eq!(stats, json!({"requests": 5, "keys": {"a": 2, "b": 1}}));
     mock.stop().await;
+}
+
+#[test]
+fn remembered_keys_are_bounded_and_the_oldest_is_forgotten() {
+    let stats = Stats::default();
+    for key in 0..=MAX_KEYS {
+        assert_eq!(stats.count_key(&key.to_string()), 1);
+    }
+    assert_eq!(stats.count_key("1"), 2);
+    let keys = stats.keys.lock().unwrap();
+    assert_eq!(keys.counts.len(), MAX_KEYS);
+    assert!(!keys.counts.contains_key("0"));
 }
 
 #[tokio::test]
