@@ -6,14 +6,14 @@ use super::{kb, mib, ms, RunResult};
 use crate::metrics::latency::LatencySummary;
 use crate::metrics::redis::REPORTED;
 
-/// (metric, value) rows; none for a single gateway without a store.
+/// (metric, value) rows; none outside `cluster`.
 pub fn rows(result: &RunResult) -> Vec<(String, String)> {
     let mut rows = Vec::new();
-    let instances = result.gateway.instances.len();
-    let store = result.gateway.store.as_ref();
-    if instances < 2 && store.is_none() {
+    if result.scenario.cluster.is_none() {
         return rows;
     }
+    let instances = result.gateway.instances.len();
+    let store = result.gateway.store.as_ref();
     rows.push((
         "instances".into(),
         match store {
@@ -52,6 +52,15 @@ pub fn rows(result: &RunResult) -> Vec<(String, String)> {
             "gateway CPU per instance over window (summed above)".into(),
             each.join(" / "),
         ));
+        if let Some(store_s) = cpu.store_cpu_s {
+            rows.push((
+                "redis-server CPU over window".into(),
+                format!(
+                    "{store_s:.2} s ({:.2} cores)",
+                    store_s / cpu.window_s.max(1e-9)
+                ),
+            ));
+        }
     }
     if let Some(used) = &result.store {
         let per_token = |name: &str| used.calls_per_token.get(name).copied().unwrap_or(0.0);

@@ -150,6 +150,8 @@ pub struct Cpu {
     pub client_cpu_s: f64,
     /// CPU seconds of the spawned mock LLM over the same window.
     pub mock_cpu_s: Option<f64>,
+    /// CPU seconds of the spawned redis-server over the same window.
+    pub store_cpu_s: Option<f64>,
 }
 
 impl Cpu {
@@ -170,6 +172,7 @@ impl Cpu {
             },
             client_cpu_s: 0.0,
             mock_cpu_s: None,
+            store_cpu_s: None,
         }
     }
 
@@ -182,6 +185,7 @@ impl Cpu {
         Cpu {
             client_cpu_s: self.client_cpu_s + other.client_cpu_s,
             mock_cpu_s: self.mock_cpu_s.zip(other.mock_cpu_s).map(|(a, b)| a + b),
+            store_cpu_s: self.store_cpu_s.zip(other.store_cpu_s).map(|(a, b)| a + b),
             ..Cpu::new(
                 self.window_s + other.window_s,
                 &instance_cpu_s,

@@ -21,6 +21,7 @@ pub struct WindowMark {
     pub tokens: u64,
     pub client_cpu_s: f64,
     pub mock_cpu_s: Option<f64>,
+    pub store_cpu_s: Option<f64>,
 }
 
 /// Samples the gateway and prints progress while waiting for a phase to end.
@@ -29,6 +30,7 @@ pub struct Monitor {
     /// Every instance's pid (none when attached without `--pid`).
     pids: Vec<u32>,
     mock_pid: Option<u32>,
+    store_pid: Option<u32>,
     t0: Instant,
     /// The run's time limit; `wait` sets `timed_out` when it passes.
     pub deadline: Instant,
@@ -55,6 +57,7 @@ impl Monitor {
             fleet,
             pids: gateway.info.pids(),
             mock_pid: gateway.info.mock_pid,
+            store_pid: gateway.info.store.as_ref().and_then(|s| s.pid),
             t0,
             deadline,
             planned,
@@ -173,6 +176,7 @@ impl Monitor {
             tokens,
             client_cpu_s: self.fleet.cpu_seconds(),
             mock_cpu_s: self.mock_pid.and_then(|pid| read_cpu_seconds(pid).ok()),
+            store_cpu_s: self.store_pid.and_then(|pid| read_cpu_seconds(pid).ok()),
         }
     }
 }
@@ -186,6 +190,7 @@ impl WindowMark {
         Some(Cpu {
             client_cpu_s: end.client_cpu_s - self.client_cpu_s,
             mock_cpu_s: end.mock_cpu_s.zip(self.mock_cpu_s).map(|(e, s)| e - s),
+            store_cpu_s: end.store_cpu_s.zip(self.store_cpu_s).map(|(e, s)| e - s),
             ..Cpu::new(
                 end.at.duration_since(self.at).as_secs_f64(),
                 &instance_cpu_s,
