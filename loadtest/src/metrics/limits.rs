@@ -126,15 +126,16 @@ pub fn gateway_capacity(pid: u32, upstream_fds: u64) -> Result<GatewayCapacity> 
 }
 
 impl GatewayCapacity {
-    /// The message for a requested N above what the gateway can hold.
-    pub fn wall_message(&self, pid: u32, requested: u64) -> String {
+    /// The message for `load` connections on one gateway above what it can hold; `rerun` is
+    /// the N of the whole run that fits (the same as its max with one gateway).
+    pub fn wall_message(&self, pid: u32, load: u64, rerun: u64) -> String {
         let max = self.max_connections.unwrap_or(u64::MAX);
         format!(
-            "requested {requested} connections, but gateway pid {pid} can hold at most {max}: \
+            "{load} connections would go to gateway pid {pid}, but it can hold at most {max}: \
              its RLIMIT_NOFILE is {} (hard {}), it already holds {} fds, and {} are kept for \
              upstream streams plus {GATEWAY_FD_MARGIN} spare. Where the hard limit cannot be \
              raised (20,000 on this project's build machines), one gateway process tops out \
-             near 19,500 connections. Rerun with --connections {max}, or add --cap to cap \
+             near 19,500 connections. Rerun with --connections {rerun}, or add --cap to cap \
              automatically, or spread the viewers over more instances (`cluster --instances`). \
              Where the limit can be raised: `ulimit -n 1048576` (and fs.nr_open ≥ that) before starting the \
              gateway and this tool.",
@@ -227,6 +228,7 @@ mod tests {
         let cap = gateway_capacity(std::process::id(), 10).unwrap();
         let soft = cap.nofile_soft.unwrap();
         assert!(cap.max_connections.unwrap() < soft);
-        assert!(cap.wall_message(1, soft).contains("--cap"));
+        let message = cap.wall_message(1, soft, 1234);
+        assert!(message.contains("--cap") && message.contains("--connections 1234"));
     }
 }

@@ -96,7 +96,7 @@ pub async fn run(args: &RunArgs, command: String) -> Result<RunResult> {
     }
     let loads = plan.clients_per_instance(scenario.instances());
     if let Some((worst, max)) = over_the_wall(&capacity, &loads, requested) {
-        let message = capacity[worst].wall_message(pids[worst], loads[worst]);
+        let message = capacity[worst].wall_message(pids[worst], loads[worst], max);
         if !args.cap {
             gateway.stop().await;
             bail!(message);
