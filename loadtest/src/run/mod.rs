@@ -62,6 +62,9 @@ pub async fn run(args: &RunArgs, command: String) -> Result<RunResult> {
     let t0 = Instant::now();
     let started_utc = crate::report::utc_timestamp(unix_micros() / 1_000_000);
     let scenario = Scenario::resolve(args.scenario, &args.overrides)?;
+    if args.url.is_some() && scenario.cluster.is_some() {
+        bail!("cluster starts its own instances and Redis: leave out --url");
+    }
     let mut plan = Plan::build(&scenario, args.seed)?;
     let requested = plan.connections();
     let mut warnings = Vec::new();
