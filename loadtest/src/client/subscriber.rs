@@ -33,7 +33,7 @@ pub const MIN_READ_BUFFER: usize = 2048;
 
 /// What every subscriber of a worker shares.
 pub struct Shared {
-    /// The gateway instances (one but in a cluster); a client resumes on the next one.
+    /// The gateway instances (several only in a cluster); a client resumes on the next one.
     pub gateways: Vec<SocketAddr>,
     pub counters: RefCell<Counters>,
     /// Receipt − emit in microseconds, for clients that keep reading, kept apart by whether
@@ -526,10 +526,12 @@ mod tests {
         (addr, handle)
     }
 
-    async fn run_one(addr: SocketAddr) -> Counters {
+    /// Runs one client of a generation owned by the first of `gateways`, connecting there
+    /// first; returns its counters and how many tokens were timed on each side.
+    async fn run_on(gateways: Vec<SocketAddr>) -> (Counters, BySide<u64>) {
         let (_leave_tx, leave) = watch::channel(false);
         let shared = Rc::new(Shared {
-            gateways: vec![addr],
+            gateways,
             counters: RefCell::new(Counters::default()),
             latency: RefCell::new(BySide::new().unwrap()),
             leave,
@@ -550,10 +552,39 @@ mod tests {
         };
         LocalSet::new().run_until(run(plan, shared.clone())).await;
         let counters = shared.counters.borrow().clone();
-        let latency = shared.latency.borrow();
-        assert_eq!(latency.owner.len(), counters.live_tokens);
-        assert_eq!(latency.non_owner.len(), 0);
+        let timed = shared.latency.borrow().map(Histogram::len);
+        assert_eq!(timed.owner + timed.non_owner, counters.live_tokens);
+        (counters, timed)
+    }
+
+    async fn run_one(addr: SocketAddr) -> Counters {
+        let (counters, timed) = run_on(vec![addr]).await;
+        assert_eq!(timed.non_owner, 0);
         counters
+    }
+
+    #[tokio::test]
+    async fn a_resume_goes_to_the_next_instance_and_is_timed_as_a_non_owner_viewer() {
+        let now = unix_micros() + 1_000_000;
+        let owner = format!(
+            "{HEAD}{}{}0\r\n\r\n",
+            token(0, now),
+            chunk("retry: 10\nevent: reconnect\ndata: {\"reason\":\"slow_consumer\"}\n\n"),
+        );
+        let other = format!(
+            "{HEAD}{}{}{}0\r\n\r\n",
+            token(1, now),
+            token(2, now),
+            chunk("id: 3\nevent: done\ndata: {\"status\":\"completed\",\"token_count\":3}\n\n"),
+        );
+        let (first, first_server) = serve(vec![owner]).await;
+        let (second, second_server) = serve(vec![other]).await;
+        let (c, timed) = run_on(vec![first, second]).await;
+        assert_eq!((c.tokens, c.reconnects, c.done), (3, 1, 1));
+        assert_eq!(c.delivery_errors(), 0);
+        assert_eq!((timed.owner, timed.non_owner), (1, 2));
+        assert!(!first_server.await.unwrap()[0].contains("Last-Event-ID"));
+        assert!(second_server.await.unwrap()[0].contains("\r\nLast-Event-ID: 0\r\n"));
     }
 
     #[tokio::test]
