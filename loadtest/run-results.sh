@@ -25,6 +25,12 @@ run drain-19k     drain -n 19400 -g 200 --cap
 run soak          soak --seed 1
 run soak-3-rounds soak --seed 1 --rounds 3 --churn-s 12 -n 500 -g 80
 run soak-jemalloc-defaults soak --seed 1 --gateway-env=_RJEM_MALLOC_CONF=
+# The shared store (needs redis-server): 3 instances vs one in-memory instance, moves, and
+# 100,000 idle viewers over 6 instances.
+run cluster-1k        cluster
+run cluster-1k-memory cluster --no-store
+run cluster-1k-moves  cluster --move-fraction 0.2
+run cluster-idle-100k cluster -n 100000 -g 600 --instances 6 --tokens 1000 --interval-ms 10000 --hold-s 30
 for n in 5000 9000; do
   echo "== floor-$((n / 1000))k: $LT floor -n $n" >&2
   "$LT" floor -n "$n" > "$OUT/floor-$((n / 1000))k.txt"

@@ -11,7 +11,7 @@ use tokio::process::{Child, Command};
 use tokio::sync::mpsc;
 
 use crate::client::stats::Counters;
-use crate::metrics::latency::Buckets;
+use crate::metrics::latency::{Buckets, BySide};
 use crate::metrics::proc::{read_cpu_seconds, read_rss};
 use crate::worker::{Target, WorkerCommand, WorkerReport, WorkerSpec};
 
@@ -23,7 +23,7 @@ pub struct Fleet {
     commands: Commands,
     rx: mpsc::UnboundedReceiver<Message>,
     progress: Vec<Counters>,
-    finals: Vec<Option<(Counters, Buckets)>>,
+    finals: Vec<Option<(Counters, BySide<Buckets>)>>,
     /// Workers whose output ended without a final report.
     pub lost_workers: Vec<usize>,
 }
@@ -99,7 +99,7 @@ impl Fleet {
                 }
                 None if self.finals[index].is_none() => {
                     self.lost_workers.push(index);
-                    self.finals[index] = Some((self.progress[index].clone(), Buckets::default()));
+                    self.finals[index] = Some((self.progress[index].clone(), BySide::default()));
                 }
                 None => {}
             }
@@ -146,7 +146,7 @@ impl Fleet {
             .sum()
     }
 
-    pub fn finals(&self) -> impl Iterator<Item = &(Counters, Buckets)> {
+    pub fn finals(&self) -> impl Iterator<Item = &(Counters, BySide<Buckets>)> {
         self.finals.iter().flatten()
     }
 

@@ -1,5 +1,6 @@
 //! The gateway under test: spawned (with the mock LLM as a separate process, so the mock's CPU
-//! and memory are not counted as the gateway's) or attached to by `--url` and `--pid`.
+//! and memory are not counted as the gateway's; in `cluster`, several instances on a Redis
+//! started for the run) or attached to by `--url` and `--pid`.
 
 use std::fs::File;
 use std::net::SocketAddr;
@@ -12,24 +13,56 @@ use serde::Serialize;
 use tokio::process::{Child, Command};
 
 use crate::client::http::request;
+use crate::scenario::ClusterKnobs;
+use crate::store::{RedisServer, StoreInfo};
 
 const READY_TIMEOUT: Duration = Duration::from_secs(20);
+
+/// One `tokenfan serve` process.
+#[derive(Debug, Clone, Serialize)]
+pub struct Instance {
+    pub addr: SocketAddr,
+    pub pid: Option<u32>,
+    pub command: Option<String>,
+}
 
 #[derive(Debug, Clone, Serialize)]
 pub struct GatewayInfo {
     pub mode: &'static str,
-    pub addr: SocketAddr,
-    pub pid: Option<u32>,
-    pub command: Option<String>,
+    /// Every gateway process; all scenarios but `cluster` have exactly one.
+    pub instances: Vec<Instance>,
     pub mock_command: Option<String>,
     /// The spawned mock LLM's pid, to report its CPU beside the gateway's.
     pub mock_pid: Option<u32>,
+    /// The Redis the instances share, when the run started one.
+    pub store: Option<StoreInfo>,
+}
+
+impl GatewayInfo {
+    /// The first instance: the one single-gateway scenarios talk to, signal and watch.
+    pub fn pid(&self) -> Option<u32> {
+        self.instances.first().and_then(|i| i.pid)
+    }
+
+    pub fn addrs(&self) -> Vec<SocketAddr> {
+        self.instances.iter().map(|i| i.addr).collect()
+    }
+
+    /// The pids of all instances, or none when any is unknown (attached without `--pid`).
+    pub fn pids(&self) -> Vec<u32> {
+        self.instances
+            .iter()
+            .map(|i| i.pid)
+            .collect::<Option<Vec<_>>>()
+            .unwrap_or_default()
+    }
 }
 
 pub struct Gateway {
     pub info: GatewayInfo,
-    child: Option<Child>,
+    children: Vec<Child>,
     mock: Option<Child>,
+    store: Option<RedisServer>,
 }
 
 /// How the gateway process ended.
@@ -40,14 +73,16 @@ pub struct Exit {
 }
 
 impl Gateway {
-    /// Starts `bin mock-upstream` and `bin serve` on free loopback ports; their output goes to
-    /// `<log_prefix>.mock.log` and `<log_prefix>.gateway.log`. `env` (`NAME=value`) is set
-    /// for the gateway only.
+    /// Starts `bin mock-upstream`, with `cluster` a `redis-server`, and `bin serve` once per
+    /// instance, all on free loopback ports; their output goes to `<log_prefix>.mock.log`,
+    /// `<log_prefix>.redis.log` and `<log_prefix>.gateway.log` (`.gateway-K.log` with several
+    /// instances). `env` (`NAME=value`) is set for the gateways only.
     pub async fn spawn(
         bin: &Path,
         extra_args: &[String],
         env: &[String],
         log_prefix: &Path,
+        cluster: Option<&ClusterKnobs>,
     ) -> Result<Self> {
         if !bin.exists() {
             bail!(
@@ -65,16 +100,10 @@ impl Gateway {
         wait_until(mock_addr, "/mock/stats")
             .await
             .context("mock upstream did not start")?;
-
-        let addr = free_port()?;
-        let mut args = vec![
-            "serve".to_string(),
-            "--listen".into(),
-            addr.to_string(),
-            "--upstream-url".into(),
-            format!("http://{mock_addr}/v1"),
-        ];
-        args.extend_from_slice(extra_args);
+        let store = match cluster.filter(|c| c.store) {
+            Some(_) => Some(RedisServer::spawn(&log_file(log_prefix, "redis")?).await?),
+            None => None,
+        };
         let env = env
             .iter()
             .map(|pair| {
@@ -82,21 +111,51 @@ impl Gateway {
                     .with_context(|| format!("gateway environment {pair:?} is not NAME=value"))
             })
             .collect::<Result<Vec<_>>>()?;
-        let child = start(bin, &args, &env, &log_file(log_prefix, "gateway")?)?;
-        wait_until(addr, "/livez")
-            .await
-            .context("gateway did not become live")?;
-        Ok(Self {
-            info: GatewayInfo {
-                mode: "spawned",
+        let count = cluster.map_or(1, |c| c.instances);
+        let mut instances = Vec::new();
+        let mut children = Vec::new();
+        for k in 0..count {
+            let addr = free_port()?;
+            let mut args = vec![
+                "serve".to_string(),
+                "--listen".into(),
+                addr.to_string(),
+                "--upstream-url".into(),
+                format!("http://{mock_addr}/v1"),
+            ];
+            if let Some(store) = &store {
+                args.push(format!("--store-url=redis://{}", store.info.addr));
+                args.push(format!("--instance-id=loadtest-{k}"));
+            }
+            args.extend_from_slice(extra_args);
+            let log = match count {
+                1 => log_file(log_prefix, "gateway")?,
+                _ => log_file(log_prefix, &format!("gateway-{k}"))?,
+            };
+            let child = start(bin, &args, &env, &log)?;
+            instances.push(Instance {
                 addr,
                 pid: child.id(),
                 command: Some(command_line(&env, bin, &args)),
+            });
+            children.push(child);
+        }
+        for instance in &instances {
+            wait_until(instance.addr, "/livez")
+                .await
+                .with_context(|| format!("gateway {} did not become live", instance.addr))?;
+        }
+        Ok(Self {
+            info: GatewayInfo {
+                mode: "spawned",
+                instances,
                 mock_command: Some(command_line(&[], bin, &mock_args)),
                 mock_pid: mock.id(),
+                store: store.as_ref().map(|s| s.info.clone()),
             },
-            child: Some(child),
+            children,
             mock: Some(mock),
+            store,
         })
     }
 
@@ -118,61 +177,81 @@ impl Gateway {
         Ok(Self {
             info: GatewayInfo {
                 mode: "attached",
-                addr,
-                pid,
-                command: None,
+                instances: vec![Instance {
+                    addr,
+                    pid,
+                    command: None,
+                }],
                 mock_command: None,
                 mock_pid: None,
+                store: None,
             },
-            child: None,
+            children: Vec::new(),
             mock: None,
+            store: None,
         })
     }
 
+    /// SIGTERM to the first instance.
     pub fn sigterm(&self) -> Result<()> {
         let pid = self
             .info
-            .pid
+            .pid()
             .context("no gateway pid to signal (pass --pid)")?;
-        let pid = libc::pid_t::try_from(pid).context("pid out of range")?;
-        // SAFETY: kill has no memory-safety preconditions.
-        if unsafe { libc::kill(pid, libc::SIGTERM) } != 0 {
-            bail!("kill -TERM {pid}: {}", std::io::Error::last_os_error());
-        }
-        Ok(())
+        signal_term(pid)
     }
 
-    /// Whether the gateway has exited: `Some(exit code)` once it has (`None` inside when it
-    /// was attached and its code is unknowable, or it died by a signal).
+    /// Whether the first instance has exited: `Some(exit code)` once it has (`None` inside
+    /// when it was attached and its code is unknowable, or it died by a signal).
     pub fn try_exit(&mut self) -> Result<Option<Option<i32>>> {
-        if let Some(child) = self.child.as_mut() {
+        if let Some(child) = self.children.first_mut() {
             return Ok(child
                 .try_wait()
                 .context("poll gateway process")?
                 .map(|status| status.code()));
         }
-        let pid = self.info.pid.context("no gateway pid to watch")?;
+        let pid = self.info.pid().context("no gateway pid to watch")?;
         Ok((!Path::new(&format!("/proc/{pid}")).exists()).then_some(None))
     }
 
-    /// Stops what we spawned: SIGTERM, a short grace, then SIGKILL. Attached gateways are left alone.
-    pub async fn stop(mut self) {
-        if let Some(mut child) = self.child.take() {
-            if self.sigterm().is_ok()
-                && tokio::time::timeout(Duration::from_secs(5), child.wait())
-                    .await
-                    .is_err()
-            {
+    /// Stops what we spawned: SIGTERM to every instance, a short grace, then SIGKILL; then the
+    /// mock and Redis. Attached gateways are left alone.
+    pub async fn stop(self) {
+        for child in &self.children {
+            if let Some(pid) = child.id() {
+                let _ = signal_term(pid);
+            }
+        }
+        let grace = tokio::time::Instant::now() + Duration::from_secs(5);
+        for mut child in self.children {
+            if tokio::time::timeout_at(grace, child.wait()).await.is_err() {
                 let _ = child.kill().await;
             }
         }
-        if let Some(mut mock) = self.mock.take() {
+        if let Some(mut mock) = self.mock {
             let _ = mock.kill().await;
+        }
+        if let Some(store) = self.store {
+            store.stop().await;
         }
     }
 }
 
-fn start(bin: &Path, args: &[String], env: &[(&str, &str)], log: &Path) -> Result<Child> {
+fn signal_term(pid: u32) -> Result<()> {
+    let pid = libc::pid_t::try_from(pid).context("pid out of range")?;
+    // SAFETY: kill has no memory-safety preconditions.
+    if unsafe { libc::kill(pid, libc::SIGTERM) } != 0 {
+        bail!("kill -TERM {pid}: {}", std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+pub(crate) fn start(
+    bin: &Path,
+    args: &[String],
+    env: &[(&str, &str)],
+    log: &Path,
+) -> Result<Child> {
     let out = File::create(log).with_context(|| format!("create {}", log.display()))?;
     let err = out.try_clone().context("clone log file handle")?;
     Command::new(bin)
@@ -186,7 +265,7 @@ fn start(bin: &Path, args: &[String], env: &[(&str, &str)], log: &Path) -> Resul
         .with_context(|| format!("spawn {}", command_line(env, bin, args)))
 }
 
-fn log_file(prefix: &Path, what: &str) -> Result<PathBuf> {
+pub(crate) fn log_file(prefix: &Path, what: &str) -> Result<PathBuf> {
     let mut name = prefix
         .file_name()
         .context("log prefix has no file name")?
@@ -195,7 +274,7 @@ fn log_file(prefix: &Path, what: &str) -> Result<PathBuf> {
     Ok(prefix.with_file_name(name))
 }
 
-fn command_line(env: &[(&str, &str)], bin: &Path, args: &[String]) -> String {
+pub(crate) fn command_line(env: &[(&str, &str)], bin: &Path, args: &[String]) -> String {
     env.iter()
         .map(|(name, value)| format!("{name}={value}"))
         .chain(std::iter::once(bin.display().to_string()))
@@ -205,7 +284,7 @@ fn command_line(env: &[(&str, &str)], bin: &Path, args: &[String]) -> String {
 }
 
 /// A loopback port that was free a moment ago (the small race is acceptable for a test tool).
-fn free_port() -> Result<SocketAddr> {
+pub(crate) fn free_port() -> Result<SocketAddr> {
     let listener = std::net::TcpListener::bind("127.0.0.1:0").context("find a free port")?;
     listener.local_addr().context("free port address")
 }

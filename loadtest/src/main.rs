@@ -10,6 +10,7 @@ mod metrics;
 mod report;
 mod run;
 mod scenario;
+mod store;
 mod worker;
 
 use anyhow::{Context, Result};

@@ -28,6 +28,9 @@ pub enum ScenarioName {
     /// Bounded churn: clients come, read, stall, drop and leave while generations start and
     /// fail; then gauges back to 0, RSS back to its warmed-up baseline, every token delivered.
     Soak,
+    /// Several instances on one Redis the tool starts: viewers on the owner and on other
+    /// instances side by side, moving between instances; Redis commands and memory per token.
+    Cluster,
 }
 
 /// An inclusive integer range, written `20-80` or `50`.
@@ -190,6 +193,20 @@ pub struct Overrides {
     /// Hard limit for the whole run in seconds; the run stops itself there.
     #[arg(long)]
     pub time_limit_s: Option<u64>,
+    /// `tokenfan serve` instances on one Redis (cluster).
+    #[arg(long)]
+    pub instances: Option<u32>,
+    /// One instance on the in-memory store, no Redis: the cluster's comparison run.
+    #[arg(long)]
+    pub no_store: bool,
+    /// Fraction of viewers whose first connection goes to an instance other than their
+    /// generation's owner (cluster).
+    #[arg(long)]
+    pub non_owner_fraction: Option<f64>,
+    /// Fraction of viewers that close their stream mid-way and resume on the next instance
+    /// with `Last-Event-ID` (cluster).
+    #[arg(long)]
+    pub move_fraction: Option<f64>,
 }
 
 /// How many clients and which generation each one follows.
@@ -278,6 +295,43 @@ pub struct SoakKnobs {
     pub retention_s: f64,
 }
 
+/// Several gateway instances sharing one store: who owns a generation, where a viewer
+/// connects first.
+#[derive(Debug, Clone, Serialize)]
+pub struct ClusterKnobs {
+    /// `tokenfan serve` processes, all on the same mock (and Redis, with `store`).
+    pub instances: u32,
+    /// The instances share a Redis the tool starts; false: one instance on the in-memory store.
+    pub store: bool,
+    /// Share of viewers that connect first to an instance other than their generation's owner.
+    pub non_owner_fraction: f64,
+}
+
+impl ClusterKnobs {
+    /// Generations are created round-robin over the instances; the one that took the `POST`
+    /// owns it.
+    pub fn owner(&self, generation: u32) -> u32 {
+        generation % self.instances
+    }
+
+    /// The instance client `index` of generation `generation` connects to first: a fixed draw
+    /// for a seed puts `non_owner_fraction` of the clients on one of the other instances (spread
+    /// evenly over them), the rest on the owner, so every instance gets about the same share.
+    pub fn first_instance(&self, index: u64, generation: u32, seed: u64) -> u32 {
+        let owner = self.owner(generation);
+        if self.instances < 2 {
+            return owner;
+        }
+        let draw = mix(seed ^ mix(index ^ 0x1c57_e000));
+        let unit = (draw % 1_000_000) as f64 / 1_000_000.0;
+        if unit >= self.non_owner_fraction {
+            return owner;
+        }
+        let others = u64::from(self.instances - 1);
+        (owner + 1 + (mix(draw) % others) as u32) % self.instances
+    }
+}
+
 /// A fully resolved scenario.
 #[derive(Debug, Clone, Serialize)]
 pub struct Scenario {
@@ -296,6 +350,7 @@ pub struct Scenario {
     pub fail_fraction: f64,
     pub drain_after_s: f64,
     pub soak: Option<SoakKnobs>,
+    pub cluster: Option<ClusterKnobs>,
     /// Flags this scenario gives a spawned gateway (`--name=value`), before `--gateway-arg`s.
     pub gateway_args: Vec<String>,
     /// Environment (`NAME=value`) of a spawned gateway.
@@ -320,6 +375,7 @@ impl Scenario {
             fail_fraction: 0.0,
             drain_after_s: 0.0,
             soak: None,
+            cluster: None,
             gateway_args: Vec::new(),
             gateway_env: Vec::new(),
             ending: Ending::AllDone,
@@ -441,6 +497,21 @@ impl Scenario {
                 ending: Ending::Churn,
                 ..base
             },
+            // The comparison point: 1,000 generations at 20 tokens/s, two viewers each,
+            // half of the viewers on an instance that does not own their generation.
+            ScenarioName::Cluster => Self {
+                shape: Shape::Spread { connections: 2000 },
+                generations: 1000,
+                tokens: Range::fixed(200),
+                interval_ms: Range::fixed(50),
+                start_margin_s: 2.0,
+                cluster: Some(ClusterKnobs {
+                    instances: 3,
+                    store: true,
+                    non_owner_fraction: 0.5,
+                }),
+                ..base
+            },
         }
     }
 
@@ -488,6 +559,7 @@ impl Scenario {
             s.fail_fraction = f.clamp(0.0, 1.0);
         }
         s.apply_soak_overrides(o)?;
+        s.apply_cluster_overrides(o)?;
         if s.generations == 0 || s.ramp_rate == 0 {
             bail!("--generations and --ramp-rate must be at least 1");
         }
@@ -565,6 +637,70 @@ impl Scenario {
         self.gateway_args
             .push(format!("--retention={retention_ms}ms"));
         Ok(())
+    }
+
+    /// Instances, store, viewer placement and moves. `--no-store` means one instance (any
+    /// other instance could not serve its generations); `--hold-s` turns the run into the idle
+    /// shape: hold, then leave.
+    fn apply_cluster_overrides(&mut self, o: &Overrides) -> Result<()> {
+        let given = o.instances.is_some()
+            || o.no_store
+            || o.non_owner_fraction.is_some()
+            || o.move_fraction.is_some();
+        let Some(cluster) = self.cluster.as_mut() else {
+            if given {
+                bail!("--instances, --no-store, --non-owner-fraction and --move-fraction are cluster knobs");
+            }
+            return Ok(());
+        };
+        if o.no_store {
+            cluster.store = false;
+            cluster.instances = 1;
+        }
+        if let Some(n) = o.instances {
+            cluster.instances = n;
+        }
+        if cluster.instances == 0 || (!cluster.store && cluster.instances > 1) {
+            bail!("--no-store runs exactly one instance; the cluster needs --instances ≥ 1");
+        }
+        if let Some(f) = o.non_owner_fraction {
+            cluster.non_owner_fraction = f.clamp(0.0, 1.0);
+        }
+        if let Some(f) = o.move_fraction {
+            if o.reconnect_fraction.is_some() {
+                bail!("give --move-fraction or --reconnect-fraction, not both");
+            }
+            // A move happens somewhere in the stream and comes back quickly, as a browser
+            // whose connection was cut and that a load balancer sends elsewhere.
+            self.clients.drops = Some(DropKnobs {
+                reconnect_fraction: f.clamp(0.0, 1.0),
+                leave_fraction: 0.0,
+                after_tokens: Range {
+                    min: 1,
+                    max: self.tokens.min.saturating_sub(1).max(1),
+                },
+                away_ms: Range { min: 0, max: 200 },
+            });
+        }
+        if o.hold_s.is_some() {
+            self.ending = Ending::Leave;
+        }
+        Ok(())
+    }
+
+    /// Gateway instances the run spawns.
+    pub fn instances(&self) -> u32 {
+        self.cluster.as_ref().map_or(1, |c| c.instances)
+    }
+
+    /// Upstream connections one instance holds at most: one per generation it owns.
+    pub fn upstream_fds_per_instance(&self) -> u64 {
+        self.generations.div_ceil(u64::from(self.instances()))
+    }
+
+    /// The instance generation `index` is created on (0 with one gateway).
+    pub fn owner(&self, index: u32) -> u32 {
+        self.cluster.as_ref().map_or(0, |c| c.owner(index))
     }
 
     /// Seconds the ramp takes at the configured rate, for `connections` clients.
@@ -686,6 +822,8 @@ pub struct Plan {
     pub generations: Vec<GenerationPlan>,
     /// `assignments[client] = generation index`.
     pub assignments: Vec<u32>,
+    /// `instances[client]` = the instance it connects to first (0 with one gateway).
+    pub instances: Vec<u32>,
 }
 
 impl Plan {
@@ -696,7 +834,7 @@ impl Plan {
         }
         let generations = Self::draw_generations(s, seed, s.generations)?;
         let g = generations.len() as u32;
-        let assignments = match s.shape {
+        let assignments: Vec<u32> = match s.shape {
             Shape::Spread { connections } | Shape::Churn { connections } => (0..connections)
                 .map(|c| (c % u64::from(g)) as u32)
                 .collect(),
@@ -707,9 +845,16 @@ impl Plan {
                 })
                 .collect(),
         };
+        let instances = match &s.cluster {
+            Some(cluster) => (assignments.iter().enumerate())
+                .map(|(client, &gen)| cluster.first_instance(client as u64, gen, seed))
+                .collect(),
+            None => vec![0; assignments.len()],
+        };
         Ok(Self {
             generations,
             assignments,
+            instances,
         })
     }
 
@@ -737,9 +882,10 @@ impl Plan {
                 let newest = k * g / n.max(1);
                 newest.saturating_sub(lag.pick(mix(seed ^ k ^ 0x1a6))) as u32
             })
-            .collect();
+            .collect::<Vec<_>>();
         Ok(Self {
             generations,
+            instances: vec![0; assignments.len()],
             assignments,
         })
     }
@@ -758,6 +904,16 @@ impl Plan {
     /// Keeps the first `max` clients (the N cap when the gateway cannot hold more).
     pub fn cap(&mut self, max: u64) {
         self.assignments.truncate(max as usize);
+        self.instances.truncate(max as usize);
+    }
+
+    /// Clients that connect first to each of `instances` instances.
+    pub fn clients_per_instance(&self, instances: u32) -> Vec<u64> {
+        let mut counts = vec![0; instances as usize];
+        for &i in &self.instances {
+            counts[i as usize] += 1;
+        }
+        counts
     }
 }
 
@@ -848,6 +1004,75 @@ mod tests {
         }
         plan.cap(10);
         assert_eq!(plan.connections(), 10);
+    }
+
+    #[test]
+    fn cluster_spreads_owners_round_robin_and_puts_the_asked_share_elsewhere() {
+        let cluster = Scenario::resolve(
+            ScenarioName::Cluster,
+            &Overrides {
+                connections: Some(60_000),
+                instances: Some(6),
+                move_fraction: Some(0.2),
+                ..Overrides::default()
+            },
+        )
+        .unwrap();
+        assert_eq!((cluster.instances(), cluster.owner(7)), (6, 1));
+        assert_eq!(cluster.upstream_fds_per_instance(), 167);
+        let drops = cluster.clients.drops.as_ref().unwrap();
+        assert_eq!(
+            (drops.reconnect_fraction, drops.after_tokens.max),
+            (0.2, 199)
+        );
+        let plan = Plan::build(&cluster, 1).unwrap();
+        let elsewhere = (plan.assignments.iter().zip(&plan.instances))
+            .filter(|&(&gen, &instance)| cluster.owner(gen) != instance)
+            .count();
+        assert!((29_000..31_000).contains(&elsewhere), "{elsewhere}");
+        // Every instance gets about a sixth: none hits its wall before the others.
+        for load in plan.clients_per_instance(6) {
+            assert!((9_500..10_500).contains(&load), "{load}");
+        }
+        let idle = Scenario::resolve(
+            ScenarioName::Cluster,
+            &Overrides {
+                hold_s: Some(30.0),
+                ..Overrides::default()
+            },
+        )
+        .unwrap();
+        assert_eq!(idle.ending, Ending::Leave);
+        let memory = Scenario::resolve(
+            ScenarioName::Cluster,
+            &Overrides {
+                no_store: true,
+                ..Overrides::default()
+            },
+        )
+        .unwrap();
+        assert!(memory.cluster.as_ref().is_some_and(|c| !c.store));
+        let everyone_on_owner = Plan::build(&memory, 1).unwrap();
+        assert!(everyone_on_owner.instances.iter().all(|&i| i == 0));
+        for wrong in [
+            Overrides {
+                no_store: true,
+                instances: Some(2),
+                ..Overrides::default()
+            },
+            Overrides {
+                move_fraction: Some(0.1),
+                reconnect_fraction: Some(0.1),
+                ..Overrides::default()
+            },
+        ] {
+            assert!(Scenario::resolve(ScenarioName::Cluster, &wrong).is_err());
+        }
+        let not_a_cluster = Overrides {
+            instances: Some(2),
+            ..Overrides::default()
+        };
+        assert!(Scenario::resolve(ScenarioName::Chat, &not_a_cluster).is_err());
     }
 
     #[test]

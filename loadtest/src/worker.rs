@@ -19,7 +19,7 @@ use tokio::task::LocalSet;
 use crate::client::connect::source_address;
 use crate::client::stats::Counters;
 use crate::client::subscriber::{self, Expected, Plan, Policy, Shared};
-use crate::metrics::latency::{new_histogram, Buckets};
+use crate::metrics::latency::{Buckets, BySide};
 use crate::scenario::ClientMix;
 
 const PROGRESS_EVERY: Duration = Duration::from_millis(250);
@@ -33,16 +33,21 @@ pub struct Target {
     pub index: u32,
     pub id: Option<String>,
     pub expect: Option<Expected>,
+    /// The instance it was created on, which owns it.
+    pub owner: u32,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct WorkerSpec {
-    pub gateway: SocketAddr,
+    /// The gateway instances; `instances` index them.
+    pub gateways: Vec<SocketAddr>,
     /// Generations created before the worker starts; a churn run announces the others on
     /// stdin as it creates them, and a client waits (in arrival order) for its generation.
     pub generations: Vec<Target>,
     /// Generation index of each of this worker's clients.
     pub assignments: Vec<u32>,
+    /// The instance each of this worker's clients connects to first.
+    pub instances: Vec<u32>,
     /// Global index of `assignments[0]`: picks source addresses and behaviours.
     pub first_client: u64,
     /// This worker's share of the ramp, in clients per second.
@@ -73,13 +78,17 @@ pub enum WorkerReport {
     Progress(Counters),
     Final {
         counters: Counters,
-        latency: Buckets,
+        latency: BySide<Buckets>,
     },
 }
 
 /// A generation as this worker knows it.
 enum Known {
-    Created(Rc<str>, Option<Expected>),
+    Created {
+        id: Rc<str>,
+        expect: Option<Expected>,
+        owner: u32,
+    },
     Missing,
 }
 
@@ -94,7 +103,11 @@ impl Generations {
             self.0.resize_with(index + 1, || None);
         }
         self.0[index] = Some(match target.id {
-            Some(id) => Known::Created(Rc::from(id), target.expect),
+            Some(id) => Known::Created {
+                id: Rc::from(id),
+                expect: target.expect,
+                owner: target.owner,
+            },
             None => Known::Missing,
         });
     }
@@ -135,9 +148,9 @@ async fn run() -> Result<()> {
         let _ = leave_tx.send(true);
     });
     let shared = Rc::new(Shared {
-        gateway: spec.gateway,
+        gateways: std::mem::take(&mut spec.gateways),
         counters: RefCell::new(Counters::default()),
-        latency: RefCell::new(new_histogram()?),
+        latency: RefCell::new(BySide::new()?),
         leave: leave_rx.clone(),
         policy: Policy {
             resume_after_shutdown: spec.resume_after_shutdown,
@@ -157,7 +170,7 @@ async fn run() -> Result<()> {
         }
     }
     let counters = shared.counters.borrow().clone();
-    let latency = Buckets::from_histogram(&shared.latency.borrow());
+    let latency = shared.latency.borrow().map(Buckets::from_histogram);
     emit(&WorkerReport::Final { counters, latency })
 }
 
@@ -184,17 +197,21 @@ async fn ramp(
                 .0
                 .get(spec.assignments[started] as usize)
             {
-                Some(Some(Known::Created(id, expect))) => Some((id.clone(), *expect)),
+                Some(Some(Known::Created { id, expect, owner })) => {
+                    Some((id.clone(), *expect, *owner))
+                }
                 Some(Some(Known::Missing)) => None,
                 Some(None) | None => break,
             };
             match generation {
-                Some((generation, expect)) => {
+                Some((generation, expect, owner)) => {
                     let plan = Plan {
                         generation,
                         expect,
                         source: source_address(index),
                         behaviour: spec.clients.behaviour(index, spec.seed),
+                        owner,
+                        first_instance: spec.instances[started],
                     };
                     tokio::task::spawn_local(subscriber::run(plan, shared.clone()));
                 }

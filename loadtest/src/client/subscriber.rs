@@ -1,7 +1,8 @@
 //! One SSE subscriber: connects from its source address, reads the stream through the chunked
 //! decoder and SSE parser, checks every token id arrives exactly once and in order and that the
 //! generation ends as planned, records receipt − emit latency, and reconnects with
-//! `Last-Event-ID` after `event: reconnect` the way a browser's EventSource does. Its
+//! `Last-Event-ID` after `event: reconnect` the way a browser's EventSource does — on the next
+//! gateway instance when there are several, as a load balancer would send it elsewhere. Its
 //! [`Behaviour`] may also make it stall, close its connection and come back, or leave.
 //!
 //! All subscribers of a worker run on one thread (a `LocalSet`), so they share plain
@@ -24,6 +25,7 @@ use super::http::{events_request, parse_head, MAX_HEAD_BYTES};
 use super::payload::{contains, emit_stamp_us, u64_member};
 use super::sse::{EventKind, SseEvent, SseParser};
 use super::stats::Counters;
+use crate::metrics::latency::BySide;
 
 /// Smallest read buffer per subscriber. Token events are ~100 bytes; a small buffer keeps 20K
 /// clients in ~40 MB and a burst is simply read in several calls.
@@ -31,10 +33,12 @@ pub const MIN_READ_BUFFER: usize = 2048;
 
 /// What every subscriber of a worker shares.
 pub struct Shared {
-    pub gateway: SocketAddr,
+    /// The gateway instances (several only in a cluster); a client resumes on the next one.
+    pub gateways: Vec<SocketAddr>,
     pub counters: RefCell<Counters>,
-    /// Receipt − emit in microseconds, for clients that keep reading.
-    pub latency: RefCell<Histogram<u64>>,
+    /// Receipt − emit in microseconds, for clients that keep reading, kept apart by whether
+    /// the client was connected to its generation's owner.
+    pub latency: RefCell<BySide<Histogram<u64>>>,
     /// Flips to true when clients must close their streams and stop.
     pub leave: watch::Receiver<bool>,
     pub policy: Policy,
@@ -97,6 +101,9 @@ pub struct Plan {
     pub expect: Option<Expected>,
     pub source: Ipv4Addr,
     pub behaviour: Behaviour,
+    /// The instance that owns the generation, and the one this client connects to first.
+    pub owner: u32,
+    pub first_instance: u32,
 }
 
 /// How one connection ended.
@@ -131,8 +138,9 @@ pub async fn run(plan: Plan, shared: Rc<Shared>) {
     let mut buf = vec![0u8; shared.policy.read_buffer.max(MIN_READ_BUFFER)];
     let mut attempts = 0u32;
     let left = loop {
+        let instance = (plan.first_instance as usize + attempts as usize) % shared.gateways.len();
         let end = tokio::select! {
-            end = session(&plan, &shared, &mut progress, &mut buf) => end,
+            end = session(&plan, &shared, instance, &mut progress, &mut buf) => end,
             _ = leave.wait_for(|go| *go) => break true,
         };
         let wait = match end {
@@ -178,6 +186,7 @@ impl Drop for ConnectedGuard<'_> {
 async fn session(
     plan: &Plan,
     shared: &Shared,
+    instance: usize,
     progress: &mut Progress,
     buf: &mut [u8],
 ) -> SessionEnd {
@@ -185,7 +194,8 @@ async fn session(
         Behaviour::Stall { recv_buffer, .. } => Some(recv_buffer),
         _ => None,
     };
-    let mut stream = match connect_from(plan.source, shared.gateway, recv_buffer).await {
+    let gateway = shared.gateways[instance];
+    let mut stream = match connect_from(plan.source, gateway, recv_buffer).await {
         Ok(stream) => stream,
         Err(_) => {
             shared.counters.borrow_mut().connect_errors += 1;
@@ -194,7 +204,7 @@ async fn session(
     };
     let last_id = progress.next_id.checked_sub(1);
     let subscribed_at = unix_micros();
-    let request = events_request(shared.gateway, &plan.generation, last_id);
+    let request = events_request(gateway, &plan.generation, last_id);
     if stream.write_all(&request).await.is_err() {
         shared.counters.borrow_mut().connect_errors += 1;
         return SessionEnd::Failed;
@@ -214,6 +224,7 @@ async fn session(
         parser: SseParser::default(),
         subscribed_at,
         record_latency: !matches!(plan.behaviour, Behaviour::Stall { .. }),
+        on_owner: instance == plan.owner as usize,
         expect: plan.expect,
         end: None,
     };
@@ -308,6 +319,7 @@ struct StreamReader {
     parser: SseParser,
     subscribed_at: u64,
     record_latency: bool,
+    on_owner: bool,
     expect: Option<Expected>,
     end: Option<SessionEnd>,
 }
@@ -327,6 +339,7 @@ impl StreamReader {
             parser,
             subscribed_at,
             record_latency,
+            on_owner,
             expect,
             end,
         } = self;
@@ -336,6 +349,7 @@ impl StreamReader {
                     now,
                     subscribed_at: *subscribed_at,
                     record: *record_latency,
+                    on_owner: *on_owner,
                 };
                 *end = on_event(ev, timing, *expect, progress, shared);
             }
@@ -375,6 +389,7 @@ struct Timing {
     now: u64,
     subscribed_at: u64,
     record: bool,
+    on_owner: bool,
 }
 
 fn on_event(
@@ -388,6 +403,7 @@ fn on_event(
         now,
         subscribed_at,
         record: record_latency,
+        on_owner,
     } = timing;
     let mut counters = shared.counters.borrow_mut();
     match ev.kind {
@@ -411,6 +427,7 @@ fn on_event(
                         let _ = shared
                             .latency
                             .borrow_mut()
+                            .side(on_owner)
                             .record(now.saturating_sub(emitted).max(1));
                     }
                 }
@@ -473,7 +490,6 @@ pub fn unix_micros() -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::metrics::latency::new_histogram;
     use tokio::net::TcpListener;
     use tokio::task::LocalSet;
 
@@ -510,12 +526,14 @@ mod tests {
         (addr, handle)
     }
 
-    async fn run_one(addr: SocketAddr) -> Counters {
+    /// Runs one client of a generation owned by the first of `gateways`, connecting there
+    /// first; returns its counters and how many tokens were timed on each side.
+    async fn run_on(gateways: Vec<SocketAddr>) -> (Counters, BySide<u64>) {
         let (_leave_tx, leave) = watch::channel(false);
         let shared = Rc::new(Shared {
-            gateway: addr,
+            gateways,
             counters: RefCell::new(Counters::default()),
-            latency: RefCell::new(new_histogram().unwrap()),
+            latency: RefCell::new(BySide::new().unwrap()),
             leave,
             policy: Policy {
                 resume_after_shutdown: true,
@@ -529,11 +547,44 @@ mod tests {
             expect: None,
             source: Ipv4Addr::new(127, 0, 0, 1),
             behaviour: Behaviour::Read,
+            owner: 0,
+            first_instance: 0,
         };
         LocalSet::new().run_until(run(plan, shared.clone())).await;
         let counters = shared.counters.borrow().clone();
-        assert_eq!(shared.latency.borrow().len(), counters.live_tokens);
+        let timed = shared.latency.borrow().map(Histogram::len);
+        assert_eq!(timed.owner + timed.non_owner, counters.live_tokens);
+        (counters, timed)
+    }
+
+    async fn run_one(addr: SocketAddr) -> Counters {
+        let (counters, timed) = run_on(vec![addr]).await;
+        assert_eq!(timed.non_owner, 0);
         counters
+    }
+
+    #[tokio::test]
+    async fn a_resume_goes_to_the_next_instance_and_is_timed_as_a_non_owner_viewer() {
+        let now = unix_micros() + 1_000_000;
+        let owner = format!(
+            "{HEAD}{}{}0\r\n\r\n",
+            token(0, now),
+            chunk("retry: 10\nevent: reconnect\ndata: {\"reason\":\"slow_consumer\"}\n\n"),
+        );
+        let other = format!(
+            "{HEAD}{}{}{}0\r\n\r\n",
+            token(1, now),
+            token(2, now),
+            chunk("id: 3\nevent: done\ndata: {\"status\":\"completed\",\"token_count\":3}\n\n"),
+        );
+        let (first, first_server) = serve(vec![owner]).await;
+        let (second, second_server) = serve(vec![other]).await;
+        let (c, timed) = run_on(vec![first, second]).await;
+        assert_eq!((c.tokens, c.reconnects, c.done), (3, 1, 1));
+        assert_eq!(c.delivery_errors(), 0);
+        assert_eq!((timed.owner, timed.non_owner), (1, 2));
+        assert!(!first_server.await.unwrap()[0].contains("Last-Event-ID"));
+        assert!(second_server.await.unwrap()[0].contains("\r\nLast-Event-ID: 0\r\n"));
     }
 
     #[tokio::test]

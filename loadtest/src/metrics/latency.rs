@@ -32,6 +32,56 @@ impl Buckets {
     }
 }
 
+/// Something kept apart by where the viewer was connected when a token reached it: on the
+/// generation's owner (or the only gateway), or on another instance, fed through the store.
+#[derive(Debug, Default, Clone, Serialize, Deserialize)]
+pub struct BySide<T> {
+    pub owner: T,
+    pub non_owner: T,
+}
+
+impl<T> BySide<T> {
+    pub fn side(&mut self, on_owner: bool) -> &mut T {
+        if on_owner {
+            &mut self.owner
+        } else {
+            &mut self.non_owner
+        }
+    }
+
+    pub fn map<U>(&self, f: impl Fn(&T) -> U) -> BySide<U> {
+        BySide {
+            owner: f(&self.owner),
+            non_owner: f(&self.non_owner),
+        }
+    }
+}
+
+impl BySide<Histogram<u64>> {
+    pub fn new() -> Result<Self> {
+        Ok(Self {
+            owner: new_histogram()?,
+            non_owner: new_histogram()?,
+        })
+    }
+
+    /// Both sides in one histogram.
+    pub fn merged(&self) -> Result<Histogram<u64>> {
+        let mut all = new_histogram()?;
+        all.add(&self.owner).context("merge latency histograms")?;
+        all.add(&self.non_owner)
+            .context("merge latency histograms")?;
+        Ok(all)
+    }
+}
+
+impl BySide<Buckets> {
+    pub fn add_to(&self, hist: &mut BySide<Histogram<u64>>) -> Result<()> {
+        self.owner.add_to(&mut hist.owner)?;
+        self.non_owner.add_to(&mut hist.non_owner)
+    }
+}
+
 /// Percentiles in microseconds.
 #[derive(Debug, Default, Clone, Serialize, Deserialize)]
 pub struct LatencySummary {

@@ -126,16 +126,18 @@ pub fn gateway_capacity(pid: u32, upstream_fds: u64) -> Result<GatewayCapacity> 
 }
 
 impl GatewayCapacity {
-    /// The message for a requested N above what the gateway can hold.
-    pub fn wall_message(&self, pid: u32, requested: u64) -> String {
+    /// The message for `load` connections on one gateway above what it can hold; `rerun` is
+    /// the N of the whole run that fits (the same as its max with one gateway).
+    pub fn wall_message(&self, pid: u32, load: u64, rerun: u64) -> String {
         let max = self.max_connections.unwrap_or(u64::MAX);
         format!(
-            "requested {requested} connections, but gateway pid {pid} can hold at most {max}: \
+            "{load} connections would go to gateway pid {pid}, but it can hold at most {max}: \
              its RLIMIT_NOFILE is {} (hard {}), it already holds {} fds, and {} are kept for \
              upstream streams plus {GATEWAY_FD_MARGIN} spare. Where the hard limit cannot be \
              raised (20,000 on this project's build machines), one gateway process tops out \
-             near 19,500 connections. Rerun with --connections {max}, or add --cap to cap automatically. Where the limit \
-             can be raised: `ulimit -n 1048576` (and fs.nr_open ≥ that) before starting the \
+             near 19,500 connections. Rerun with --connections {rerun}, or add --cap to cap \
+             automatically, or spread the viewers over more instances (`cluster --instances`). \
+             Where the limit can be raised: `ulimit -n 1048576` (and fs.nr_open ≥ that) before starting the \
              gateway and this tool.",
             fmt_limit(self.nofile_soft),
             fmt_limit(self.nofile_hard),
@@ -143,6 +145,26 @@ impl GatewayCapacity {
             self.upstream_fds
         )
     }
+}
+
+/// Where a run whose clients connect first to instance k `loads[k]` times goes over an
+/// instance's wall: that instance and the N, scaled down from `requested` in proportion, that
+/// keeps every instance under its wall. `None` when every instance can hold its share.
+pub fn over_the_wall(
+    capacities: &[GatewayCapacity],
+    loads: &[u64],
+    requested: u64,
+) -> Option<(usize, u64)> {
+    let (worst, share) = capacities
+        .iter()
+        .zip(loads)
+        .enumerate()
+        .filter_map(|(k, (cap, &load))| {
+            let max = cap.max_connections?;
+            (load > max).then(|| (k, max as f64 / load as f64))
+        })
+        .min_by(|a, b| a.1.total_cmp(&b.1))?;
+    Some((worst, (requested as f64 * share).floor() as u64))
 }
 
 fn fmt_limit(limit: Option<u64>) -> String {
@@ -175,10 +197,38 @@ mod tests {
     }
 
     #[test]
+    fn each_instance_is_held_to_its_own_wall() {
+        let cap = |max| GatewayCapacity {
+            nofile_soft: Some(20_000),
+            nofile_hard: Some(20_000),
+            fds_in_use: 20,
+            upstream_fds: 100,
+            max_connections: Some(max),
+        };
+        let caps = [cap(19_000), cap(19_000), cap(19_000)];
+        // 51,000 over three instances is 17,000 each: under every wall, unlike one gateway's.
+        assert_eq!(
+            over_the_wall(&caps, &[17_000, 17_000, 17_000], 51_000),
+            None
+        );
+        // One instance with 20,000 of 57,000: N shrinks until it holds 19,000.
+        assert_eq!(
+            over_the_wall(&caps, &[18_500, 20_000, 18_500], 57_000),
+            Some((1, 54_150))
+        );
+        let unlimited = GatewayCapacity {
+            max_connections: None,
+            ..cap(0)
+        };
+        assert_eq!(over_the_wall(&[unlimited], &[1_000_000], 1_000_000), None);
+    }
+
+    #[test]
     fn capacity_of_this_process_is_below_its_limit() {
         let cap = gateway_capacity(std::process::id(), 10).unwrap();
         let soft = cap.nofile_soft.unwrap();
         assert!(cap.max_connections.unwrap() < soft);
-        assert!(cap.wall_message(1, soft).contains("--cap"));
+        let message = cap.wall_message(1, soft, 1234);
+        assert!(message.contains("--cap") && message.contains("--connections 1234"));
     }
 }

@@ -1,4 +1,5 @@
-//! One look at the gateway process and the host's TCP memory at a moment of the run.
+//! One look at the gateway processes (summed over the instances) and the host's TCP memory at
+//! a moment of the run.
 
 use std::collections::BTreeMap;
 
@@ -13,7 +14,10 @@ pub struct Snapshot {
     pub at_s: f64,
     /// Client streams open at that moment (from the workers' last progress).
     pub connected: i64,
+    /// Summed over the instances, as every other process figure here.
     pub rss_bytes: u64,
+    /// Each instance's RSS, to see how evenly the load spread.
+    pub instance_rss_bytes: Vec<u64>,
     /// Selected `smaps_rollup` fields in bytes.
     pub smaps: BTreeMap<String, u64>,
     /// Host-wide kernel TCP sockets and memory (both ends of every loopback connection).
@@ -24,14 +28,27 @@ pub struct Snapshot {
 }
 
 impl Snapshot {
-    pub fn take(pid: u32, at_s: f64, connected: i64) -> Result<Self> {
+    pub fn take(pids: &[u32], at_s: f64, connected: i64) -> Result<Self> {
+        let instance_rss_bytes = pids
+            .iter()
+            .map(|&pid| read_rss(pid))
+            .collect::<Result<Vec<_>>>()?;
+        let mut smaps = BTreeMap::new();
+        let mut cpu_s = 0.0;
+        for &pid in pids {
+            for (field, bytes) in read_smaps_rollup(pid)? {
+                *smaps.entry(field).or_insert(0) += bytes;
+            }
+            cpu_s += read_cpu_seconds(pid)?;
+        }
         Ok(Self {
             at_s,
             connected,
-            rss_bytes: read_rss(pid)?,
-            smaps: read_smaps_rollup(pid)?,
+            rss_bytes: instance_rss_bytes.iter().sum(),
+            instance_rss_bytes,
+            smaps,
             tcp: read_sockstat()?,
-            cpu_s: read_cpu_seconds(pid)?,
+            cpu_s,
             client_rss_bytes: 0,
         })
     }

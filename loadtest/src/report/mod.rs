@@ -2,6 +2,7 @@
 //! drawn as SVG charts beside the JSON.
 
 pub mod chart;
+pub mod cluster;
 pub mod soak;
 
 use std::fmt::Write as _;
@@ -10,8 +11,9 @@ use serde::Serialize;
 
 use crate::client::stats::Counters;
 use crate::gateway::{Exit, GatewayInfo};
-use crate::metrics::latency::LatencySummary;
+use crate::metrics::latency::{BySide, LatencySummary};
 use crate::metrics::limits::{GatewayCapacity, Preflight};
+use crate::metrics::redis::StoreUse;
 use crate::metrics::snapshot::{RampPoint, Snapshot};
 use crate::scenario::Scenario;
 
@@ -22,7 +24,8 @@ pub struct RunResult {
     pub started_utc: String,
     pub machine: Machine,
     pub gateway: GatewayInfo,
-    pub capacity: Option<GatewayCapacity>,
+    /// One per instance.
+    pub capacity: Vec<GatewayCapacity>,
     pub preflight: Preflight,
     pub warnings: Vec<String>,
     pub connections: Connections,
@@ -31,6 +34,10 @@ pub struct RunResult {
     /// Every client got every token once, in order, and (where expected) its terminal event.
     pub zero_loss: bool,
     pub latency: LatencySummary,
+    /// With several instances: viewers on the generation's owner and on other instances.
+    pub latency_by_side: Option<BySide<LatencySummary>>,
+    /// The shared store's calls and memory, when the run started one.
+    pub store: Option<StoreUse>,
     /// (quantile, µs) points of the latency distribution, as drawn in the chart.
     pub latency_curve: Vec<(f64, u64)>,
     pub memory: Option<Memory>,
@@ -130,7 +137,10 @@ impl Memory {
 pub struct Cpu {
     /// From "every client connected" to "the last client finished" (or the hold's end).
     pub window_s: f64,
+    /// Summed over the instances.
     pub cpu_s: f64,
+    /// Each instance's CPU seconds over the window.
+    pub instance_cpu_s: Vec<f64>,
     pub token_events: u64,
     pub us_per_event: Option<f64>,
     pub cpu_s_per_million_events: Option<f64>,
@@ -140,14 +150,18 @@ pub struct Cpu {
     pub client_cpu_s: f64,
     /// CPU seconds of the spawned mock LLM over the same window.
     pub mock_cpu_s: Option<f64>,
+    /// CPU seconds of the spawned redis-server over the same window.
+    pub store_cpu_s: Option<f64>,
 }
 
 impl Cpu {
-    pub fn new(window_s: f64, cpu_s: f64, token_events: u64) -> Self {
+    pub fn new(window_s: f64, instance_cpu_s: &[f64], token_events: u64) -> Self {
+        let cpu_s: f64 = instance_cpu_s.iter().sum();
         let per_event = (token_events > 0).then(|| cpu_s / token_events as f64);
         Self {
             window_s,
             cpu_s,
+            instance_cpu_s: instance_cpu_s.to_vec(),
             token_events,
             us_per_event: per_event.map(|s| s * 1e6),
             cpu_s_per_million_events: per_event.map(|s| s * 1e6),
@@ -158,17 +172,23 @@ impl Cpu {
             },
             client_cpu_s: 0.0,
             mock_cpu_s: None,
+            store_cpu_s: None,
         }
     }
 
     /// Two windows as one: the soak's rounds, without the settles between them.
     pub fn plus(self, other: Cpu) -> Cpu {
+        let instance_cpu_s: Vec<f64> = (self.instance_cpu_s.iter())
+            .zip(&other.instance_cpu_s)
+            .map(|(a, b)| a + b)
+            .collect();
         Cpu {
             client_cpu_s: self.client_cpu_s + other.client_cpu_s,
             mock_cpu_s: self.mock_cpu_s.zip(other.mock_cpu_s).map(|(a, b)| a + b),
+            store_cpu_s: self.store_cpu_s.zip(other.store_cpu_s).map(|(a, b)| a + b),
             ..Cpu::new(
                 self.window_s + other.window_s,
-                self.cpu_s + other.cpu_s,
+                &instance_cpu_s,
                 self.token_events + other.token_events,
             )
         }
@@ -187,7 +207,7 @@ pub struct Drain {
     pub lost_tokens_in_finished: u64,
 }
 
-fn ms(us: u64) -> String {
+pub(crate) fn ms(us: u64) -> String {
     format!("{:.2} ms", us as f64 / 1000.0)
 }
 
@@ -195,7 +215,7 @@ pub(crate) fn mib(bytes: u64) -> String {
     format!("{:.1} MiB", bytes as f64 / (1024.0 * 1024.0))
 }
 
-fn kb(bytes: Option<f64>) -> String {
+pub(crate) fn kb(bytes: Option<f64>) -> String {
     bytes.map_or_else(|| "–".into(), |b| format!("{:.2} KB", b / 1000.0))
 }
 
@@ -338,6 +358,9 @@ impl RunResult {
                 }),
             );
         }
+        for (k, v) in cluster::rows(self) {
+            row(&k, v);
+        }
         if let Some(drain) = &self.drain {
             row(
                 "drain: all clients notified after SIGTERM",
@@ -425,12 +448,14 @@ mod tests {
 
     #[test]
     fn cpu_per_event() {
-        let cpu = Cpu::new(10.0, 2.0, 1_000_000);
+        let cpu = Cpu::new(10.0, &[2.0], 1_000_000);
         assert_eq!(cpu.us_per_event, Some(2.0));
         assert_eq!(cpu.cpu_s_per_million_events, Some(2.0));
         assert_eq!(cpu.cores_busy, 0.2);
-        assert_eq!(Cpu::new(1.0, 1.0, 0).us_per_event, None);
-        let both = Cpu::new(10.0, 2.0, 1_000_000).plus(Cpu::new(10.0, 6.0, 1_000_000));
+        assert_eq!(Cpu::new(1.0, &[1.0], 0).us_per_event, None);
+        let both = Cpu::new(10.0, &[2.0], 1_000_000).plus(Cpu::new(10.0, &[6.0], 1_000_000));
         assert_eq!((both.window_s, both.us_per_event), (20.0, Some(4.0)));
+        let cluster = Cpu::new(10.0, &[1.0, 3.0], 1_000_000);
+        assert_eq!((cluster.cpu_s, cluster.us_per_event), (4.0, Some(4.0)));
     }
 }

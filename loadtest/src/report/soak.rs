@@ -235,6 +235,7 @@ mod tests {
                 at_s: 0.0,
                 connected: 0,
                 rss_bytes: settled_mib << 20,
+                instance_rss_bytes: vec![settled_mib << 20],
                 smaps: BTreeMap::new(),
                 tcp: Default::default(),
                 cpu_s: 0.0,

@@ -16,7 +16,7 @@ use clap::Args;
 use crate::client::subscriber::unix_micros;
 use crate::gateway::Gateway;
 use crate::metrics::limits::{
-    gateway_capacity, preflight, raise_nofile, workers_needed, GATEWAY_FD_MARGIN,
+    gateway_capacity, over_the_wall, preflight, raise_nofile, workers_needed, GATEWAY_FD_MARGIN,
 };
 use crate::report::{chart, Connections, Machine, Memory, RunResult};
 use crate::scenario::{Ending, Overrides, Plan, Scenario, ScenarioName};
@@ -30,7 +30,7 @@ pub struct RunArgs {
     /// Client worker processes; raised automatically so each stays under its open-file limit.
     #[arg(long)]
     pub workers: Option<u64>,
-    /// Cap N at what one gateway process can hold here instead of failing.
+    /// Cap N at what the gateway processes can hold here instead of failing.
     #[arg(long)]
     pub cap: bool,
     /// tokenfan binary to spawn (as `serve` and, separately, `mock-upstream`).
@@ -62,6 +62,9 @@ pub async fn run(args: &RunArgs, command: String) -> Result<RunResult> {
     let t0 = Instant::now();
     let started_utc = crate::report::utc_timestamp(unix_micros() / 1_000_000);
     let scenario = Scenario::resolve(args.scenario, &args.overrides)?;
+    if args.url.is_some() && scenario.cluster.is_some() {
+        bail!("cluster starts its own instances and Redis: leave out --url");
+    }
     let mut plan = Plan::build(&scenario, args.seed)?;
     let requested = plan.connections();
     let mut warnings = Vec::new();
@@ -84,25 +87,28 @@ pub async fn run(args: &RunArgs, command: String) -> Result<RunResult> {
         None => {
             let extra = spawn_args(&scenario, &args.gateway_args, own_nofile);
             let env = spawn_env(&scenario, &args.gateway_env);
-            Gateway::spawn(&args.gateway_bin, &extra, &env, &log_prefix).await?
+            let cluster = scenario.cluster.as_ref();
+            Gateway::spawn(&args.gateway_bin, &extra, &env, &log_prefix, cluster).await?
         }
     };
-    let pid = gateway.info.pid;
-    let mut capacity = None;
-    if let Some(pid) = pid {
-        let cap = gateway_capacity(pid, scenario.generations)?;
-        if let Some(max) = cap.max_connections.filter(|&max| requested > max) {
-            let message = cap.wall_message(pid, requested);
-            if !args.cap {
-                gateway.stop().await;
-                bail!(message);
-            }
-            eprintln!("warning: {message}\nwarning: capping at {max} connections (--cap)");
-            warnings.push(format!("capped at {max}: {message}"));
-            plan.cap(max);
+    // Each instance against its own open-files wall, with the clients that connect to it.
+    let pids = gateway.info.pids();
+    let mut capacity = Vec::new();
+    for &pid in &pids {
+        capacity.push(gateway_capacity(pid, scenario.upstream_fds_per_instance())?);
+    }
+    let loads = plan.clients_per_instance(scenario.instances());
+    if let Some((worst, max)) = over_the_wall(&capacity, &loads, requested) {
+        let message = capacity[worst].wall_message(pids[worst], loads[worst], max);
+        if !args.cap {
+            gateway.stop().await;
+            bail!(message);
         }
-        capacity = Some(cap);
-    } else {
+        eprintln!("warning: {message}\nwarning: capping at {max} connections (--cap)");
+        warnings.push(format!("capped at {max}: {message}"));
+        plan.cap(max);
+    }
+    if pids.is_empty() {
         warnings.push("no gateway pid: memory and CPU were not measured".into());
     }
     let n = plan.connections();
@@ -122,6 +128,8 @@ pub async fn run(args: &RunArgs, command: String) -> Result<RunResult> {
     warnings.extend(outcome.warnings.iter().cloned());
     let result = RunResult {
         zero_loss: outcome.zero_loss(),
+        latency_by_side: outcome.latency_by_side.clone(),
+        store: outcome.store.clone(),
         scenario,
         command,
         started_utc,
@@ -161,7 +169,8 @@ pub async fn run(args: &RunArgs, command: String) -> Result<RunResult> {
 /// default is left out when the scenario or user sets the same flag.
 fn spawn_args(scenario: &Scenario, user: &[String], nofile: u64) -> Vec<String> {
     // Never below the cap `gateway_capacity` computes (which also subtracts the fds in use).
-    let max_connections = nofile.saturating_sub(scenario.generations + GATEWAY_FD_MARGIN);
+    let max_connections =
+        nofile.saturating_sub(scenario.upstream_fds_per_instance() + GATEWAY_FD_MARGIN);
     let defaults = [
         format!("--create-rate={}", 1_000_000),
         format!("--create-burst={}", 1_000_000),

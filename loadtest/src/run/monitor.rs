@@ -1,5 +1,6 @@
 //! Watching a run: ticks four times a second, polls the workers, samples the gateway's RSS
-//! against open connections, prints the progress line, and notices the gateway's exit.
+//! (summed over its instances) against open connections, prints the progress line, and
+//! notices the gateway's exit.
 
 use std::time::{Duration, Instant};
 
@@ -15,17 +16,21 @@ const TICK: Duration = Duration::from_millis(250);
 /// One end of the CPU window.
 pub struct WindowMark {
     pub at: Instant,
-    pub gateway_cpu_s: Option<f64>,
+    /// Per instance; `None` without pids.
+    pub instance_cpu_s: Option<Vec<f64>>,
     pub tokens: u64,
     pub client_cpu_s: f64,
     pub mock_cpu_s: Option<f64>,
+    pub store_cpu_s: Option<f64>,
 }
 
 /// Samples the gateway and prints progress while waiting for a phase to end.
 pub struct Monitor {
     pub fleet: Fleet,
-    pid: Option<u32>,
+    /// Every instance's pid (none when attached without `--pid`).
+    pids: Vec<u32>,
     mock_pid: Option<u32>,
+    store_pid: Option<u32>,
     t0: Instant,
     /// The run's time limit; `wait` sets `timed_out` when it passes.
     pub deadline: Instant,
@@ -50,8 +55,9 @@ impl Monitor {
     ) -> Self {
         Self {
             fleet,
-            pid: gateway.info.pid,
+            pids: gateway.info.pids(),
             mock_pid: gateway.info.mock_pid,
+            store_pid: gateway.info.store.as_ref().and_then(|s| s.pid),
             t0,
             deadline,
             planned,
@@ -98,7 +104,14 @@ impl Monitor {
 
     fn observe(&mut self, phase: &str, totals: &Counters, gateway: &mut Gateway) {
         self.peak_connected = self.peak_connected.max(totals.connected);
-        let rss = self.pid.and_then(|pid| read_rss(pid).ok());
+        let rss = (!self.pids.is_empty())
+            .then(|| {
+                self.pids
+                    .iter()
+                    .map(|&pid| read_rss(pid).ok())
+                    .sum::<Option<u64>>()
+            })
+            .flatten();
         if let Some(rss_bytes) = rss {
             self.points.push(RampPoint {
                 at_s: self.at_s(),
@@ -139,8 +152,9 @@ impl Monitor {
         let connected = self.fleet.totals().connected;
         let at = self.at_s();
         let client_rss_bytes = self.fleet.rss_bytes();
-        self.pid
-            .and_then(|pid| Snapshot::take(pid, at, connected).ok())
+        (!self.pids.is_empty())
+            .then(|| Snapshot::take(&self.pids, at, connected).ok())
+            .flatten()
             .map(|s| Snapshot {
                 client_rss_bytes,
                 ..s
@@ -151,24 +165,35 @@ impl Monitor {
     pub fn window_mark(&self, tokens: u64) -> WindowMark {
         WindowMark {
             at: Instant::now(),
-            gateway_cpu_s: self.pid.and_then(|pid| read_cpu_seconds(pid).ok()),
+            instance_cpu_s: (!self.pids.is_empty())
+                .then(|| {
+                    self.pids
+                        .iter()
+                        .map(|&pid| read_cpu_seconds(pid).ok())
+                        .collect()
+                })
+                .flatten(),
             tokens,
             client_cpu_s: self.fleet.cpu_seconds(),
             mock_cpu_s: self.mock_pid.and_then(|pid| read_cpu_seconds(pid).ok()),
+            store_cpu_s: self.store_pid.and_then(|pid| read_cpu_seconds(pid).ok()),
         }
     }
 }
 
 impl WindowMark {
-    /// Gateway CPU between two marks, with the client's and the mock's beside it.
+    /// Gateway CPU between two marks (summed, and per instance), with the client's and the
+    /// mock's beside it.
     pub fn cpu_until(&self, end: &WindowMark) -> Option<Cpu> {
-        let (start_s, end_s) = (self.gateway_cpu_s?, end.gateway_cpu_s?);
+        let (start, end_s) = (self.instance_cpu_s.as_ref()?, end.instance_cpu_s.as_ref()?);
+        let instance_cpu_s: Vec<f64> = start.iter().zip(end_s).map(|(s, e)| e - s).collect();
         Some(Cpu {
             client_cpu_s: end.client_cpu_s - self.client_cpu_s,
             mock_cpu_s: end.mock_cpu_s.zip(self.mock_cpu_s).map(|(e, s)| e - s),
+            store_cpu_s: end.store_cpu_s.zip(self.store_cpu_s).map(|(e, s)| e - s),
             ..Cpu::new(
                 end.at.duration_since(self.at).as_secs_f64(),
-                end_s - start_s,
+                &instance_cpu_s,
                 end.tokens.saturating_sub(self.tokens),
             )
         })

@@ -12,7 +12,8 @@ use crate::client::stats::Counters;
 use crate::client::subscriber::unix_micros;
 use crate::fleet::Fleet;
 use crate::gateway::Gateway;
-use crate::metrics::latency::{new_histogram, quantile_curve, LatencySummary};
+use crate::metrics::latency::{quantile_curve, BySide, LatencySummary};
+use crate::metrics::redis::{stored_tokens, RedisStats, StoreUse};
 use crate::metrics::snapshot::{RampPoint, Snapshot};
 use crate::report::soak::Soak;
 use crate::report::{Cpu, Drain, Ramp};
@@ -28,7 +29,10 @@ pub struct Outcome {
     pub planned: u64,
     pub totals: Counters,
     pub latency: LatencySummary,
+    /// With several instances: viewers on the generation's owner and on other instances.
+    pub latency_by_side: Option<BySide<LatencySummary>>,
     pub latency_curve: Vec<(f64, u64)>,
+    pub store: Option<StoreUse>,
     pub before: Option<Snapshot>,
     pub steady: Option<Snapshot>,
     pub after: Option<Snapshot>,
@@ -75,7 +79,12 @@ pub async fn measure(
     t0: Instant,
 ) -> Result<Outcome> {
     let n = plan.connections();
-    let addr = gateway.info.addr;
+    let addrs = gateway.info.addrs();
+    let store_addr = gateway.info.store.as_ref().map(|s| s.addr);
+    let store_before = match store_addr {
+        Some(addr) => Some(RedisStats::read(addr).await?),
+        None => None,
+    };
     // All generations hold their first token until the ramp should be over, so latency is
     // measured on live fan-out rather than on replay to late joiners.
     let stream_at = Instant::now()
@@ -93,7 +102,7 @@ pub async fn measure(
     let mut ids = vec![None; plan.generations.len()];
     let now = Instant::now();
     create_generations(
-        addr,
+        &addrs,
         scenario,
         plan,
         |_| (now, stream_at),
@@ -106,11 +115,10 @@ pub async fn measure(
     let targets: Vec<_> = (ids.into_iter().enumerate())
         .map(|(index, id)| target(scenario, plan, index, id))
         .collect();
-    let specs = worker_specs(scenario, plan, &targets, addr, workers, seed);
-    let before = gateway
-        .info
-        .pid
-        .map(|pid| Snapshot::take(pid, t0.elapsed().as_secs_f64(), 0))
+    let specs = worker_specs(scenario, plan, &targets, &addrs, workers, seed);
+    let pids = gateway.info.pids();
+    let before = (!pids.is_empty())
+        .then(|| Snapshot::take(&pids, t0.elapsed().as_secs_f64(), 0))
         .transpose()?;
     let deadline = t0 + Duration::from_secs(scenario.time_limit_s);
     let fleet = Fleet::spawn(&specs).await?;
@@ -126,6 +134,18 @@ pub async fn measure(
         // A churn run has its own phases (`soak`); were one to come here, it streams to the end.
         Ending::AllDone | Ending::Churn => stream_to_the_end(&mut monitor, gateway).await,
         Ending::Drain => sigterm_and_drain(&mut monitor, gateway, scenario, stream_at, n).await?,
+    };
+    // At the end of streaming, before the retention expires anything.
+    let store = match (store_addr, store_before) {
+        (Some(addr), Some(before)) => {
+            let after = RedisStats::read(addr).await?;
+            Some(StoreUse::between(
+                &before,
+                &after,
+                stored_tokens(addr).await?,
+            ))
+        }
+        _ => None,
     };
     if monitor.timed_out {
         warnings.push(format!(
@@ -145,11 +165,14 @@ pub async fn measure(
     };
     let cpu = window_start.cpu_until(&ended.window_end);
     let finished = finish(monitor, &mut warnings).await?;
+    let all = finished.hist.merged()?;
     Ok(Outcome {
         ending: scenario.ending,
         planned: n,
-        latency: LatencySummary::of(&finished.hist),
-        latency_curve: quantile_curve(&finished.hist),
+        latency: LatencySummary::of(&all),
+        latency_by_side: (scenario.instances() > 1).then(|| finished.hist.map(LatencySummary::of)),
+        latency_curve: quantile_curve(&all),
+        store,
         totals: finished.totals,
         before,
         steady: ended.steady.or(steady),
@@ -287,7 +310,7 @@ pub(super) async fn stop(monitor: &mut Monitor, gateway: &mut Gateway) {
 /// histogram, and what the monitor sampled.
 pub(super) struct Finished {
     pub totals: Counters,
-    pub hist: hdrhistogram::Histogram<u64>,
+    pub hist: BySide<hdrhistogram::Histogram<u64>>,
     pub points: Vec<RampPoint>,
     pub peak_connected: i64,
     pub timed_out: bool,
@@ -317,10 +340,10 @@ pub(super) async fn finish(mut monitor: Monitor, warnings: &mut Vec<String>) -> 
 fn collect(
     monitor: &mut Monitor,
     warnings: &mut Vec<String>,
-) -> Result<(Counters, hdrhistogram::Histogram<u64>)> {
+) -> Result<(Counters, BySide<hdrhistogram::Histogram<u64>>)> {
     monitor.fleet.poll();
     let mut totals = Counters::default();
-    let mut hist = new_histogram()?;
+    let mut hist = BySide::new()?;
     for (counters, buckets) in monitor.fleet.finals() {
         totals.add(counters);
         buckets.add_to(&mut hist)?;

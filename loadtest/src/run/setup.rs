@@ -19,11 +19,11 @@ const CREATE_CONCURRENCY: usize = 64;
 
 type Creation = Result<(usize, Result<String>), JoinError>;
 
-/// Creates the plan's generations: each not before the first instant `timing(index)` gives,
-/// its first token held until the second. Every id (or creation error) goes to `created` as
+/// Creates the plan's generations, each on its owner among `instances`: not before the first
+/// instant `timing(index)` gives, its first token held until the second. Every id (or creation error) goes to `created` as
 /// soon as it is known; an error `created` returns ends the creation.
 pub async fn create_generations(
-    addr: SocketAddr,
+    instances: &[SocketAddr],
     scenario: &Scenario,
     plan: &Plan,
     timing: impl Fn(usize) -> (Instant, Instant),
@@ -55,6 +55,7 @@ pub async fn create_generations(
             .saturating_duration_since(Instant::now())
             .as_millis() as u64;
         let body = generation_body(scenario, index, generation, first_token_ms);
+        let addr = instances[scenario.owner(index as u32) as usize];
         inflight.spawn(async move { (index, create_one(addr, body).await) });
     }
     while let Some(joined) = inflight.join_next().await {
@@ -94,6 +95,7 @@ pub fn target(scenario: &Scenario, plan: &Plan, index: usize, id: Option<String>
         index: index as u32,
         id,
         expect: knows_ending.then(|| plan.generations[index].expected()),
+        owner: scenario.owner(index as u32),
     }
 }
 
@@ -137,16 +139,16 @@ pub fn worker_specs(
     scenario: &Scenario,
     plan: &Plan,
     generations: &[Target],
-    gateway: SocketAddr,
+    gateways: &[SocketAddr],
     workers: u64,
     seed: u64,
 ) -> Vec<WorkerSpec> {
     let per_worker = plan.assignments.len().div_ceil(workers as usize).max(1);
     let rate = scenario.ramp_rate as f64;
-    plan.assignments
-        .chunks(per_worker)
+    (plan.assignments.chunks(per_worker))
+        .zip(plan.instances.chunks(per_worker))
         .enumerate()
-        .map(|(k, slice)| {
+        .map(|(k, (slice, instances))| {
             let first_client = (k * per_worker) as u64;
             // Churn clients arrive in global order, each slice in its own stretch of the round;
             // otherwise every worker ramps its share from the start.
@@ -155,9 +157,10 @@ pub fn worker_specs(
                 _ => (rate / workers as f64, 0.0),
             };
             WorkerSpec {
-                gateway,
+                gateways: gateways.to_vec(),
                 generations: generations.to_vec(),
                 assignments: slice.to_vec(),
+                instances: instances.to_vec(),
                 first_client,
                 ramp_rate,
                 ramp_delay_s,

@@ -48,7 +48,7 @@ pub async fn measure(
     let mut warnings = Vec::new();
     let before_traffic = gateway
         .info
-        .pid
+        .pid()
         .and_then(|pid| crate::metrics::proc::read_rss(pid).ok());
     let mut run = Run::default();
     let mut hist = new_histogram()?;
@@ -62,7 +62,7 @@ pub async fn measure(
             scenario,
             &plan,
             &[],
-            gateway.info.addr,
+            &gateway.info.addrs(),
             round_workers,
             round_seed,
         );
@@ -95,7 +95,7 @@ pub async fn measure(
         }
         let settled = settle(&mut monitor, gateway, scenario, soak, churn_s, started).await;
         let finished = finish(monitor, &mut warnings).await?;
-        hist.add(&finished.hist)
+        hist.add(&finished.hist.merged()?)
             .context("merge latency histograms")?;
         let delivery = finished.totals;
         run.points.extend(finished.points);
@@ -148,6 +148,8 @@ pub async fn measure(
         planned: run.planned,
         totals: run.totals,
         latency: LatencySummary::of(&hist),
+        latency_by_side: None,
+        store: None,
         latency_curve: quantile_curve(&hist),
         before: None,
         steady: None,
@@ -223,14 +225,14 @@ async fn churn(
     name: &str,
     churn_s: f64,
 ) -> CreationErrors {
-    let addr = gateway.info.addr;
+    let addrs = gateway.info.addrs();
     let commands = monitor.fleet.commands();
     let start = Instant::now() + ROUND_START;
     let period = Duration::from_secs_f64(churn_s / plan.generations.len().max(1) as f64);
     let margin = Duration::from_secs_f64(scenario.start_margin_s);
     let mut errors = CreationErrors::default();
     let creating = create_generations(
-        addr,
+        &addrs,
         scenario,
         plan,
         |index| {
@@ -276,7 +278,8 @@ async fn settle(
     churn_s: f64,
     round_started: Instant,
 ) -> Settled {
-    let addr = gateway.info.addr;
+    // The soak runs one instance.
+    let addr = gateway.info.addrs()[0];
     let clients_done = Instant::now();
     // The last generation is due at the end of the churn and may stream its longest.
     let last_may_end = round_started
@@ -310,7 +313,7 @@ async fn settle(
         .wait("retention", freed_at, |_, _| false, gateway)
         .await;
     let rss_from = Instant::now();
-    if gateway.info.pid.is_some() {
+    if gateway.info.pid().is_some() {
         let mut lowest = u64::MAX;
         let mut last_drop = rss_from;
         loop {
