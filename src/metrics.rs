@@ -62,6 +62,8 @@ pub const USAGE_COMPLETION_TOKENS: &str = "tokenfan_usage_completion_tokens_tota
 pub const USAGE_UNREPORTED: &str = "tokenfan_usage_unreported_total";
 /// Counter: tokens received from the upstream.
 pub const TOKENS: &str = "tokenfan_tokens_total";
+/// Log entries a replica took from the shared store (another instance's upstream call).
+pub const RELAYED_TOKENS: &str = "tokenfan_relayed_tokens_total";
 /// Counter: token events queued to live subscribers (replays not included).
 pub const EVENTS_DELIVERED: &str = "tokenfan_events_delivered_total";
 /// Counter: times a drain began.
@@ -251,6 +253,10 @@ fn describe() {
         "Generations ended without a usage report, by model and API key"
     );
     describe_counter!(TOKENS, "Tokens received from the upstream");
+    describe_counter!(
+        RELAYED_TOKENS,
+        "Log entries a replica took from the shared store"
+    );
     describe_counter!(EVENTS_DELIVERED, "Token events queued to live subscribers");
     describe_counter!(DRAIN_STARTED, "Drains begun");
     describe_counter!(
@@ -552,21 +558,33 @@ pub fn record_usage(model: &SharedString, key: &str, usage: Option<&serde_json::
 /// searches the registry on every call, which showed in profiles of the token path.
 struct TokenCounters {
     tokens: Counter,
+    relayed: Counter,
     delivered: Counter,
     evicted: Counter,
+}
+
+/// Where a logged token came from: this instance's upstream call, or (a replica) the store.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TokenSource {
+    Upstream,
+    Store,
 }
 
 /// Counts one token's fan-out: one update per token, whatever the number of subscribers.
 /// Called only after [`install`] (by a generation's task), so the cached handles are the
 /// recorder's.
-pub fn record_fan_out(fan_out: FanOut) {
+pub fn record_fan_out(fan_out: FanOut, source: TokenSource) {
     static COUNTERS: OnceLock<TokenCounters> = OnceLock::new();
     let counters = COUNTERS.get_or_init(|| TokenCounters {
         tokens: counter!(TOKENS),
+        relayed: counter!(RELAYED_TOKENS),
         delivered: counter!(EVENTS_DELIVERED),
         evicted: counter!(EVICTIONS, "reason" => "slow_consumer"),
     });
-    counters.tokens.increment(1);
+    match source {
+        TokenSource::Upstream => counters.tokens.increment(1),
+        TokenSource::Store => counters.relayed.increment(1),
+    }
     counters.delivered.increment(fan_out.delivered);
     if fan_out.evicted > 0 {
         counters.evicted.increment(fan_out.evicted);

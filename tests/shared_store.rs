@@ -60,6 +60,22 @@ async fn every_api_answers_on_every_instance() {
     }
     assert_eq!(owner_view["text"].as_str().unwrap(), whole.texts.concat());
 
+    // Only the owner called the upstream; the others relayed what the store had.
+    assert_eq!(
+        cluster.instances[0].metric("tokenfan_tokens_total").await,
+        40.0
+    );
+    assert_eq!(
+        cluster.instances[1].metric("tokenfan_tokens_total").await,
+        0.0
+    );
+    assert_eq!(
+        cluster.instances[1]
+            .metric("tokenfan_relayed_tokens_total")
+            .await,
+        40.0
+    );
+
     // Unknown ids are 404 everywhere.
     let (status, body) = cluster
         .snapshot(2, "gen_0123456789abcdef0123456789abcdef")

@@ -488,7 +488,7 @@ impl Hub {
                 Ok(UpstreamEvent::Delta(delta)) => {
                     match generation.push(delta, self.settings.log_limits) {
                         Pushed::Logged { fan_out, log_bytes } => {
-                            metrics::record_fan_out(fan_out);
+                            metrics::record_fan_out(fan_out, metrics::TokenSource::Upstream);
                             recorded.token();
                             self.grow_log(log_bytes);
                         }

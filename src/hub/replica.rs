@@ -119,14 +119,20 @@ impl Relay {
                 info!("nobody watches this replica any more: dropping it");
                 return;
             }
-            // A gap, a dropped feed, the end, or a quiet spell: the log and metadata tell.
+            // A gap, a dropped feed, the end, or a quiet spell: the metadata tells, and the log
+            // is read only when it holds more than the replica (a quiet, healthy generation
+            // costs one round trip per half lease, not two).
             let hub = self.hub.clone();
             let Some(shared) = hub.shared() else { return };
             let result = async {
-                self.catch_up(shared).await?;
                 let meta = shared.store.meta(self.generation.id()).await?;
                 match meta {
-                    Some(meta) => self.settle(shared, meta).await,
+                    Some(meta) => {
+                        if meta.next > self.generation.token_count() {
+                            self.catch_up(shared).await?;
+                        }
+                        self.settle(shared, meta).await
+                    }
                     None => Ok(self.settle_missing(lease)),
                 }
             }
@@ -148,7 +154,7 @@ impl Relay {
         });
         let limits = self.hub.settings().log_limits;
         if let Pushed::Logged { fan_out, log_bytes } = self.generation.push(delta, limits) {
-            metrics::record_fan_out(fan_out);
+            metrics::record_fan_out(fan_out, metrics::TokenSource::Store);
             self.hub.logged(log_bytes);
         }
     }
