@@ -137,6 +137,9 @@ pub struct Generation {
     /// Wakes the store writer of an owned generation when the log grew or the generation ended.
     changed: Notify,
     cancel: CancellationToken,
+    /// Fires when the registry forgets the generation (retention over, or evicted to fit the
+    /// log memory budget): its task stops holding it then, so its memory goes at once.
+    forgotten: CancellationToken,
     /// Subscriber streams open on this generation, replaying or live.
     viewers: AtomicUsize,
     /// When the token sampled for the fan-out lag metric arrived.
@@ -182,6 +185,7 @@ impl Generation {
             owner,
             changed: Notify::new(),
             cancel: CancellationToken::new(),
+            forgotten: CancellationToken::new(),
             viewers: AtomicUsize::new(0),
             lag: crate::metrics::LagSample::default(),
             state: Mutex::new(State {
@@ -270,6 +274,15 @@ impl Generation {
             },
         };
         self.finish(outcome)
+    }
+
+    /// Fires once the registry has forgotten the generation.
+    pub fn forgotten(&self) -> tokio_util::sync::WaitForCancellationFuture<'_> {
+        self.forgotten.cancelled()
+    }
+
+    pub fn mark_forgotten(&self) {
+        self.forgotten.cancel();
     }
 
     /// Fires when the generation has ended, whoever ended it; the upstream task stops then.

@@ -471,6 +471,9 @@ impl Hub {
         tokio::select! {
             () = tokio::time::sleep(self.settings.retention) => {}
             () = self.closed.cancelled() => {}
+            // Evicted early to fit the log memory budget: stop holding it now, not at the end
+            // of its retention, or the budget would not bound memory.
+            () = generation.forgotten() => {}
         }
         self.forget(generation);
     }
@@ -578,6 +581,7 @@ impl Hub {
             .is_some_and(|known| std::ptr::eq(Arc::as_ptr(known), generation));
         let removed = same && generations.remove(generation.id()).is_some();
         drop(generations);
+        generation.mark_forgotten();
         if removed {
             self.log_bytes
                 .fetch_sub(generation.log_bytes(), Ordering::Relaxed);
