@@ -63,7 +63,11 @@ async fn rss_stays_within_the_log_budget_under_a_flood_of_large_generations() {
     })
     .await;
     if let Ok(grown) = settled {
-        eprintln!("RSS grew {} KiB for a {} KiB budget", grown >> 10, BUDGET >> 10);
+        eprintln!(
+            "RSS grew {} KiB for a {} KiB budget",
+            grown >> 10,
+            BUDGET >> 10
+        );
     }
     assert!(
         settled.is_ok(),

@@ -20,7 +20,10 @@ use serde::Serialize;
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
-use crate::store::End;
+use crate::{
+    store::End,
+    upstream::{MAX_FINISH_REASON_BYTES, MAX_USAGE_BYTES},
+};
 
 use super::{delta::Assembled, frame, Delta};
 
@@ -254,15 +257,33 @@ impl Generation {
         })
     }
 
-    /// Ends a replica the way its owner ended it.
+    /// Ends a replica the way its owner ended it. What the store says is bounded as what a
+    /// provider says is (a store can be wrong or hostile too): an oversized finish reason or
+    /// usage is dropped, an oversized error message cut.
     pub fn finish_as(&self, end: &End) -> bool {
-        if let Some(reason) = &end.finish_reason {
+        if let Some(reason) = end
+            .finish_reason
+            .as_ref()
+            .filter(|reason| reason.len() <= MAX_FINISH_REASON_BYTES)
+        {
             self.set_finish_reason(reason.clone());
         }
-        if let Some(text) = &end.usage {
+        if let Some(text) = end
+            .usage
+            .as_ref()
+            .filter(|usage| usage.len() <= MAX_USAGE_BYTES)
+        {
             if let Ok(usage) = serde_json::from_str(text) {
                 self.set_usage(usage, text.len());
             }
+        }
+        let mut message = end.error_message.clone().unwrap_or_default();
+        if message.len() > MAX_STORED_MESSAGE_BYTES {
+            let mut cut = MAX_STORED_MESSAGE_BYTES;
+            while !message.is_char_boundary(cut) {
+                cut -= 1;
+            }
+            message.truncate(cut);
         }
         let outcome = match end.status.as_str() {
             "completed" => Outcome::Completed,
@@ -270,7 +291,7 @@ impl Generation {
             "interrupted" => Outcome::Interrupted,
             _ => Outcome::Failed {
                 code: known_code(end.error_code.as_deref()),
-                message: end.error_message.clone().unwrap_or_default(),
+                message,
             },
         };
         self.finish(outcome)
@@ -537,6 +558,9 @@ const KNOWN_CODES: &[&str] = &[
     OWNER_LOST,
     LOG_LOST,
 ];
+
+/// Longest error message taken from the store for a replica's end.
+const MAX_STORED_MESSAGE_BYTES: usize = 1024;
 
 /// The instance running a generation stopped before ending it.
 pub const OWNER_LOST: &str = "owner_lost";

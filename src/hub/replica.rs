@@ -153,9 +153,20 @@ impl Relay {
             Delta::Text(String::new())
         });
         let limits = self.hub.settings().log_limits;
-        if let Pushed::Logged { fan_out, log_bytes } = self.generation.push(delta, limits) {
-            metrics::record_fan_out(fan_out, metrics::TokenSource::Store);
-            self.hub.logged(log_bytes);
+        match self.generation.push(delta, limits) {
+            Pushed::Logged { fan_out, log_bytes } => {
+                metrics::record_fan_out(fan_out, metrics::TokenSource::Store);
+                self.hub.logged(log_bytes);
+            }
+            // Limits smaller here than the owner's: end the copy rather than skip an entry,
+            // which would shift every index after it.
+            Pushed::TooLarge => {
+                self.generation.finish(Outcome::Failed {
+                    code: "too_large",
+                    message: "the generation exceeded this instance's token or byte limit".into(),
+                });
+            }
+            Pushed::Ended => {}
         }
     }
 

@@ -365,3 +365,28 @@ async fn unknown_ids_are_not_found_on_any_instance() {
         .unwrap()
         .is_none());
 }
+
+#[tokio::test]
+async fn what_a_replica_takes_from_the_store_is_bounded() {
+    let cluster = Cluster::start().await;
+    let b = cluster.hub("b").await;
+    let id = "gen_00000000000000000000000000000004";
+    let store = &cluster.store;
+    store.create(id, "ghost").await.unwrap();
+    let end = crate::store::End {
+        status: "failed".into(),
+        token_count: 0,
+        finish_reason: Some("x".repeat(10_000)),
+        usage: Some(format!("{{\"pad\":\"{}\"}}", "u".repeat(100_000))),
+        error_code: Some("upstream_error".into()),
+        error_message: Some("é".repeat(10_000)),
+    };
+    store.finish(id, Some("ghost"), &end).await.unwrap();
+    let snapshot = b.find(id).await.unwrap().unwrap().snapshot();
+    assert_eq!(snapshot.status, Status::Failed);
+    assert!(snapshot.finish_reason.is_none());
+    assert!(snapshot.usage.is_none());
+    let error = snapshot.error.unwrap();
+    assert_eq!(error.code, "upstream_error");
+    assert!(error.message.len() <= 1024 && error.message.starts_with('é'));
+}
