@@ -118,7 +118,7 @@ pub enum Ending {
     AllDone,
     /// Clients hold their streams for `hold_s`, then all close them (memory scenarios).
     Leave,
-    /// After `drain_after_s` of streaming the gateway gets SIGTERM.
+    /// After `drain_after_s` of streaming the gateway (instance 0 of a cluster) gets SIGTERM.
     Drain,
     /// Clients and generations keep arriving for a while (a warm-up, then the soak rounds);
     /// each round ends when its clients are done and the gateway has settled.

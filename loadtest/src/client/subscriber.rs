@@ -49,7 +49,8 @@ pub struct Shared {
 
 #[derive(Debug, Clone, Copy)]
 pub struct Policy {
-    /// Resume after `reason: shutdown`? Not in the drain scenario, where the gateway goes away.
+    /// Resume after `reason: shutdown`? Not in `drain`, where the only gateway goes away; yes
+    /// in `cluster-drain`, where the other instances serve on from the store.
     pub resume_after_shutdown: bool,
     /// Reconnections one client may make before it gives up.
     pub max_reconnects: u32,

@@ -262,7 +262,8 @@ async fn stream_to_the_end(monitor: &mut Monitor, gateway: &mut Gateway) -> Ende
     }
 }
 
-/// `drain`: SIGTERM a fixed time into streaming, then wait for every client and the exit.
+/// `drain` and `cluster-drain`: SIGTERM (to instance 0) a fixed time into streaming, then wait
+/// for every client and the exit.
 async fn sigterm_and_drain(
     monitor: &mut Monitor,
     gateway: &mut Gateway,
