@@ -18,12 +18,20 @@ use crate::worker::{Target, WorkerCommand, WorkerReport, WorkerSpec};
 /// A worker line, or `None` when its stdout closed.
 type Message = (usize, Option<WorkerReport>);
 
+/// What one worker reported when it finished.
+#[derive(Clone)]
+pub struct Final {
+    pub counters: Counters,
+    pub latency: BySide<Buckets>,
+    pub handover_gap: Buckets,
+}
+
 pub struct Fleet {
     children: Vec<Child>,
     commands: Commands,
     rx: mpsc::UnboundedReceiver<Message>,
     progress: Vec<Counters>,
-    finals: Vec<Option<(Counters, BySide<Buckets>)>>,
+    finals: Vec<Option<Final>>,
     /// Workers whose output ended without a final report.
     pub lost_workers: Vec<usize>,
 }
@@ -93,13 +101,25 @@ impl Fleet {
         while let Ok((index, message)) = self.rx.try_recv() {
             match message {
                 Some(WorkerReport::Progress(counters)) => self.progress[index] = counters,
-                Some(WorkerReport::Final { counters, latency }) => {
+                Some(WorkerReport::Final {
+                    counters,
+                    latency,
+                    handover_gap,
+                }) => {
                     self.progress[index] = counters.clone();
-                    self.finals[index] = Some((counters, latency));
+                    self.finals[index] = Some(Final {
+                        counters,
+                        latency,
+                        handover_gap,
+                    });
                 }
                 None if self.finals[index].is_none() => {
                     self.lost_workers.push(index);
-                    self.finals[index] = Some((self.progress[index].clone(), BySide::default()));
+                    self.finals[index] = Some(Final {
+                        counters: self.progress[index].clone(),
+                        latency: BySide::default(),
+                        handover_gap: Buckets::default(),
+                    });
                 }
                 None => {}
             }
@@ -146,7 +166,7 @@ impl Fleet {
             .sum()
     }
 
-    pub fn finals(&self) -> impl Iterator<Item = &(Counters, BySide<Buckets>)> {
+    pub fn finals(&self) -> impl Iterator<Item = &Final> {
         self.finals.iter().flatten()
     }
 

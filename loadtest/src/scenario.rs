@@ -31,6 +31,10 @@ pub enum ScenarioName {
     /// Several instances on one Redis the tool starts: viewers on the owner and on other
     /// instances side by side, moving between instances; Redis commands and memory per token.
     Cluster,
+    /// The cluster under load, then SIGTERM to instance 0: its viewers are handed over to the
+    /// other instances; the gap each sees, generations completed vs interrupted, its exit.
+    #[serde(rename = "cluster-drain")]
+    ClusterDrain,
 }
 
 /// An inclusive integer range, written `20-80` or `50`.
@@ -114,7 +118,7 @@ pub enum Ending {
     AllDone,
     /// Clients hold their streams for `hold_s`, then all close them (memory scenarios).
     Leave,
-    /// After `drain_after_s` of streaming the gateway gets SIGTERM.
+    /// After `drain_after_s` of streaming the gateway (instance 0 of a cluster) gets SIGTERM.
     Drain,
     /// Clients and generations keep arriving for a while (a warm-up, then the soak rounds);
     /// each round ends when its clients are done and the gateway has settled.
@@ -512,6 +516,26 @@ impl Scenario {
                 }),
                 ..base
             },
+            // The hand-over measurement: instance 0 owns a third of the generations and
+            // carries a third of the viewers (half of them on generations owned elsewhere).
+            // 20 s generations and SIGTERM 5 s into them: the owner's upstream calls outlive
+            // the hand-over and finish inside the gateway's default 25 s drain deadline.
+            ScenarioName::ClusterDrain => Self {
+                shape: Shape::Spread { connections: 3000 },
+                generations: 300,
+                tokens: Range::fixed(400),
+                interval_ms: Range::fixed(50),
+                start_margin_s: 2.0,
+                drain_after_s: 5.0,
+                gateway_args: vec!["--drain-deadline=25s".into()],
+                cluster: Some(ClusterKnobs {
+                    instances: 3,
+                    store: true,
+                    non_owner_fraction: 0.5,
+                }),
+                ending: Ending::Drain,
+                ..base
+            },
         }
     }
 
@@ -688,6 +712,13 @@ impl Scenario {
         Ok(())
     }
 
+    /// A drain with other instances on the shared store: the draining instance's viewers
+    /// resume elsewhere, and every client must see its generation end.
+    pub fn hands_over(&self) -> bool {
+        self.ending == Ending::Drain
+            && (self.cluster.as_ref()).is_some_and(|c| c.store && c.instances > 1)
+    }
+
     /// Gateway instances the run spawns.
     pub fn instances(&self) -> u32 {
         self.cluster.as_ref().map_or(1, |c| c.instances)
@@ -731,6 +762,8 @@ impl Scenario {
         let body = match self.ending {
             Ending::AllDone | Ending::Churn => self.stream_s() + stall_s,
             Ending::Leave => self.hold_s + 10.0,
+            // Handed-over viewers read on to their generation's end.
+            Ending::Drain if self.hands_over() => self.drain_after_s.max(self.stream_s()) + 60.0,
             Ending::Drain => self.drain_after_s + 60.0,
         };
         (setup + body + 60.0).ceil() as u64
@@ -1004,6 +1037,24 @@ mod tests {
         }
         plan.cap(10);
         assert_eq!(plan.connections(), 10);
+    }
+
+    #[test]
+    fn cluster_drain_hands_over_only_with_other_instances_on_the_store() {
+        let hand_over = Scenario::resolve(ScenarioName::ClusterDrain, &Overrides::default());
+        let hand_over = hand_over.unwrap();
+        assert!(hand_over.hands_over());
+        assert_eq!((hand_over.instances(), hand_over.owner(3)), (3, 0));
+        // The handed-over viewers read on to the end of their 20 s generations.
+        assert!(hand_over.time_limit_s as f64 > hand_over.stream_s() + 60.0);
+        let alone = Overrides {
+            no_store: true,
+            ..Overrides::default()
+        };
+        let alone = Scenario::resolve(ScenarioName::ClusterDrain, &alone).unwrap();
+        assert!(!alone.hands_over());
+        let drain = Scenario::resolve(ScenarioName::Drain, &Overrides::default()).unwrap();
+        assert!(!drain.hands_over());
     }
 
     #[test]

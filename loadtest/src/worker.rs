@@ -19,7 +19,7 @@ use tokio::task::LocalSet;
 use crate::client::connect::source_address;
 use crate::client::stats::Counters;
 use crate::client::subscriber::{self, Expected, Plan, Policy, Shared};
-use crate::metrics::latency::{Buckets, BySide};
+use crate::metrics::latency::{new_histogram, Buckets, BySide};
 use crate::scenario::ClientMix;
 
 const PROGRESS_EVERY: Duration = Duration::from_millis(250);
@@ -79,6 +79,8 @@ pub enum WorkerReport {
     Final {
         counters: Counters,
         latency: BySide<Buckets>,
+        /// Hand-over gaps (µs) of clients a draining instance told to reconnect.
+        handover_gap: Buckets,
     },
 }
 
@@ -151,6 +153,7 @@ async fn run() -> Result<()> {
         gateways: std::mem::take(&mut spec.gateways),
         counters: RefCell::new(Counters::default()),
         latency: RefCell::new(BySide::new()?),
+        handover_gap: RefCell::new(new_histogram()?),
         leave: leave_rx.clone(),
         policy: Policy {
             resume_after_shutdown: spec.resume_after_shutdown,
@@ -171,7 +174,12 @@ async fn run() -> Result<()> {
     }
     let counters = shared.counters.borrow().clone();
     let latency = shared.latency.borrow().map(Buckets::from_histogram);
-    emit(&WorkerReport::Final { counters, latency })
+    let handover_gap = Buckets::from_histogram(&shared.handover_gap.borrow());
+    emit(&WorkerReport::Final {
+        counters,
+        latency,
+        handover_gap,
+    })
 }
 
 /// Starts this worker's clients at its share of the ramp rate, until all started or `leave`.

@@ -39,6 +39,9 @@ pub struct Shared {
     /// Receipt − emit in microseconds, for clients that keep reading, kept apart by whether
     /// the client was connected to its generation's owner.
     pub latency: RefCell<BySide<Histogram<u64>>>,
+    /// Per client told to reconnect by a draining instance: microseconds from its last token
+    /// there to its next token from the instance it resumed on (the hand-over a viewer sees).
+    pub handover_gap: RefCell<Histogram<u64>>,
     /// Flips to true when clients must close their streams and stop.
     pub leave: watch::Receiver<bool>,
     pub policy: Policy,
@@ -46,7 +49,8 @@ pub struct Shared {
 
 #[derive(Debug, Clone, Copy)]
 pub struct Policy {
-    /// Resume after `reason: shutdown`? Not in the drain scenario, where the gateway goes away.
+    /// Resume after `reason: shutdown`? Not in `drain`, where the only gateway goes away; yes
+    /// in `cluster-drain`, where the other instances serve on from the store.
     pub resume_after_shutdown: bool,
     /// Reconnections one client may make before it gives up.
     pub max_reconnects: u32,
@@ -126,6 +130,11 @@ struct Progress {
     next_id: u64,
     /// The client's behaviour has happened (once per client).
     acted: bool,
+    /// Unix µs of the last token received, on any instance.
+    last_token_us: u64,
+    /// Set when a draining instance told the client to reconnect: the time of its last token
+    /// there, until the next token arrives and the gap is recorded.
+    handed_over_at: Option<u64>,
 }
 
 /// Runs one subscriber until its generation ends, it gives up, or the worker says leave.
@@ -134,6 +143,8 @@ pub async fn run(plan: Plan, shared: Rc<Shared>) {
     let mut progress = Progress {
         next_id: 0,
         acted: false,
+        last_token_us: 0,
+        handed_over_at: None,
     };
     let mut buf = vec![0u8; shared.policy.read_buffer.max(MIN_READ_BUFFER)];
     let mut attempts = 0u32;
@@ -150,7 +161,13 @@ pub async fn run(plan: Plan, shared: Rc<Shared>) {
             {
                 break false
             }
-            SessionEnd::Reconnect { retry, .. } => retry,
+            SessionEnd::Reconnect { retry, shutdown } => {
+                // A client that had no token yet has no gap to measure.
+                if shutdown && progress.last_token_us > 0 {
+                    progress.handed_over_at = Some(progress.last_token_us);
+                }
+                retry
+            }
             SessionEnd::Failed => shared.policy.backoff,
             SessionEnd::Closed {
                 back_after: Some(away),
@@ -420,6 +437,13 @@ fn on_event(
             progress.next_id = id + 1;
             counters.tokens += 1;
             counters.last_token_us = counters.last_token_us.max(now);
+            progress.last_token_us = now;
+            if let Some(since) = progress.handed_over_at.take() {
+                let _ = shared
+                    .handover_gap
+                    .borrow_mut()
+                    .record(now.saturating_sub(since).max(1));
+            }
             match emit_stamp_us(ev.data) {
                 Some(emitted) if emitted >= subscribed_at => {
                     counters.live_tokens += 1;
@@ -490,6 +514,7 @@ pub fn unix_micros() -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::metrics::latency::new_histogram;
     use tokio::net::TcpListener;
     use tokio::task::LocalSet;
 
@@ -527,13 +552,15 @@ mod tests {
     }
 
     /// Runs one client of a generation owned by the first of `gateways`, connecting there
-    /// first; returns its counters and how many tokens were timed on each side.
-    async fn run_on(gateways: Vec<SocketAddr>) -> (Counters, BySide<u64>) {
+    /// first; returns its counters, how many tokens were timed on each side, and its
+    /// hand-over gaps.
+    async fn run_on(gateways: Vec<SocketAddr>) -> (Counters, BySide<u64>, Histogram<u64>) {
         let (_leave_tx, leave) = watch::channel(false);
         let shared = Rc::new(Shared {
             gateways,
             counters: RefCell::new(Counters::default()),
             latency: RefCell::new(BySide::new().unwrap()),
+            handover_gap: RefCell::new(new_histogram().unwrap()),
             leave,
             policy: Policy {
                 resume_after_shutdown: true,
@@ -554,11 +581,12 @@ mod tests {
         let counters = shared.counters.borrow().clone();
         let timed = shared.latency.borrow().map(Histogram::len);
         assert_eq!(timed.owner + timed.non_owner, counters.live_tokens);
-        (counters, timed)
+        let gaps = shared.handover_gap.borrow().clone();
+        (counters, timed, gaps)
     }
 
     async fn run_one(addr: SocketAddr) -> Counters {
-        let (counters, timed) = run_on(vec![addr]).await;
+        let (counters, timed, _) = run_on(vec![addr]).await;
         assert_eq!(timed.non_owner, 0);
         counters
     }
@@ -579,11 +607,37 @@ mod tests {
         );
         let (first, first_server) = serve(vec![owner]).await;
         let (second, second_server) = serve(vec![other]).await;
-        let (c, timed) = run_on(vec![first, second]).await;
+        let (c, timed, gaps) = run_on(vec![first, second]).await;
         assert_eq!((c.tokens, c.reconnects, c.done), (3, 1, 1));
         assert_eq!(c.delivery_errors(), 0);
         assert_eq!((timed.owner, timed.non_owner), (1, 2));
+        // An eviction is not a hand-over.
+        assert!(gaps.is_empty());
         assert!(!first_server.await.unwrap()[0].contains("Last-Event-ID"));
+        assert!(second_server.await.unwrap()[0].contains("\r\nLast-Event-ID: 0\r\n"));
+    }
+
+    #[tokio::test]
+    async fn a_shutdown_hand_over_waits_the_servers_retry_and_records_the_gap() {
+        let now = unix_micros() + 1_000_000;
+        let draining = format!(
+            "{HEAD}{}{}0\r\n\r\n",
+            token(0, now),
+            chunk("retry: 300\nevent: reconnect\ndata: {\"reason\":\"shutdown\"}\n\n"),
+        );
+        let other = format!(
+            "{HEAD}{}{}0\r\n\r\n",
+            token(1, now),
+            chunk("id: 2\nevent: done\ndata: {\"status\":\"completed\",\"token_count\":2}\n\n"),
+        );
+        let (first, _first_server) = serve(vec![draining]).await;
+        let (second, second_server) = serve(vec![other]).await;
+        let (c, _, gaps) = run_on(vec![first, second]).await;
+        assert_eq!((c.tokens, c.shutdown_reconnects, c.done), (2, 1, 1));
+        assert_eq!(c.delivery_errors(), 0);
+        // One gap, at least the 300 ms `retry:` the draining instance asked for.
+        assert_eq!(gaps.len(), 1);
+        assert!(gaps.min() >= 300_000, "gap {} µs", gaps.min());
         assert!(second_server.await.unwrap()[0].contains("\r\nLast-Event-ID: 0\r\n"));
     }
 

@@ -77,6 +77,29 @@ pub async fn stored_tokens(addr: SocketAddr) -> Result<u64> {
         .context("token count is not a number")
 }
 
+/// Generations by their owner's instance id and their status (`tf:{id}:m` fields `owner` and
+/// `status`), as `owner:status=count` pairs joined by commas; one script, like the count above.
+const COUNT_STATUSES: &str = "local counts = {} \
+    for _, key in ipairs(redis.call('KEYS', 'tf:*:m')) do \
+    local fields = redis.call('HMGET', key, 'owner', 'status') \
+    local k = (fields[1] or '?') .. ':' .. (fields[2] or '?') \
+    counts[k] = (counts[k] or 0) + 1 end \
+    local out = {} for k, n in pairs(counts) do out[#out + 1] = k .. '=' .. n end \
+    table.sort(out) return table.concat(out, ',')";
+
+/// Generations counted by `owner:status` (e.g. `loadtest-0:interrupted`).
+pub async fn generation_statuses(addr: SocketAddr) -> Result<BTreeMap<String, u64>> {
+    let reply = command(addr, &["EVAL", COUNT_STATUSES, "0"]).await?;
+    (reply.split(',').filter(|pair| !pair.is_empty()))
+        .map(|pair| {
+            let (key, count) = pair
+                .rsplit_once('=')
+                .with_context(|| format!("bad status count {pair:?}"))?;
+            Ok((key.to_string(), count.parse().context("status count")?))
+        })
+        .collect()
+}
+
 /// Calls per command and memory in use at one moment.
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct RedisStats {

@@ -5,6 +5,7 @@ pub mod chart;
 pub mod cluster;
 pub mod soak;
 
+use std::collections::BTreeMap;
 use std::fmt::Write as _;
 
 use serde::Serialize;
@@ -205,6 +206,13 @@ pub struct Drain {
     pub clients_told_to_reconnect: u64,
     /// Tokens missing from generations a client saw finish (`done`); must be 0.
     pub lost_tokens_in_finished: u64,
+    /// Other instances on the shared store served on: the draining one's viewers resumed there.
+    pub hands_over: bool,
+    /// Per viewer handed over: from its last token on the draining instance to its next token
+    /// from another (µs).
+    pub handover_gap: Option<LatencySummary>,
+    /// Generations by `owner:status` in the store once the run is over.
+    pub generations: BTreeMap<String, u64>,
 }
 
 pub(crate) fn ms(us: u64) -> String {
@@ -389,6 +397,24 @@ impl RunResult {
                     drain.lost_tokens_in_finished
                 ),
             );
+        }
+        if let Some(gap) = self.drain.as_ref().and_then(|d| d.handover_gap.as_ref()) {
+            row(
+                "drain: hand-over gap p50 / p99 / max (viewers)",
+                format!(
+                    "{} / {} / {} ({})",
+                    ms(gap.p50_us),
+                    ms(gap.p99_us),
+                    ms(gap.max_us),
+                    gap.count
+                ),
+            );
+        }
+        if let Some(drain) = self.drain.as_ref().filter(|d| !d.generations.is_empty()) {
+            let statuses: Vec<_> = (drain.generations.iter())
+                .map(|(k, n)| format!("{k} {n}"))
+                .collect();
+            row("drain: generations by owner:status", statuses.join(", "));
         }
         if let Some(soak) = &self.soak {
             for (k, v) in soak.rows() {

@@ -12,8 +12,8 @@ use crate::client::stats::Counters;
 use crate::client::subscriber::unix_micros;
 use crate::fleet::Fleet;
 use crate::gateway::Gateway;
-use crate::metrics::latency::{quantile_curve, BySide, LatencySummary};
-use crate::metrics::redis::{stored_tokens, RedisStats, StoreUse};
+use crate::metrics::latency::{new_histogram, quantile_curve, BySide, LatencySummary};
+use crate::metrics::redis::{generation_statuses, stored_tokens, RedisStats, StoreUse};
 use crate::metrics::snapshot::{RampPoint, Snapshot};
 use crate::report::soak::Soak;
 use crate::report::{Cpu, Drain, Ramp};
@@ -54,6 +54,10 @@ impl Outcome {
         let everyone_finished = match self.ending {
             Ending::AllDone => finished >= self.planned,
             Ending::Leave => t.left >= self.planned,
+            // Handed-over viewers read on elsewhere until their generation ends.
+            Ending::Drain if self.drain.as_ref().is_some_and(|d| d.hands_over) => {
+                finished >= self.planned
+            }
             Ending::Drain => finished + t.shutdown_reconnects >= self.planned,
             // Clients that left mid-stream on purpose are the only ones without an ending.
             Ending::Churn => finished + t.left_midstream >= self.planned,
@@ -129,7 +133,7 @@ pub async fn measure(
     let window_start = monitor.window_mark(monitor.fleet.totals().tokens);
     // Memory with everyone connected.
     let steady = monitor.snapshot();
-    let ended = match scenario.ending {
+    let mut ended = match scenario.ending {
         Ending::Leave => hold_and_leave(&mut monitor, gateway, scenario).await,
         // A churn run has its own phases (`soak`); were one to come here, it streams to the end.
         Ending::AllDone | Ending::Churn => stream_to_the_end(&mut monitor, gateway).await,
@@ -163,8 +167,14 @@ pub async fn measure(
             .await;
         monitor.snapshot()
     };
+    if let (Some(drain), Some(addr)) = (ended.drain.as_mut(), store_addr) {
+        drain.generations = generation_statuses(addr).await?;
+    }
     let cpu = window_start.cpu_until(&ended.window_end);
     let finished = finish(monitor, &mut warnings).await?;
+    if let Some(drain) = ended.drain.as_mut().filter(|d| d.hands_over) {
+        drain.handover_gap = Some(LatencySummary::of(&finished.handover_gap));
+    }
     let all = finished.hist.merged()?;
     Ok(Outcome {
         ending: scenario.ending,
@@ -252,7 +262,8 @@ async fn stream_to_the_end(monitor: &mut Monitor, gateway: &mut Gateway) -> Ende
     }
 }
 
-/// `drain`: SIGTERM a fixed time into streaming, then wait for every client and the exit.
+/// `drain` and `cluster-drain`: SIGTERM (to instance 0) a fixed time into streaming, then wait
+/// for every client and the exit.
 async fn sigterm_and_drain(
     monitor: &mut Monitor,
     gateway: &mut Gateway,
@@ -288,6 +299,10 @@ async fn sigterm_and_drain(
         clients_done: t.done,
         clients_told_to_reconnect: t.shutdown_reconnects,
         lost_tokens_in_finished: t.lost_tokens,
+        hands_over: scenario.hands_over(),
+        // Filled in from the workers' final reports and the store once the run is over.
+        handover_gap: None,
+        generations: Default::default(),
     };
     Ok(Ended {
         steady: None,
@@ -311,6 +326,8 @@ pub(super) async fn stop(monitor: &mut Monitor, gateway: &mut Gateway) {
 pub(super) struct Finished {
     pub totals: Counters,
     pub hist: BySide<hdrhistogram::Histogram<u64>>,
+    /// Hand-over gaps of clients a draining instance told to reconnect.
+    pub handover_gap: hdrhistogram::Histogram<u64>,
     pub points: Vec<RampPoint>,
     pub peak_connected: i64,
     pub timed_out: bool,
@@ -318,7 +335,7 @@ pub(super) struct Finished {
 
 /// Collects the workers' final reports, then reaps them.
 pub(super) async fn finish(mut monitor: Monitor, warnings: &mut Vec<String>) -> Result<Finished> {
-    let (totals, hist) = collect(&mut monitor, warnings)?;
+    let (totals, hist, handover_gap) = collect(&mut monitor, warnings)?;
     let Monitor {
         fleet,
         points,
@@ -330,23 +347,29 @@ pub(super) async fn finish(mut monitor: Monitor, warnings: &mut Vec<String>) -> 
     Ok(Finished {
         totals,
         hist,
+        handover_gap,
         points,
         peak_connected,
         timed_out,
     })
 }
 
-/// Sums the workers' final counters and merges their latency histograms.
-fn collect(
-    monitor: &mut Monitor,
-    warnings: &mut Vec<String>,
-) -> Result<(Counters, BySide<hdrhistogram::Histogram<u64>>)> {
+type Collected = (
+    Counters,
+    BySide<hdrhistogram::Histogram<u64>>,
+    hdrhistogram::Histogram<u64>,
+);
+
+/// Sums the workers' final counters and merges their latency and hand-over histograms.
+fn collect(monitor: &mut Monitor, warnings: &mut Vec<String>) -> Result<Collected> {
     monitor.fleet.poll();
     let mut totals = Counters::default();
     let mut hist = BySide::new()?;
-    for (counters, buckets) in monitor.fleet.finals() {
-        totals.add(counters);
-        buckets.add_to(&mut hist)?;
+    let mut handover_gap = new_histogram()?;
+    for done in monitor.fleet.finals() {
+        totals.add(&done.counters);
+        done.latency.add_to(&mut hist)?;
+        done.handover_gap.add_to(&mut handover_gap)?;
     }
     if !monitor.fleet.lost_workers.is_empty() {
         warnings.push(format!(
@@ -354,5 +377,5 @@ fn collect(
             monitor.fleet.lost_workers
         ));
     }
-    Ok((totals, hist))
+    Ok((totals, hist, handover_gap))
 }

@@ -166,7 +166,8 @@ pub fn worker_specs(
                 ramp_delay_s,
                 clients: scenario.clients.clone(),
                 seed,
-                resume_after_shutdown: scenario.ending != Ending::Drain,
+                // A lone draining gateway is going away; in a cluster the others serve on.
+                resume_after_shutdown: scenario.ending != Ending::Drain || scenario.hands_over(),
                 max_reconnects: 20,
                 // Room for a couple of padded events per read, without growing idle clients.
                 read_buffer: scenario.token_bytes.map_or(MIN_READ_BUFFER, |b| {
