@@ -464,15 +464,7 @@ async fn demo_page_viewers_move_to_another_instance_when_theirs_drains_and_lose_
     .await;
     assert_eq!(report["pageErrors"], serde_json::json!([]), "{report:#}");
     let id = report["generationId"].as_str().unwrap();
-    let snapshot: Value = cluster
-        .http
-        .get(format!("{}/v1/generations/{id}", cluster.base(1)))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let (_, snapshot) = cluster.snapshot(1, id).await;
     assert_eq!(snapshot["status"], "completed", "{snapshot}");
     for viewer in report["viewers"].as_array().unwrap() {
         assert_eq!(viewer["state"], "done", "{viewer}");

@@ -40,8 +40,13 @@ pub(super) async fn open(
     shared: &Shared,
     id: &str,
 ) -> Result<Option<Arc<Generation>>, HubError> {
+    // An unknown id (a typo, a guess, an expired generation) costs one read, not a
+    // subscription made and undone.
+    if shared.store.meta(id).await?.is_none() {
+        return Ok(None);
+    }
     let (tx, rx) = mpsc::channel(FEED_CAPACITY);
-    // Subscribed before reading, so nothing appended after the read can be missed.
+    // Subscribed before the reads that count, so nothing appended after them can be missed.
     let watch = shared.store.watch(id, tx).await?;
     let Some(meta) = shared.store.meta(id).await? else {
         return Ok(None);
