@@ -216,7 +216,13 @@ async fn a_generation_whose_owner_died_ends_failed_owner_lost() {
     let b = cluster.hub("b").await;
     let id = "gen_00000000000000000000000000000002";
     cluster.store.create(id, "ghost").await.unwrap();
-    append(&cluster.store, id, 0, &[Delta::Text("hello".into()).encode()]).await;
+    append(
+        &cluster.store,
+        id,
+        0,
+        &[Delta::Text("hello".into()).encode()],
+    )
+    .await;
     let replica = b.find(id).await.unwrap().unwrap();
     // The owner renews nothing: its lease runs out.
     ended(&replica).await;

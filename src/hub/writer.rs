@@ -366,7 +366,9 @@ async fn write_round(
         }
     }
     // Once per generation with a key, together; a failure only leaves the key claimed longer.
-    let releases = released.iter().map(|claim| inner.store.release_idempotency(claim));
+    let releases = released
+        .iter()
+        .map(|claim| inner.store.release_idempotency(claim));
     for result in futures_util::future::join_all(releases).await {
         if let Err(error) = result {
             warn!(%error, "could not shorten the claim of an idempotency key");
@@ -437,12 +439,7 @@ mod tests {
             retention: Duration::from_secs(60),
             max_age: Duration::from_secs(600),
         }));
-        let writer = Writer::new(
-            store.clone(),
-            "a".into(),
-            LEASE,
-            CancellationToken::new(),
-        );
+        let writer = Writer::new(store.clone(), "a".into(), LEASE, CancellationToken::new());
         (store, writer)
     }
 
@@ -497,7 +494,10 @@ mod tests {
         for n in 0..50 {
             generations.push(generation(&store, n).await);
         }
-        let _writing: Vec<_> = generations.iter().map(|g| writer.track(g.clone(), None)).collect();
+        let _writing: Vec<_> = generations
+            .iter()
+            .map(|g| writer.track(g.clone(), None))
+            .collect();
         // Every generation logs a token before the writer runs (one thread): one burst.
         for generation in &generations {
             push(generation, 1);
@@ -571,7 +571,13 @@ mod tests {
         assert!(meta.leased, "the lease lapsed");
         let renewals = writes_to(&store, quiet.id())
             .into_iter()
-            .filter(|kind| *kind == WriteKind::Append { count: 0, renew: true })
+            .filter(|kind| {
+                *kind
+                    == WriteKind::Append {
+                        count: 0,
+                        renew: true,
+                    }
+            })
             .count();
         assert!(renewals >= 3, "{renewals} renewals in three leases");
     }

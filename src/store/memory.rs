@@ -77,7 +77,10 @@ impl MemoryStore {
     /// The `write` calls so far: each write's id and kind.
     #[cfg(test)]
     pub fn calls(&self) -> Vec<Vec<(String, WriteKind)>> {
-        self.calls.lock().map(|calls| calls.clone()).unwrap_or_default()
+        self.calls
+            .lock()
+            .map(|calls| calls.clone())
+            .unwrap_or_default()
     }
 
     /// Makes every write to `id` fail as an unreachable store's would, or (false) succeed again.
@@ -264,9 +267,9 @@ impl Store for MemoryStore {
                     return Err(StoreError::Unavailable("unreachable (test)".into()));
                 }
                 Ok(match &write.op {
-                    WriteOp::Append {
-                        first, entries, ..
-                    } => self.append(write.id, owner, *first, entries),
+                    WriteOp::Append { first, entries, .. } => {
+                        self.append(write.id, owner, *first, entries)
+                    }
                     WriteOp::Finish(end) => self.end(write.id, Some(owner), end),
                 })
             })

@@ -599,10 +599,7 @@ impl Store for RedisStore {
             let meta = meta_key(id);
             // Not a transaction: nobody knows this id before it is returned.
             redis::pipe()
-                .hset_multiple(
-                    &meta,
-                    &[("owner", owner), ("status", "running")],
-                )
+                .hset_multiple(&meta, &[("owner", owner), ("status", "running")])
                 .ignore()
                 .pexpire(&meta, millis(self.lifetimes.max_age) as i64)
                 .ignore()
