@@ -264,16 +264,25 @@ async fn viewers_roaming_between_instances_see_every_token_once_in_order() {
 async fn a_finished_generation_leaves_no_key_in_redis_after_its_retention() {
     let cluster = Cluster::start(2, &["--retention", "2s"], &[]).await;
     let bases = cluster.bases();
-    let id = create_generation(
-        &cluster.http,
-        &bases[0],
-        json!({"tokens": 10, "interval_ms": 1}),
-    )
-    .await;
+    // With an Idempotency-Key: the key too is claimed only for the retention after the end
+    // (it was claimed for the longest life of a running generation, 11 minutes here).
+    let created: Value = cluster
+        .http
+        .post(format!("{}/v1/generations", bases[0]))
+        .header("idempotency-key", "order-7")
+        .json(&chat_request(json!({"tokens": 10, "interval_ms": 1})))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let id = created["id"].as_str().unwrap().to_owned();
     let viewed = view(&cluster.http, &bases, &id, Roam::Stay(1)).await;
     assert_eq!(viewed.terminal.event, "done");
     let keys: Vec<String> = cluster.redis.command(&["KEYS", "*"]).await;
     assert!(keys.iter().any(|key| key.contains(&id)), "{keys:?}");
+    assert!(keys.iter().any(|key| key.contains("order-7")), "{keys:?}");
     tokio::time::timeout(WAIT, async {
         loop {
             let keys: Vec<String> = cluster.redis.command(&["KEYS", "*"]).await;

@@ -9,7 +9,7 @@
 use std::{
     sync::{
         atomic::{AtomicUsize, Ordering},
-        Mutex,
+        Arc, Mutex, OnceLock,
     },
     time::{Duration, Instant},
 };
@@ -17,7 +17,6 @@ use std::{
 use super::queue::{self, TrySendError};
 use bytes::{Bytes, BytesMut};
 use serde::Serialize;
-use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
 use crate::{
@@ -25,7 +24,7 @@ use crate::{
     upstream::{MAX_FINISH_REASON_BYTES, MAX_USAGE_BYTES},
 };
 
-use super::{delta::Assembled, frame, Delta};
+use super::{delta::Assembled, frame, writer::Dirty, Delta};
 
 /// Most bytes handed to a subscriber in one replay step: large enough to amortise the lock,
 /// small enough that one late joiner never holds it long or allocates much.
@@ -137,8 +136,9 @@ pub struct Generation {
     /// With a shared store: the instance that runs this generation's upstream call, when it is
     /// not this one (this is a replica, fed from the store). `None` for our own.
     owner: Option<String>,
-    /// Wakes the store writer of an owned generation when the log grew or the generation ended.
-    changed: Notify,
+    /// With a shared store, marks an owned generation for the instance's store writer when
+    /// the log grew or the generation ended.
+    changed: OnceLock<Arc<Dirty>>,
     cancel: CancellationToken,
     /// Fires when the registry forgets the generation (retention over, or evicted to fit the
     /// log memory budget): its task stops holding it then, so its memory goes at once.
@@ -186,7 +186,7 @@ impl Generation {
             id,
             idempotency_key,
             owner,
-            changed: Notify::new(),
+            changed: OnceLock::new(),
             cancel: CancellationToken::new(),
             forgotten: CancellationToken::new(),
             viewers: AtomicUsize::new(0),
@@ -221,9 +221,15 @@ impl Generation {
         self.owner.as_deref()
     }
 
-    /// Resolves after the log grew or the generation ended, since the last time it resolved.
-    pub fn changed(&self) -> tokio::sync::futures::Notified<'_> {
-        self.changed.notified()
+    /// Has the store writer told of every change from now on (once, for an owned generation).
+    pub(super) fn write_through(&self, dirty: Arc<Dirty>) {
+        let _ = self.changed.set(dirty);
+    }
+
+    fn mark_changed(&self) {
+        if let Some(dirty) = self.changed.get() {
+            dirty.mark();
+        }
     }
 
     /// How many tokens the log holds.
@@ -343,7 +349,7 @@ impl Generation {
         state.frames.push(frame.clone());
         let fan_out = state.offer(|| Outbound::Token(frame.clone()));
         drop(state);
-        self.changed.notify_one();
+        self.mark_changed();
         Pushed::Logged { fan_out, log_bytes }
     }
 
@@ -438,7 +444,7 @@ impl Generation {
         state.subscribers.clear();
         drop(state);
         self.cancel.cancel();
-        self.changed.notify_one();
+        self.mark_changed();
         true
     }
 

@@ -20,7 +20,8 @@ use tracing::{info, info_span, warn, Instrument};
 
 use super::{
     generation::{status_label, Generation, LogLimits, Outcome, Pushed, Resume, Status},
-    replica, writer,
+    replica,
+    writer::{Tracking, Writer},
 };
 use crate::{
     metrics,
@@ -87,6 +88,8 @@ pub struct Hub {
     settings: HubSettings,
     upstream: Upstream,
     shared: Option<Shared>,
+    /// With a store: writes our generations through to it.
+    writer: Option<Writer>,
     /// Generations served here: our own, and replicas of other instances' (with a store).
     generations: Mutex<HashMap<String, Arc<Generation>>>,
     /// (scope, idempotency key) → (hash of the request body, generation id), without a store.
@@ -103,17 +106,27 @@ pub struct Hub {
 
 impl Hub {
     pub fn new(settings: HubSettings, upstream: Upstream, shared: Option<Shared>) -> Arc<Self> {
+        let closed = CancellationToken::new();
+        let writer = shared.as_ref().map(|shared| {
+            Writer::new(
+                shared.store.clone(),
+                shared.instance.clone(),
+                shared.lease,
+                closed.clone(),
+            )
+        });
         Arc::new(Self {
             settings,
             upstream,
             shared,
+            writer,
             generations: Mutex::default(),
             idempotency: Mutex::default(),
             running: AtomicUsize::new(0),
             subscribers_open: AtomicUsize::new(0),
             log_bytes: AtomicUsize::new(0),
             finished: Mutex::default(),
-            closed: CancellationToken::new(),
+            closed,
         })
     }
 
@@ -172,20 +185,20 @@ impl Hub {
         }
         let body_hash = hash_request(&request);
         let id = new_generation_id();
-        let generation = match &self.shared {
+        let (generation, claim) = match &self.shared {
             None => match self.register_local(id, idempotency_key, body_hash)? {
-                Ok(generation) => generation,
+                Ok(generation) => (generation, None),
                 Err(existing) => return Ok(existing),
             },
             Some(shared) => {
                 shared.store.create(&id, &shared.instance).await?;
-                if let Some(key) = &idempotency_key {
-                    let claim = IdempotencyClaim {
-                        scope: key.scope.clone(),
-                        key: key.key.clone(),
-                        body_hash,
-                    };
-                    if let Some(claimed) = shared.store.claim_idempotency(&claim, &id).await? {
+                let claim = idempotency_key.as_ref().map(|key| IdempotencyClaim {
+                    scope: key.scope.clone(),
+                    key: key.key.clone(),
+                    body_hash,
+                });
+                if let Some(claim) = &claim {
+                    if let Some(claimed) = shared.store.claim_idempotency(claim, &id).await? {
                         if let Err(error) = shared.store.discard(&id).await {
                             warn!(%error, "could not remove a generation that lost an idempotency race");
                         }
@@ -206,9 +219,13 @@ impl Hub {
                 let key = idempotency_key.map(|key| key.key);
                 let generation = Arc::new(Generation::new(id.clone(), key));
                 lock(&self.generations).insert(id.clone(), generation.clone());
-                generation
+                (generation, claim)
             }
         };
+        let writing = self
+            .writer
+            .as_ref()
+            .map(|writer| writer.track(generation.clone(), claim));
 
         self.running.fetch_add(1, Ordering::Relaxed);
         ::metrics::gauge!(metrics::GENERATIONS_RUNNING).increment(1);
@@ -220,7 +237,7 @@ impl Hub {
         };
         tokio::spawn(
             self.clone()
-                .run(generation.clone(), request, labels)
+                .run(generation.clone(), writing, request, labels)
                 .instrument(span),
         );
         Ok(Created {
@@ -403,26 +420,17 @@ impl Hub {
         self.closed.cancel();
     }
 
-    /// The one task of a generation: stream from the upstream into the log, then keep the
-    /// result for the retention time and forget it.
+    /// The one task of a generation: stream from the upstream into the log (and, with a store,
+    /// wait for the `writing` to hold it all), then keep the result for the retention time and
+    /// forget it.
     async fn run(
         self: Arc<Self>,
         generation: Arc<Generation>,
+        writing: Option<Tracking>,
         request: serde_json::Map<String, serde_json::Value>,
         labels: UsageLabels,
     ) {
         info!("generation started");
-        let writer = self.shared.as_ref().map(|shared| {
-            tokio::spawn(
-                writer::run(
-                    shared.store.clone(),
-                    shared.instance.clone(),
-                    shared.lease,
-                    generation.clone(),
-                )
-                .in_current_span(),
-            )
-        });
         let mut recorded = metrics::GenerationMetrics::start(labels.model.clone());
         let outcome = tokio::select! {
             outcome = self.stream_upstream(&generation, request, &mut recorded) => Some(outcome),
@@ -443,15 +451,14 @@ impl Hub {
         info!(?status, "generation ended");
         recorded.finish(status_label(status));
         self.mark_finished(&generation);
-        if let Some(writer) = writer {
+        if let Some(writing) = writing {
             // A generation counts as running until the store holds its end too (a drain waits
             // for that), but a store that stays unreachable for a whole retention time does
-            // not keep it here forever.
-            let abort = writer.abort_handle();
+            // not keep it here forever (dropping `writing` stops its writes).
             tokio::select! {
-                _ = writer => {}
-                () = tokio::time::sleep(self.settings.retention) => abort.abort(),
-                () = self.closed.cancelled() => abort.abort(),
+                () = writing.stored() => {}
+                () = tokio::time::sleep(self.settings.retention) => {}
+                () = self.closed.cancelled() => {}
             }
         }
         self.running.fetch_sub(1, Ordering::Relaxed);

@@ -3,6 +3,7 @@
 
 use std::{sync::Arc, time::Duration};
 
+use bytes::Bytes;
 use serde_json::{json, Map, Value};
 
 use super::{
@@ -12,7 +13,7 @@ use super::{
 };
 use crate::{
     config::Config,
-    store::{memory::MemoryStore, Lifetimes, Store},
+    store::{memory::MemoryStore, Lifetimes, Store, Write, WriteOp, Written},
     upstream::{mock, Upstream},
 };
 
@@ -108,6 +109,19 @@ async fn read_all(hub: &Arc<Hub>, generation: Arc<Generation>, cursor: u64) -> (
     (ids, terminal)
 }
 
+/// Appends as the owner "ghost" would (a writer of an instance that is not in the test).
+async fn append(store: &MemoryStore, id: &str, first: u64, entries: &[Bytes]) -> Written {
+    let writes = [Write {
+        id,
+        op: WriteOp::Append {
+            first,
+            entries: entries.to_vec(),
+            renew: true,
+        },
+    }];
+    store.write("ghost", &writes).await.remove(0).unwrap()
+}
+
 async fn ended(generation: &Generation) {
     tokio::time::timeout(WAIT, generation.ended())
         .await
@@ -164,13 +178,13 @@ async fn a_replica_that_missed_live_messages_fills_the_gap_from_the_log_without_
         .unwrap();
     let id = "gen_00000000000000000000000000000001";
     let entry = |i: u64| vec![Delta::Text(format!("t{i} ")).encode()];
-    store.append(id, "ghost", 0, &entry(0)).await.unwrap();
+    append(store, id, 0, &entry(0)).await;
     let replica = b.find(id).await.unwrap().unwrap();
     assert_eq!(replica.token_count(), 1);
     // Far more single appends than the replica's feed holds, without letting it run: its feed
     // overflows and drops the later ones.
     for i in 1..900 {
-        store.append(id, "ghost", i, &entry(i)).await.unwrap();
+        append(store, id, i, &entry(i)).await;
     }
     // It catches up with what it got; the next messages then start past what it has.
     for _ in 0..10 {
@@ -178,7 +192,7 @@ async fn a_replica_that_missed_live_messages_fills_the_gap_from_the_log_without_
     }
     assert!(replica.token_count() < 900, "the feed did not overflow");
     for i in 900..1000 {
-        store.append(id, "ghost", i, &entry(i)).await.unwrap();
+        append(store, id, i, &entry(i)).await;
         tokio::task::yield_now().await;
     }
     let end = crate::store::End {
@@ -202,11 +216,13 @@ async fn a_generation_whose_owner_died_ends_failed_owner_lost() {
     let b = cluster.hub("b").await;
     let id = "gen_00000000000000000000000000000002";
     cluster.store.create(id, "ghost").await.unwrap();
-    cluster
-        .store
-        .append(id, "ghost", 0, &[Delta::Text("hello".into()).encode()])
-        .await
-        .unwrap();
+    append(
+        &cluster.store,
+        id,
+        0,
+        &[Delta::Text("hello".into()).encode()],
+    )
+    .await;
     let replica = b.find(id).await.unwrap().unwrap();
     // The owner renews nothing: its lease runs out.
     ended(&replica).await;
@@ -338,7 +354,7 @@ async fn an_ended_generation_whose_log_the_store_lost_is_never_served_as_whole()
         Delta::Text("a".into()).encode(),
         Delta::Text("b".into()).encode(),
     ];
-    store.append(id, "ghost", 0, &entries).await.unwrap();
+    append(store, id, 0, &entries).await;
     let end = crate::store::End {
         status: "completed".into(),
         token_count: 2,

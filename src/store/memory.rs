@@ -15,7 +15,7 @@ use tokio::sync::mpsc;
 use super::{
     listeners::{self, Listener, Listeners},
     Claimed, End, IdempotencyClaim, Lifetimes, LiveEvent, LiveSender, Meta, Store, StoreError,
-    Watch, Written,
+    Watch, Write, WriteOp, Written,
 };
 
 #[derive(Default)]
@@ -35,6 +35,12 @@ struct State {
 pub struct MemoryStore {
     lifetimes: Lifetimes,
     state: Mutex<State>,
+    /// Every `write` call, for the writer's tests: each write's id and kind.
+    #[cfg(test)]
+    calls: Mutex<Vec<Vec<(String, WriteKind)>>>,
+    /// Generations whose writes fail as if the store were unreachable.
+    #[cfg(test)]
+    unreachable_for: Mutex<std::collections::HashSet<String>>,
     /// Live feeds by generation id, control channels by owner name.
     listeners: Arc<Mutex<Listeners>>,
 }
@@ -44,6 +50,10 @@ impl MemoryStore {
         Self {
             lifetimes,
             state: Mutex::default(),
+            #[cfg(test)]
+            calls: Mutex::default(),
+            #[cfg(test)]
+            unreachable_for: Mutex::default(),
             listeners: Arc::default(),
         }
     }
@@ -64,12 +74,118 @@ impl MemoryStore {
         self.lock().generations.remove(id);
     }
 
+    /// The `write` calls so far: each write's id and kind.
+    #[cfg(test)]
+    pub fn calls(&self) -> Vec<Vec<(String, WriteKind)>> {
+        self.calls
+            .lock()
+            .map(|calls| calls.clone())
+            .unwrap_or_default()
+    }
+
+    /// Makes every write to `id` fail as an unreachable store's would, or (false) succeed again.
+    #[cfg(test)]
+    pub fn set_unreachable_for(&self, id: &str, unreachable: bool) {
+        if let Ok(mut ids) = self.unreachable_for.lock() {
+            if unreachable {
+                ids.insert(id.to_owned());
+            } else {
+                ids.remove(id);
+            }
+        }
+    }
+
     /// Keeps only the first `len` entries of a log, as a store that lost its tail would.
     #[cfg(test)]
     pub fn truncate_log(&self, id: &str, len: usize) {
         if let Some(entry) = self.lock().generations.get_mut(id) {
             entry.log.truncate(len);
         }
+    }
+}
+
+impl MemoryStore {
+    /// Every append takes or renews the lease here: keeping time costs nothing in memory.
+    fn append(&self, id: &str, owner: &str, first: u64, entries: &[Bytes]) -> Written {
+        let lease = self.lifetimes.lease;
+        let mut state = self.lock();
+        let written = match state.generations.get_mut(id) {
+            None => Written::Missing,
+            Some(entry) if entry.end.is_some() || entry.leased_by_other(owner) => Written::Fenced,
+            Some(entry) if entry.log.len() as u64 != first => Written::Expected {
+                next: entry.log.len() as u64,
+            },
+            Some(entry) => {
+                entry.owner = owner.to_owned();
+                entry.lease_until = Some(Instant::now() + lease);
+                entry.log.extend_from_slice(entries);
+                Written::Done
+            }
+        };
+        drop(state);
+        if written == Written::Done && !entries.is_empty() {
+            self.publish(
+                id,
+                &LiveEvent::Entries {
+                    first,
+                    entries: entries.to_vec(),
+                },
+            );
+        }
+        written
+    }
+
+    fn end(&self, id: &str, owner: Option<&str>, end: &End) -> Written {
+        let mut state = self.lock();
+        let written = match (state.generations.get_mut(id), owner) {
+            (None, _) => Written::Missing,
+            (Some(entry), _) if entry.end.is_some() => Written::Fenced,
+            (Some(entry), None) if entry.leased() => Written::Leased,
+            (Some(entry), Some(owner)) if entry.leased_by_other(owner) => Written::Fenced,
+            (Some(entry), Some(_)) if entry.log.len() as u64 != end.token_count => {
+                Written::Expected {
+                    next: entry.log.len() as u64,
+                }
+            }
+            (Some(entry), _) => {
+                let mut end = end.clone();
+                end.token_count = entry.log.len() as u64;
+                entry.end = Some(end);
+                entry.lease_until = None;
+                Written::Done
+            }
+        };
+        drop(state);
+        if written == Written::Done {
+            self.publish(id, &LiveEvent::Ended);
+        }
+        written
+    }
+}
+
+/// What one write was, as the writer's tests see it.
+#[cfg(test)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WriteKind {
+    /// Entries appended (possibly 0), and whether the lease was to be renewed.
+    Append { count: usize, renew: bool },
+    /// The end, at this many tokens.
+    Finish { token_count: u64 },
+}
+
+#[cfg(test)]
+impl WriteKind {
+    fn of(write: &Write<'_>) -> (String, Self) {
+        let kind = match &write.op {
+            WriteOp::Append { entries, renew, .. } => Self::Append {
+                count: entries.len(),
+                renew: *renew,
+            },
+            WriteOp::Finish(end) => Self::Finish {
+                token_count: end.token_count,
+            },
+        };
+        (write.id.to_owned(), kind)
     }
 }
 
@@ -122,56 +238,43 @@ impl Store for MemoryStore {
         Box::pin(future::ready(Ok(existing)))
     }
 
-    fn append<'a>(
+    /// Keys here live as long as the process: there is no retention to shorten.
+    fn release_idempotency<'a>(
         &'a self,
-        id: &'a str,
-        owner: &'a str,
-        first: u64,
-        entries: &'a [Bytes],
-    ) -> BoxFuture<'a, Result<Written, StoreError>> {
-        let lease = self.lifetimes.lease;
-        let mut state = self.lock();
-        let written = match state.generations.get_mut(id) {
-            None => Written::Missing,
-            Some(entry) if entry.end.is_some() || entry.leased_by_other(owner) => Written::Fenced,
-            Some(entry) if entry.log.len() as u64 != first => Written::Expected {
-                next: entry.log.len() as u64,
-            },
-            Some(entry) => {
-                entry.owner = owner.to_owned();
-                entry.lease_until = Some(Instant::now() + lease);
-                entry.log.extend_from_slice(entries);
-                Written::Done
-            }
-        };
-        drop(state);
-        if written == Written::Done {
-            self.publish(
-                id,
-                &LiveEvent::Entries {
-                    first,
-                    entries: entries.to_vec(),
-                },
-            );
-        }
-        Box::pin(future::ready(Ok(written)))
+        _claim: &'a IdempotencyClaim,
+    ) -> BoxFuture<'a, Result<(), StoreError>> {
+        Box::pin(future::ready(Ok(())))
     }
 
-    fn renew<'a>(
+    fn write<'a>(
         &'a self,
-        id: &'a str,
         owner: &'a str,
-    ) -> BoxFuture<'a, Result<Written, StoreError>> {
-        let lease = self.lifetimes.lease;
-        let written = match self.lock().generations.get_mut(id) {
-            None => Written::Missing,
-            Some(entry) if entry.end.is_some() || entry.leased_by_other(owner) => Written::Fenced,
-            Some(entry) => {
-                entry.lease_until = Some(Instant::now() + lease);
-                Written::Done
-            }
-        };
-        Box::pin(future::ready(Ok(written)))
+        writes: &'a [Write<'a>],
+    ) -> BoxFuture<'a, Vec<Result<Written, StoreError>>> {
+        #[cfg(test)]
+        if let Ok(mut calls) = self.calls.lock() {
+            calls.push(writes.iter().map(WriteKind::of).collect());
+        }
+        let written = writes
+            .iter()
+            .map(|write| {
+                #[cfg(test)]
+                if self
+                    .unreachable_for
+                    .lock()
+                    .is_ok_and(|ids| ids.contains(write.id))
+                {
+                    return Err(StoreError::Unavailable("unreachable (test)".into()));
+                }
+                Ok(match &write.op {
+                    WriteOp::Append { first, entries, .. } => {
+                        self.append(write.id, owner, *first, entries)
+                    }
+                    WriteOp::Finish(end) => self.end(write.id, Some(owner), end),
+                })
+            })
+            .collect();
+        Box::pin(future::ready(written))
     }
 
     fn finish<'a>(
@@ -180,30 +283,7 @@ impl Store for MemoryStore {
         owner: Option<&'a str>,
         end: &'a End,
     ) -> BoxFuture<'a, Result<Written, StoreError>> {
-        let mut state = self.lock();
-        let written = match (state.generations.get_mut(id), owner) {
-            (None, _) => Written::Missing,
-            (Some(entry), _) if entry.end.is_some() => Written::Fenced,
-            (Some(entry), None) if entry.leased() => Written::Leased,
-            (Some(entry), Some(owner)) if entry.leased_by_other(owner) => Written::Fenced,
-            (Some(entry), Some(_)) if entry.log.len() as u64 != end.token_count => {
-                Written::Expected {
-                    next: entry.log.len() as u64,
-                }
-            }
-            (Some(entry), _) => {
-                let mut end = end.clone();
-                end.token_count = entry.log.len() as u64;
-                entry.end = Some(end);
-                entry.lease_until = None;
-                Written::Done
-            }
-        };
-        drop(state);
-        if written == Written::Done {
-            self.publish(id, &LiveEvent::Ended);
-        }
-        Box::pin(future::ready(Ok(written)))
+        Box::pin(future::ready(Ok(self.end(id, owner, end))))
     }
 
     fn meta<'a>(&'a self, id: &'a str) -> BoxFuture<'a, Result<Option<Meta>, StoreError>> {

@@ -7,12 +7,13 @@
 //! (`hub/replica.rs`). Without a store (`--store-url` unset) the local registry is the whole
 //! truth and nothing here runs.
 //!
-//! - [`Store`]: the seam. Append (fenced by the owner's lease), read from an index, the
+//! - [`Store`]: the seam. The owner's writes of many generations at once (appends fenced by
+//!   the owner's lease, ends), read from an index, the
 //!   metadata and terminal state, the live feed, the owner's control channel, idempotency keys.
 //! - [`memory::MemoryStore`]: in-process, several hubs in one process (the hub's cross-instance
 //!   invariants are unit-tested on it, without Redis or HTTP).
-//! - [`redis::RedisStore`]: Redis, a single server or a Cluster (one Lua script per write, a
-//!   Stream per generation, pub/sub).
+//! - [`redis::RedisStore`]: Redis, a single server or a Cluster (Lua scripts, one pipeline
+//!   per batch of writes, a Stream per generation, pub/sub).
 //!
 //! Nothing here knows about HTTP or about viewers: the store is touched per instance per
 //! generation, never per viewer.
@@ -70,6 +71,28 @@ pub enum Written {
     Leased,
 }
 
+/// One write of an owner to one of its generations, see [`Store::write`].
+#[derive(Debug)]
+pub struct Write<'a> {
+    pub id: &'a str,
+    pub op: WriteOp,
+}
+
+#[derive(Debug)]
+pub enum WriteOp {
+    /// Appends `entries` at index `first` (none: only the checks and the lease), fenced by the
+    /// lease, and publishes them. The lease is renewed when `renew` is set, and taken whenever
+    /// nobody holds it: renewing it with every token would cost a command per token for
+    /// nothing.
+    Append {
+        first: u64,
+        entries: Vec<Bytes>,
+        renew: bool,
+    },
+    /// Ends the generation at `End::token_count`, which must be the log's length.
+    Finish(End),
+}
+
 /// An idempotency key claimed by a request: `scope` is the caller's credential (a digest, never
 /// the key), so one tenant's key can never return another tenant's generation.
 #[derive(Debug, Clone)]
@@ -109,7 +132,7 @@ pub struct Lifetimes {
     pub max_age: Duration,
 }
 
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum StoreError {
     #[error("the store is unreachable: {0}")]
     Unavailable(String),
@@ -144,22 +167,22 @@ pub trait Store: Send + Sync + 'static {
         id: &'a str,
     ) -> BoxFuture<'a, Result<Option<Claimed>, StoreError>>;
 
-    /// The owner appends `entries` at index `first`, renews its lease and publishes them, in
-    /// one atomic step.
-    fn append<'a>(
+    /// Keeps an idempotency key claimed only for the retention from now on, once its
+    /// generation has ended (it was claimed for a running generation's longest life).
+    fn release_idempotency<'a>(
         &'a self,
-        id: &'a str,
-        owner: &'a str,
-        first: u64,
-        entries: &'a [Bytes],
-    ) -> BoxFuture<'a, Result<Written, StoreError>>;
+        claim: &'a IdempotencyClaim,
+    ) -> BoxFuture<'a, Result<(), StoreError>>;
 
-    /// The owner renews its lease while it has nothing to append.
-    fn renew<'a>(
+    /// The owner's writes to several of its generations, in one round trip where the store
+    /// allows it (a Redis Cluster takes one call per generation, sent together). Each write
+    /// has its own answer, in order: one generation refused or failing never holds up the
+    /// others. An `Err` for one write means it may or may not have happened.
+    fn write<'a>(
         &'a self,
-        id: &'a str,
         owner: &'a str,
-    ) -> BoxFuture<'a, Result<Written, StoreError>>;
+        writes: &'a [Write<'a>],
+    ) -> BoxFuture<'a, Vec<Result<Written, StoreError>>>;
 
     /// Ends a generation: by its owner (`Some(owner)`; `end.token_count` must be the log's
     /// length), or, with `None`, by any instance once the owner's lease is gone. Starts the

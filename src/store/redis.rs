@@ -1,17 +1,19 @@
 //! The store on Redis (`--store-url redis://…`, `rediss://…` for TLS).
 //!
 //! Layout, per generation, every key sharing the hash tag `{gen_…}` (one cluster slot):
-//! - `tf:{id}:m`, a hash: `owner`, `status`, `next` (the log's length), and at the end
-//!   `token_count`, `finish_reason`, `usage`, `error_code`, `error_message`;
+//! - `tf:{id}:m`, a hash: `owner`, `status`, and at the end `token_count`, `finish_reason`,
+//!   `usage`, `error_code`, `error_message`;
 //! - `tf:{id}:s`, a Stream: the log, entry `i` at stream id `i-1`, its bytes in field `d`, so a
-//!   read from index `i` is `XRANGE tf:{id}:s i-1 +`;
+//!   read from index `i` is `XRANGE tf:{id}:s i-1 +` and the log's length is `XLEN`;
 //! - `tf:{id}:l`, the owner's lease (its name, with a TTL);
 //! - `tf:{id}:live`, the pub/sub channel of the live feed ([`super::wire`]).
 //!
-//! Every write by an owner is one Lua script (check the lease and the expected index, append,
-//! renew the lease, publish), so the log and the live feed never disagree about order, and an
-//! owner that lost its lease can never write again (fencing). Tokens ready together go in one
-//! call. Idempotency keys are `tf:idem:{scope}:{key}` (`SET NX GET`), cancel requests go to
+//! Every write by an owner is a Lua script (check the lease and the expected index, append,
+//! renew the lease when due, publish), so the log and the live feed never disagree about order,
+//! and an owner that lost its lease can never write again (fencing). Tokens ready together go
+//! in one call, and so do the appends of up to 64 generations on a single server; the
+//! instance's writes of one moment are one pipeline (one round trip). On a cluster each
+//! generation's keys are in their own slot, so each takes its own call. Idempotency keys are `tf:idem:{scope}:{key}` (`SET NX GET`), cancel requests go to
 //! an owner over `tf:ctl:{owner}`. Keys expire `retention` after the end, `max_age` after the
 //! start while running.
 //!
@@ -35,51 +37,66 @@ use redis::{
     cluster::ClusterClientBuilder,
     cluster_async::ClusterConnection,
     streams::StreamRangeReply,
-    AsyncCommands, Cmd, Pipeline, ProtocolVersion, PushInfo, PushKind, RedisFuture, RedisResult,
-    Script, Value,
+    AsyncCommands, Cmd, ErrorKind, Pipeline, ProtocolVersion, PushInfo, PushKind, RedisFuture,
+    RedisResult, Script, ScriptInvocation, ServerErrorKind, Value,
 };
 use tokio::sync::mpsc;
 
 use super::{
     listeners::{self, Listener, Listeners, OnLast},
     wire, Claimed, End, IdempotencyClaim, Lifetimes, LiveSender, Meta, Store, StoreError, Watch,
-    Written,
+    Write, WriteOp, Written,
 };
 
-/// Appends entries at an expected index, if the caller holds (or may take) the lease.
-/// KEYS: meta, stream, lease. ARGV: owner, first, lease ms, channel, live message, publish
-/// command (`PUBLISH`, or `SPUBLISH` on a cluster), entries….
+/// Appends entries to several generations of one owner, each at its expected index and only
+/// if the owner holds (or may take) its lease; one answer `{code, number}` per generation. The
+/// log's length is the Stream's (`XLEN`), so no counter is written per token, and the lease is
+/// written only when asked (about three times per lease) or when free: with one token, this is
+/// five commands (`HGET`, `GET`, `XLEN`, `XADD`, `PUBLISH`). A generation with no entries only
+/// has its checks made and its lease renewed.
+/// KEYS: meta, stream, lease of each generation. ARGV: owner, lease ms, publish command
+/// (`PUBLISH`, or `SPUBLISH` on a cluster), then per generation: first, renew (`1`/`0`),
+/// channel, live message, entry count, entries….
 const APPEND: &str = r"
-local status = redis.call('HGET', KEYS[1], 'status')
-if not status then return {'missing', 0} end
-if status ~= 'running' then return {'fenced', 0} end
-local holder = redis.call('GET', KEYS[3])
-if holder and holder ~= ARGV[1] then return {'fenced', 0} end
-local nxt = tonumber(redis.call('HGET', KEYS[1], 'next'))
-local first = tonumber(ARGV[2])
-if first ~= nxt then return {'expected', nxt} end
-for i = 7, #ARGV do
-  redis.call('XADD', KEYS[2], (first + i - 7) .. '-1', 'd', ARGV[i])
+local owner, lease, publish = ARGV[1], ARGV[2], ARGV[3]
+local answers = {}
+local at = 4
+for k = 1, #KEYS, 3 do
+  local meta, stream, held = KEYS[k], KEYS[k + 1], KEYS[k + 2]
+  local first, renew, channel, message = tonumber(ARGV[at]), ARGV[at + 1], ARGV[at + 2], ARGV[at + 3]
+  local count = tonumber(ARGV[at + 4])
+  local from = at + 5
+  at = from + count
+  local answer = {'ok', 0}
+  local status = redis.call('HGET', meta, 'status')
+  if not status then
+    answer = {'missing', 0}
+  elseif status ~= 'running' then
+    answer = {'fenced', 0}
+  else
+    local holder = redis.call('GET', held)
+    local nxt = redis.call('XLEN', stream)
+    if holder and holder ~= owner then
+      answer = {'fenced', 0}
+    elseif first ~= nxt then
+      answer = {'expected', nxt}
+    else
+      for i = 0, count - 1 do
+        redis.call('XADD', stream, (first + i) .. '-1', 'd', ARGV[from + i])
+      end
+      if first == 0 and count > 0 then
+        local ttl = redis.call('PTTL', meta)
+        if ttl > 0 then redis.call('PEXPIRE', stream, ttl) end
+      end
+      if renew == '1' or not holder then
+        redis.call('SET', held, owner, 'PX', lease)
+      end
+      if count > 0 then redis.call(publish, channel, message) end
+    end
+  end
+  answers[#answers + 1] = answer
 end
-if first == 0 then
-  local ttl = redis.call('PTTL', KEYS[1])
-  if ttl > 0 then redis.call('PEXPIRE', KEYS[2], ttl) end
-end
-redis.call('HSET', KEYS[1], 'owner', ARGV[1], 'next', first + #ARGV - 6)
-redis.call('SET', KEYS[3], ARGV[1], 'PX', ARGV[3])
-redis.call(ARGV[6], ARGV[4], ARGV[5])
-return {'ok', 0}
-";
-
-/// Renews the lease of a running generation. KEYS: meta, lease. ARGV: owner, lease ms.
-const RENEW: &str = r"
-local status = redis.call('HGET', KEYS[1], 'status')
-if not status then return {'missing', 0} end
-if status ~= 'running' then return {'fenced', 0} end
-local holder = redis.call('GET', KEYS[2])
-if holder and holder ~= ARGV[1] then return {'fenced', 0} end
-redis.call('SET', KEYS[2], ARGV[1], 'PX', ARGV[2])
-return {'ok', 0}
+return answers
 ";
 
 /// Ends a running generation: by its owner at the expected length, or (owner '') by anyone
@@ -90,7 +107,7 @@ local status = redis.call('HGET', KEYS[1], 'status')
 if not status then return {'missing', 0} end
 if status ~= 'running' then return {'fenced', 0} end
 local holder = redis.call('GET', KEYS[3])
-local nxt = tonumber(redis.call('HGET', KEYS[1], 'next'))
+local nxt = redis.call('XLEN', KEYS[2])
 if ARGV[1] == '' then
   if holder then return {'leased', 0} end
 else
@@ -110,7 +127,6 @@ return {'ok', 0}
 
 struct Scripts {
     append: Script,
-    renew: Script,
     finish: Script,
 }
 
@@ -194,6 +210,9 @@ fn stream_key(id: &str) -> String {
 }
 fn lease_key(id: &str) -> String {
     format!("tf:{{{id}}}:l")
+}
+fn idempotency_key(claim: &IdempotencyClaim) -> String {
+    format!("tf:idem:{}:{}", claim.scope, claim.key)
 }
 fn live_channel(id: &str) -> String {
     format!("tf:{{{id}}}:live")
@@ -285,10 +304,156 @@ impl RedisStore {
             listeners,
             scripts: Scripts {
                 append: Script::new(APPEND),
-                renew: Script::new(RENEW),
                 finish: Script::new(FINISH),
             },
         })
+    }
+
+    /// Sends `writes` to a single server: one pipeline of script calls, each appending for up
+    /// to [`GENERATIONS_PER_CALL`] generations, so a burst of every generation's token is one
+    /// round trip and a few script runs, not one of each per generation.
+    async fn write_pipelined(
+        &self,
+        owner: &str,
+        writes: &[Write<'_>],
+    ) -> Vec<Result<Written, StoreError>> {
+        let runs = runs(writes);
+        let calls: Vec<_> = runs
+            .iter()
+            .map(|run| self.call(owner, &writes[run.clone()]))
+            .collect();
+        let mut replies = match self.pipeline(calls.iter().collect()).await {
+            Ok(replies) => replies,
+            Err(error) => {
+                let error = StoreError::from(error);
+                return writes.iter().map(|_| Err(error.clone())).collect();
+            }
+        };
+        // After a restart the server has forgotten the scripts: load them, then make again the
+        // calls it refused (they did nothing).
+        let refused: Vec<usize> = (0..replies.len())
+            .filter(|&i| matches!(&replies[i], Err(e) if e.kind() == ErrorKind::Server(ServerErrorKind::NoScript)))
+            .collect();
+        if !refused.is_empty() {
+            let retried = async {
+                let mut connection = self.commands.clone();
+                self.scripts.append.load_async(&mut connection).await?;
+                self.scripts.finish.load_async(&mut connection).await?;
+                self.pipeline(refused.iter().map(|&i| &calls[i]).collect())
+                    .await
+            }
+            .await;
+            match retried {
+                Ok(again) => {
+                    for (i, reply) in refused.into_iter().zip(again) {
+                        replies[i] = reply;
+                    }
+                }
+                Err(error) => {
+                    for i in refused {
+                        replies[i] = Err(error.clone());
+                    }
+                }
+            }
+        }
+        let mut answers = Vec::with_capacity(writes.len());
+        for (run, reply) in runs.into_iter().zip(replies) {
+            let count = run.len();
+            match reply
+                .map_err(StoreError::from)
+                .and_then(|reply| parse_answers(&writes[run], reply))
+            {
+                Ok(written) => answers.extend(written.into_iter().map(Ok)),
+                Err(error) => {
+                    answers.extend((0..count).map(|_| Err(error.clone())));
+                }
+            }
+        }
+        answers
+    }
+
+    /// One pipeline of script calls; an error answer of one call is its own.
+    async fn pipeline(
+        &self,
+        calls: Vec<&ScriptInvocation<'_>>,
+    ) -> RedisResult<Vec<RedisResult<Value>>> {
+        let mut pipe = redis::pipe();
+        for call in calls {
+            pipe.invoke_script(call);
+        }
+        pipe.ignore_errors()
+            .query_async(&mut self.commands.clone())
+            .await
+    }
+
+    /// The script call that answers `writes`: a run of appends (one generation each, see
+    /// [`runs`]), or one end.
+    fn call(&self, owner: &str, writes: &[Write<'_>]) -> ScriptInvocation<'_> {
+        if let [Write {
+            id,
+            op: WriteOp::Finish(end),
+        }] = writes
+        {
+            return self.finish_invocation(id, owner, end);
+        }
+        let mut invocation = self.scripts.append.prepare_invoke();
+        invocation
+            .arg(owner)
+            .arg(millis(self.lifetimes.lease))
+            .arg(self.commands.publish_command());
+        for write in writes {
+            let WriteOp::Append {
+                first,
+                entries,
+                renew,
+            } = &write.op
+            else {
+                continue;
+            };
+            let id = write.id;
+            invocation
+                .key(meta_key(id))
+                .key(stream_key(id))
+                .key(lease_key(id))
+                .arg(*first)
+                .arg(if *renew { "1" } else { "0" })
+                .arg(live_channel(id))
+                .arg(wire::entries(*first, entries).as_ref())
+                .arg(entries.len());
+            for entry in entries {
+                invocation.arg(entry.as_ref());
+            }
+        }
+        invocation
+    }
+
+    /// The `FINISH` call: by `owner`, or by anyone once the lease is gone (`owner` empty).
+    fn finish_invocation(&self, id: &str, owner: &str, end: &End) -> ScriptInvocation<'_> {
+        let mut invocation = self.scripts.finish.prepare_invoke();
+        invocation
+            .key(meta_key(id))
+            .key(stream_key(id))
+            .key(lease_key(id))
+            .arg(owner)
+            .arg(end.token_count)
+            .arg(millis(self.lifetimes.retention))
+            .arg(live_channel(id))
+            .arg(wire::ended().as_ref())
+            .arg(self.commands.publish_command())
+            .arg("status")
+            .arg(&end.status);
+        let optional = [
+            ("finish_reason", &end.finish_reason),
+            ("usage", &end.usage),
+            ("error_code", &end.error_code),
+            ("error_message", &end.error_message),
+        ];
+        for (field, value) in optional {
+            if let Some(value) = value {
+                invocation.arg(field).arg(value);
+            }
+        }
+        invocation
     }
 
     async fn subscribe(
@@ -359,6 +524,63 @@ fn dispatch(listeners: &Weak<Mutex<Listeners>>, push: PushInfo) {
     }
 }
 
+/// Most generations in one append script call: one call stays short for Redis, which serves
+/// nobody else while it runs.
+const GENERATIONS_PER_CALL: usize = 64;
+/// Most entries in one append script call.
+const ENTRIES_PER_CALL: usize = 1024;
+
+/// Splits writes into script calls: each end alone, appends in runs of a bounded size.
+fn runs(writes: &[Write<'_>]) -> Vec<std::ops::Range<usize>> {
+    let mut runs: Vec<std::ops::Range<usize>> = Vec::new();
+    let mut entries_in_run = 0;
+    for (i, write) in writes.iter().enumerate() {
+        let entries = match &write.op {
+            WriteOp::Append { entries, .. } => entries.len(),
+            WriteOp::Finish(_) => {
+                runs.push(i..i + 1);
+                entries_in_run = usize::MAX;
+                continue;
+            }
+        };
+        match runs.last_mut() {
+            Some(run)
+                if entries_in_run != usize::MAX
+                    && run.len() < GENERATIONS_PER_CALL
+                    && entries_in_run + entries <= ENTRIES_PER_CALL =>
+            {
+                run.end = i + 1;
+                entries_in_run += entries;
+            }
+            _ => {
+                runs.push(i..i + 1);
+                entries_in_run = entries;
+            }
+        }
+    }
+    runs
+}
+
+/// Reads the answers of a call [`RedisStore::call`] made for `writes`.
+fn parse_answers(writes: &[Write<'_>], reply: Value) -> Result<Vec<Written>, StoreError> {
+    let protocol = |e: redis::ParsingError| StoreError::Protocol(e.to_string());
+    let pairs: Vec<(String, u64)> = match writes {
+        [Write {
+            op: WriteOp::Finish(_),
+            ..
+        }] => vec![redis::from_redis_value(reply).map_err(protocol)?],
+        _ => redis::from_redis_value(reply).map_err(protocol)?,
+    };
+    if pairs.len() != writes.len() {
+        return Err(StoreError::Protocol(format!(
+            "{} answers for {} writes",
+            pairs.len(),
+            writes.len()
+        )));
+    }
+    pairs.into_iter().map(written).collect()
+}
+
 /// Parses a script's `{code, number}` answer.
 fn written(reply: (String, u64)) -> Result<Written, StoreError> {
     match reply.0.as_str() {
@@ -377,10 +599,7 @@ impl Store for RedisStore {
             let meta = meta_key(id);
             // Not a transaction: nobody knows this id before it is returned.
             redis::pipe()
-                .hset_multiple(
-                    &meta,
-                    &[("owner", owner), ("status", "running"), ("next", "0")],
-                )
+                .hset_multiple(&meta, &[("owner", owner), ("status", "running")])
                 .ignore()
                 .pexpire(&meta, millis(self.lifetimes.max_age) as i64)
                 .ignore()
@@ -411,7 +630,7 @@ impl Store for RedisStore {
         id: &'a str,
     ) -> BoxFuture<'a, Result<Option<Claimed>, StoreError>> {
         Box::pin(async move {
-            let key = format!("tf:idem:{}:{}", claim.scope, claim.key);
+            let key = idempotency_key(claim);
             let value = format!("{:016x}:{id}", claim.body_hash);
             let ttl = millis(self.lifetimes.max_age + self.lifetimes.retention);
             let previous: Option<String> = redis::cmd("SET")
@@ -438,47 +657,46 @@ impl Store for RedisStore {
         })
     }
 
-    fn append<'a>(
+    fn release_idempotency<'a>(
         &'a self,
-        id: &'a str,
-        owner: &'a str,
-        first: u64,
-        entries: &'a [Bytes],
-    ) -> BoxFuture<'a, Result<Written, StoreError>> {
+        claim: &'a IdempotencyClaim,
+    ) -> BoxFuture<'a, Result<(), StoreError>> {
         Box::pin(async move {
-            let mut invocation = self.scripts.append.key(meta_key(id));
-            invocation
-                .key(stream_key(id))
-                .key(lease_key(id))
-                .arg(owner)
-                .arg(first)
-                .arg(millis(self.lifetimes.lease))
-                .arg(live_channel(id))
-                .arg(wire::entries(first, entries).as_ref())
-                .arg(self.commands.publish_command());
-            for entry in entries {
-                invocation.arg(entry.as_ref());
-            }
-            written(invocation.invoke_async(&mut self.commands.clone()).await?)
+            let ttl = millis(self.lifetimes.retention) as i64;
+            let _: bool = self
+                .commands
+                .clone()
+                .pexpire(idempotency_key(claim), ttl)
+                .await?;
+            Ok(())
         })
     }
 
-    fn renew<'a>(
+    fn write<'a>(
         &'a self,
-        id: &'a str,
         owner: &'a str,
-    ) -> BoxFuture<'a, Result<Written, StoreError>> {
+        writes: &'a [Write<'a>],
+    ) -> BoxFuture<'a, Vec<Result<Written, StoreError>>> {
         Box::pin(async move {
-            let reply = self
-                .scripts
-                .renew
-                .key(meta_key(id))
-                .key(lease_key(id))
-                .arg(owner)
-                .arg(millis(self.lifetimes.lease))
-                .invoke_async(&mut self.commands.clone())
-                .await?;
-            written(reply)
+            match self.commands {
+                Connection::Single(_) => self.write_pipelined(owner, writes).await,
+                // Keys of different generations live in different slots: one call each, sent
+                // together over the cluster connection.
+                Connection::Cluster(_) => {
+                    let calls = writes.iter().map(|write| async move {
+                        let writes = std::slice::from_ref(write);
+                        let reply: Value = self
+                            .call(owner, writes)
+                            .invoke_async(&mut self.commands.clone())
+                            .await?;
+                        let mut answers = parse_answers(writes, reply)?;
+                        answers
+                            .pop()
+                            .ok_or_else(|| StoreError::Protocol("no answer".into()))
+                    });
+                    futures_util::future::join_all(calls).await
+                }
+            }
         })
     }
 
@@ -489,45 +707,23 @@ impl Store for RedisStore {
         end: &'a End,
     ) -> BoxFuture<'a, Result<Written, StoreError>> {
         Box::pin(async move {
-            let mut invocation = self.scripts.finish.key(meta_key(id));
-            invocation
-                .key(stream_key(id))
-                .key(lease_key(id))
-                .arg(owner.unwrap_or(""))
-                .arg(end.token_count)
-                .arg(millis(self.lifetimes.retention))
-                .arg(live_channel(id))
-                .arg(wire::ended().as_ref())
-                .arg(self.commands.publish_command())
-                .arg("status")
-                .arg(&end.status);
-            let optional = [
-                ("finish_reason", &end.finish_reason),
-                ("usage", &end.usage),
-                ("error_code", &end.error_code),
-                ("error_message", &end.error_message),
-            ];
-            for (field, value) in optional {
-                if let Some(value) = value {
-                    invocation.arg(field).arg(value);
-                }
-            }
+            let invocation = self.finish_invocation(id, owner.unwrap_or(""), end);
             written(invocation.invoke_async(&mut self.commands.clone()).await?)
         })
     }
 
     fn meta<'a>(&'a self, id: &'a str) -> BoxFuture<'a, Result<Option<Meta>, StoreError>> {
         Box::pin(async move {
-            let (mut fields, lease_ttl): (HashMap<String, String>, i64) = redis::pipe()
+            let (mut fields, lease_ttl, next): (HashMap<String, String>, i64, u64) = redis::pipe()
                 .hgetall(meta_key(id))
                 .pttl(lease_key(id))
+                .xlen(stream_key(id))
                 .query_async(&mut self.commands.clone())
                 .await?;
             let Some(status) = fields.remove("status") else {
                 return Ok(None);
             };
             let number = |value: Option<String>| value.and_then(|v| v.parse::<u64>().ok());
-            let next = number(fields.remove("next")).unwrap_or(0);
             let end = (status != "running").then(|| End {
                 status: status.clone(),
                 token_count: number(fields.remove("token_count")).unwrap_or(next),
