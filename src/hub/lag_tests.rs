@@ -4,6 +4,7 @@
 use std::{
     future::poll_fn,
     sync::Arc,
+    task::{Context, Waker},
     thread,
     time::{Duration, Instant},
 };
@@ -52,8 +53,9 @@ fn push(generation: &Generation, text: &str) -> u64 {
 }
 
 /// Attaches a subscription to a generation with nothing logged yet: it is live, waiting.
-async fn go_live(subscription: &mut Subscription) {
-    let first = futures_util::poll!(poll_fn(|cx| subscription.poll_delivery(cx)));
+fn go_live(subscription: &mut Subscription) {
+    let mut cx = Context::from_waker(Waker::noop());
+    let first = subscription.poll_delivery(&mut cx);
     assert!(first.is_pending(), "{first:?}");
 }
 
@@ -111,13 +113,13 @@ async fn a_burst_past_the_channel_is_read_from_the_log_and_nobody_is_evicted() {
     let generation = generation();
     let mut subscription = Subscription::open(hub, generation.clone(), 0, 10).unwrap();
     // Live on an empty log, then 3,000 tokens at once: far more than its 64 slots.
-    let mut reader = tokio::spawn(async move { read(&mut subscription, || None).await });
-    tokio::task::yield_now().await;
+    go_live(&mut subscription);
+    let reader = tokio::spawn(async move { read(&mut subscription, || None).await });
     let fell_behind: u64 = (0..3000)
         .map(|i| push(&generation, &format!("t{i} ")))
         .sum();
     generation.finish(Outcome::Completed);
-    let seen = (&mut reader).await.unwrap();
+    let seen = reader.await.unwrap();
 
     assert_eq!(
         fell_behind, 1,
@@ -133,7 +135,7 @@ async fn a_subscriber_behind_by_more_than_the_byte_budget_is_dropped() {
     let hub = hub(4, Duration::from_secs(60), 4096);
     let generation = generation();
     let mut subscription = Subscription::open(hub, generation.clone(), 0, 10).unwrap();
-    go_live(&mut subscription).await;
+    go_live(&mut subscription);
     // 200 tokens of ~100 bytes of frame while it does not read: ~20 KB behind.
     for _ in 0..200 {
         push(&generation, &"x".repeat(64));
@@ -149,7 +151,7 @@ async fn a_subscriber_that_stops_reading_past_the_time_budget_is_dropped() {
     let hub = hub(2, Duration::from_millis(100), u64::MAX);
     let generation = generation();
     let mut subscription = Subscription::open(hub, generation.clone(), 0, 10).unwrap();
-    go_live(&mut subscription).await;
+    go_live(&mut subscription);
     let started = Instant::now();
     for _ in 0..10 {
         push(&generation, "y");
