@@ -226,3 +226,26 @@ async fn exactly_once_across_live_log_live_under_concurrent_pushes() {
         assert!(back_live > 0, "seed {seed}: nobody went live again");
     }
 }
+
+#[tokio::test]
+async fn a_drain_tells_a_subscriber_that_fell_behind_and_lets_a_resumed_one_go_on() {
+    let hub = hub(2, Duration::from_secs(60), u64::MAX);
+    let generation = generation();
+    let mut subscription = Subscription::open(hub.clone(), generation.clone(), 0, 10).unwrap();
+    go_live(&mut subscription);
+    for _ in 0..5 {
+        push(&generation, "w");
+    }
+    // Out of every live set when the drain tells them all: it learns at its next step.
+    hub.disconnect_all();
+    let seen = read(&mut subscription, || None).await;
+    assert!(seen.dropped, "went on reading an instance that is going away");
+    assert_eq!(seen.ids, [0, 1]);
+
+    // A stream that cannot reconnect (chat) resumes from its cursor and goes on.
+    subscription.resume();
+    generation.finish(Outcome::Completed);
+    let seen = read(&mut subscription, || None).await;
+    assert!(seen.ended && !seen.dropped);
+    assert_eq!(seen.ids, [2, 3, 4]);
+}

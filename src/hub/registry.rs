@@ -391,15 +391,16 @@ impl Hub {
     }
 
     /// Ends every subscriber's stream (they are told to reconnect): the live ones now (returns
-    /// how many), the ones reading the log at their next step (see [`Hub::disconnected`]).
+    /// how many), the ones that fell behind and read the log at their next step (see
+    /// [`Hub::disconnected`]).
     pub fn disconnect_all(&self) -> usize {
         self.disconnected.store(true, Ordering::Relaxed);
         self.all().iter().map(|g| g.disconnect_all()).sum()
     }
 
-    /// Whether every subscriber was told to reconnect (the drain): one catching up from the log
-    /// then, a late joiner or one that fell behind, is not in any live set to be told, and must
-    /// not go live again here.
+    /// Whether every subscriber was told to reconnect (the drain): one that fell behind and
+    /// catches up from the log then is in no live set to be told, and must not go live again
+    /// here.
     pub fn disconnected(&self) -> bool {
         self.disconnected.load(Ordering::Relaxed)
     }

@@ -124,7 +124,11 @@ impl Subscription {
     pub fn poll_delivery(&mut self, cx: &mut Context<'_>) -> Poll<Option<Delivery>> {
         loop {
             let delivery = match &mut self.phase {
-                Phase::CatchUp(_) if self.hub.disconnected() => {
+                // Told nothing by the drain's `disconnect_all` (it was not in a live set): told
+                // now, instead of going live again on an instance that is going away. Only a
+                // subscriber that fell behind: a resumed one (`None`) is what a stream that
+                // cannot reconnect (`api/chat.rs`) asks for after `Dropped`, and must go on.
+                Phase::CatchUp(Some(_)) if self.hub.disconnected() => {
                     self.phase = Phase::Finished;
                     Delivery::Dropped
                 }
