@@ -239,7 +239,10 @@ async fn a_drain_tells_a_subscriber_that_fell_behind_and_lets_a_resumed_one_go_o
     // Out of every live set when the drain tells them all: it learns at its next step.
     hub.disconnect_all();
     let seen = read(&mut subscription, || None).await;
-    assert!(seen.dropped, "went on reading an instance that is going away");
+    assert!(
+        seen.dropped,
+        "went on reading an instance that is going away"
+    );
     assert_eq!(seen.ids, [0, 1]);
 
     // A stream that cannot reconnect (chat) resumes from its cursor and goes on.
