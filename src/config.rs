@@ -225,10 +225,23 @@ pub enum UpstreamKind {
 /// How generations are kept and streamed to subscribers.
 #[derive(Debug, Clone, Args)]
 pub struct StreamConfig {
-    /// Slots in each subscriber's channel. A subscriber that falls this many events behind is
-    /// disconnected with `event: reconnect` and resumes from the log.
+    /// Slots in each subscriber's channel. A subscriber that falls this many events behind
+    /// leaves the live fan-out and catches up from the log (in batches), then goes live again;
+    /// it is disconnected only past `--max-viewer-lag` or `--max-viewer-lag-bytes`.
     #[arg(long, env = "TOKENFAN_CHANNEL_CAPACITY", default_value_t = 64, value_parser = clap::value_parser!(u32).range(1..=65_536))]
     pub channel_capacity: u32,
+
+    /// A subscriber catching up from the log after its channel filled up is disconnected with
+    /// `event: reconnect` (reason `slow_consumer`) once the next token it lacks has been logged
+    /// for longer than this: it reads slower than the generation writes. Bursts do not count:
+    /// a reader that catches up within this time stays.
+    #[arg(long, env = "TOKENFAN_MAX_VIEWER_LAG", default_value = "10s", value_parser = parse_duration)]
+    pub max_viewer_lag: Duration,
+
+    /// The same, in bytes of frames between the next token such a subscriber lacks and the
+    /// log's end.
+    #[arg(long, env = "TOKENFAN_MAX_VIEWER_LAG_BYTES", default_value_t = 4 * 1024 * 1024)]
+    pub max_viewer_lag_bytes: u64,
 
     /// Interval of keep-alive comment lines on idle streams.
     #[arg(long, env = "TOKENFAN_KEEPALIVE_INTERVAL", default_value = "15s", value_parser = parse_duration)]

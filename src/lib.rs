@@ -85,6 +85,8 @@ pub async fn serve(
     let hub = Hub::new(
         HubSettings {
             channel_capacity: config.stream.channel_capacity as usize,
+            max_viewer_lag: config.stream.max_viewer_lag,
+            max_viewer_lag_bytes: config.stream.max_viewer_lag_bytes,
             keepalive_interval: config.stream.keepalive_interval,
             retention: config.stream.retention,
             cancel_unwatched_after: config.stream.cancel_unwatched_after,

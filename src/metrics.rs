@@ -36,9 +36,13 @@ pub const WRITE_TIMEOUTS: &str = "tokenfan_write_timeouts_total";
 pub const SUBSCRIBERS_OPEN: &str = "tokenfan_subscribers_open";
 /// Counter: SSE subscriptions answered with a stream.
 pub const SUBSCRIPTIONS: &str = "tokenfan_subscriptions_total";
-/// Counter: subscribers dropped from fan-out, by `reason`: `slow_consumer` (their channel was
-/// full), `shutdown` (told to reconnect at the drain deadline).
+/// Counter: subscribers disconnected with `event: reconnect`, by `reason`: `slow_consumer`
+/// (behind past `--max-viewer-lag` or `--max-viewer-lag-bytes`), `shutdown` (told to reconnect
+/// at the drain deadline).
 pub const EVICTIONS: &str = "tokenfan_evictions_total";
+/// Counter: live subscribers whose channel was full when a token came: they left the live
+/// fan-out to catch up from the log (not disconnected; see `EVICTIONS`).
+pub const FELL_BEHIND: &str = "tokenfan_subscribers_fell_behind_total";
 /// Gauge: generations whose upstream call is running.
 pub const GENERATIONS_RUNNING: &str = "tokenfan_generations_running";
 /// Counter: generations started.
@@ -226,7 +230,14 @@ fn describe() {
     );
     describe_gauge!(SUBSCRIBERS_OPEN, "SSE subscriber streams open now");
     describe_counter!(SUBSCRIPTIONS, "SSE subscriptions answered with a stream");
-    describe_counter!(EVICTIONS, "Subscribers evicted from fan-out, by reason");
+    describe_counter!(
+        EVICTIONS,
+        "Subscribers disconnected with event: reconnect, by reason"
+    );
+    describe_counter!(
+        FELL_BEHIND,
+        "Live subscribers whose channel filled up and who went on from the log"
+    );
     describe_gauge!(
         GENERATIONS_RUNNING,
         "Generations whose upstream call is running"
@@ -560,7 +571,7 @@ struct TokenCounters {
     tokens: Counter,
     relayed: Counter,
     delivered: Counter,
-    evicted: Counter,
+    fell_behind: Counter,
 }
 
 /// Where a logged token came from: this instance's upstream call, or (a replica) the store.
@@ -579,15 +590,15 @@ pub fn record_fan_out(fan_out: FanOut, source: TokenSource) {
         tokens: counter!(TOKENS),
         relayed: counter!(RELAYED_TOKENS),
         delivered: counter!(EVENTS_DELIVERED),
-        evicted: counter!(EVICTIONS, "reason" => "slow_consumer"),
+        fell_behind: counter!(FELL_BEHIND),
     });
     match source {
         TokenSource::Upstream => counters.tokens.increment(1),
         TokenSource::Store => counters.relayed.increment(1),
     }
     counters.delivered.increment(fan_out.delivered);
-    if fan_out.evicted > 0 {
-        counters.evicted.increment(fan_out.evicted);
+    if fan_out.fell_behind > 0 {
+        counters.fell_behind.increment(fan_out.fell_behind);
     }
 }
 

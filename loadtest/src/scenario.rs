@@ -8,7 +8,10 @@ use anyhow::{bail, Context, Result};
 use clap::{Args, ValueEnum};
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
-use crate::client::subscriber::{Behaviour, Expected};
+use crate::client::{
+    link::LinkKnobs,
+    subscriber::{Behaviour, Expected},
+};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Serialize)]
 #[serde(rename_all = "lowercase")]
@@ -23,6 +26,12 @@ pub enum ScenarioName {
     Broadcast,
     /// A fraction of clients stop reading: they are evicted, the others' latency holds.
     Slow,
+    /// Generations that send thousands of tokens at once (mock interval 0) to viewers that
+    /// read as fast as their sockets deliver: none may be evicted, none may lose a token.
+    Burst,
+    /// Viewers behind a 100 ms round trip (a delaying relay in the tool) on 2,000 tokens/s
+    /// generations: none may be evicted, none may lose a token.
+    Rtt,
     /// SIGTERM the gateway under load: time until every client got reconnect/done, exit time.
     Drain,
     /// Bounded churn: clients come, read, stall, drop and leave while generations start and
@@ -211,6 +220,13 @@ pub struct Overrides {
     /// with `Last-Event-ID` (cluster).
     #[arg(long)]
     pub move_fraction: Option<f64>,
+    /// Viewers connect through a relay in the tool that delays every chunk by half this
+    /// round-trip time each way (0: directly).
+    #[arg(long)]
+    pub rtt_ms: Option<u64>,
+    /// Bytes in flight per direction on that relay (its window), e.g. 65536.
+    #[arg(long)]
+    pub link_window: Option<u32>,
 }
 
 /// How many clients and which generation each one follows.
@@ -355,6 +371,8 @@ pub struct Scenario {
     pub drain_after_s: f64,
     pub soak: Option<SoakKnobs>,
     pub cluster: Option<ClusterKnobs>,
+    /// The path between viewers and gateway, when it is not plain loopback.
+    pub link: Option<LinkKnobs>,
     /// Flags this scenario gives a spawned gateway (`--name=value`), before `--gateway-arg`s.
     pub gateway_args: Vec<String>,
     /// Environment (`NAME=value`) of a spawned gateway.
@@ -380,6 +398,7 @@ impl Scenario {
             drain_after_s: 0.0,
             soak: None,
             cluster: None,
+            link: None,
             gateway_args: Vec::new(),
             gateway_env: Vec::new(),
             ending: Ending::AllDone,
@@ -419,13 +438,14 @@ impl Scenario {
                 start_margin_s: 2.0,
                 ..base
             },
-            // A stalled reader is evicted once the gateway's socket send buffer, hyper's write
-            // queue and the 64-slot channel are full. Kernel autotuning would let that buffer
+            // A stalled reader falls out of the live fan-out once the gateway's socket send
+            // buffer and the 64-slot channel are full. Kernel autotuning would let that buffer
             // grow to tcp_wmem's max (4 MiB), more than a generation may log (4 MiB), so the
             // gateway gets a fixed 64 KB SO_SNDBUF, its production setting for this case;
-            // 1 KB tokens at 20/s then evict a stalled client in ~8 s. It resumes reading at
-            // 12 s, before the 10 s write timeout cuts the evicted socket, and so reads the
-            // `event: reconnect` behind its backlog (stall longer to see cut streams instead).
+            // 1 KB tokens at 20/s then fill it in ~7 s. It resumes reading at 12 s, ~5 s behind:
+            // past the 2 s `--max-viewer-lag` given here (the default 10 s would let it catch up
+            // from the log), so it reads its backlog and then `event: reconnect`, before the 10 s
+            // write timeout would cut it (stall longer to see cut streams instead).
             ScenarioName::Slow => Self {
                 shape: Shape::Spread { connections: 1000 },
                 generations: 10,
@@ -441,7 +461,38 @@ impl Scenario {
                     }),
                     drops: None,
                 },
-                gateway_args: vec!["--socket-send-buffer=65536".into()],
+                gateway_args: vec![
+                    "--socket-send-buffer=65536".into(),
+                    "--max-viewer-lag=2s".into(),
+                ],
+                ..base
+            },
+            // Ten trials of the burst of issue 14 at once: a provider that sends 3,000 tokens
+            // as fast as the gateway reads them, ten viewers each that read as fast as their
+            // sockets deliver.
+            ScenarioName::Burst => Self {
+                shape: Shape::PerGeneration {
+                    subscribers: Range::fixed(10),
+                },
+                generations: 10,
+                tokens: Range::fixed(3000),
+                interval_ms: Range::fixed(0),
+                ..base
+            },
+            // 2,000 tokens/s (0-1 ms apart: the mock paces on a schedule, so they average
+            // 0.5 ms) for 5 s, ten viewers each behind a 100 ms round trip whose window
+            // (64 KiB each way) carries 1.3 MB/s, ten times what they need.
+            ScenarioName::Rtt => Self {
+                shape: Shape::PerGeneration {
+                    subscribers: Range::fixed(10),
+                },
+                generations: 4,
+                tokens: Range::fixed(10_000),
+                interval_ms: Range { min: 0, max: 1 },
+                link: Some(LinkKnobs {
+                    rtt_ms: 100,
+                    window: 64 * 1024,
+                }),
                 ..base
             },
             ScenarioName::Drain => Self {
@@ -457,7 +508,9 @@ impl Scenario {
                 ..base
             },
             // 2 KB tokens at 10-30 ms behind the `slow` preset's 64 KB send buffer: a stalled
-            // reader is evicted ~2 s into its 3 s stall, well inside its generation's 3-9 s.
+            // reader falls behind ~2 s into its 3 s stall, well inside its generation's 3-9 s,
+            // and catches up from the log when it reads again (until issue 14 it was evicted
+            // and resumed with `Last-Event-ID`).
             // The retention outlasts a stall plus the 1 s `retry:`, so every resume finds its
             // generation; finished generations are freed 6 s after they end, before RSS is
             // compared. Background purging with a 1 s decay makes jemalloc hand freed pages
@@ -584,11 +637,29 @@ impl Scenario {
         }
         s.apply_soak_overrides(o)?;
         s.apply_cluster_overrides(o)?;
+        s.apply_link_overrides(o);
         if s.generations == 0 || s.ramp_rate == 0 {
             bail!("--generations and --ramp-rate must be at least 1");
         }
         s.time_limit_s = o.time_limit_s.unwrap_or_else(|| s.default_time_limit());
         Ok(s)
+    }
+
+    /// `--rtt-ms 0` connects directly; a window alone keeps the preset's (or 100 ms) delay.
+    fn apply_link_overrides(&mut self, o: &Overrides) {
+        if let Some(rtt_ms) = o.rtt_ms {
+            self.link = (rtt_ms > 0).then_some(LinkKnobs {
+                rtt_ms,
+                window: self.link.map_or(64 * 1024, |link| link.window),
+            });
+        }
+        if let Some(window) = o.link_window {
+            let link = self.link.get_or_insert(LinkKnobs {
+                rtt_ms: 100,
+                window,
+            });
+            link.window = window.max(1);
+        }
     }
 
     fn apply_stall_overrides(&mut self, o: &Overrides) {
@@ -740,6 +811,11 @@ impl Scenario {
     }
 
     /// Seconds the longest generation streams.
+    /// Whether a viewer told `slow_consumer` fails the run: where every viewer keeps up.
+    pub fn allows_no_eviction(&self) -> bool {
+        matches!(self.name, ScenarioName::Burst | ScenarioName::Rtt)
+    }
+
     pub fn stream_s(&self) -> f64 {
         (self.tokens.max * self.interval_ms.max) as f64 / 1000.0
     }

@@ -17,6 +17,7 @@ use tokio::sync::watch;
 use tokio::task::LocalSet;
 
 use crate::client::connect::source_address;
+use crate::client::link::{self, LinkKnobs};
 use crate::client::stats::Counters;
 use crate::client::subscriber::{self, Expected, Plan, Policy, Shared};
 use crate::metrics::latency::{new_histogram, Buckets, BySide};
@@ -59,6 +60,8 @@ pub struct WorkerSpec {
     pub resume_after_shutdown: bool,
     pub max_reconnects: u32,
     pub read_buffer: usize,
+    /// A delaying relay between this worker's clients and the gateways (`None`: direct).
+    pub link: Option<LinkKnobs>,
 }
 
 /// One stdin line of a worker after its spec.
@@ -149,8 +152,16 @@ async fn run() -> Result<()> {
         }
         let _ = leave_tx.send(true);
     });
+    let mut gateways = std::mem::take(&mut spec.gateways);
+    if let Some(knobs) = spec.link {
+        for gateway in &mut gateways {
+            *gateway = link::start(*gateway, knobs)
+                .await
+                .context("start the delaying relay")?;
+        }
+    }
     let shared = Rc::new(Shared {
-        gateways: std::mem::take(&mut spec.gateways),
+        gateways,
         counters: RefCell::new(Counters::default()),
         latency: RefCell::new(BySide::new()?),
         handover_gap: RefCell::new(new_histogram()?),

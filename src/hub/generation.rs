@@ -5,6 +5,12 @@
 //! makes "every subscriber sees every token exactly once, in order" hold: a subscriber reads the
 //! log up to its end and is registered for live delivery in one critical section, so no token can
 //! fall between replay and live.
+//!
+//! Fan-out never waits and never evicts: a live subscriber whose channel is full is taken out
+//! of the live set and told, as its channel's last item, to go on from the log
+//! ([`Outbound::Behind`]); it catches up there in batches and comes back through the same
+//! critical section. Whether it is too slow to keep is the subscription's call
+//! (`subscription.rs`), against the lag budgets.
 
 use std::{
     sync::{
@@ -37,6 +43,13 @@ pub enum Outbound {
     KeepAlive,
     /// The terminal `done`/`error` event; the channel closes right after it.
     Terminal(Bytes),
+    /// The channel was full when a token came (at `since`): the subscriber left the live set
+    /// and goes on from the log at that token, whose byte offset among the log's frames is
+    /// `offset`. The channel closes right after it.
+    Behind {
+        offset: u64,
+        since: Instant,
+    },
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -90,11 +103,24 @@ pub enum Resume {
     BeyondEnd,
 }
 
+/// How far the log reached when a replay step was taken, for a subscriber's lag.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Head {
+    /// Tokens logged.
+    pub tokens: u64,
+    /// Bytes of their frames, all together.
+    pub frame_bytes: u64,
+}
+
 /// One step of a subscriber catching up.
 #[derive(Debug)]
 pub enum Attach {
     /// Logged frames from the cursor on, concatenated; the cursor moves to `next`.
-    Replay { frames: Bytes, next: u64 },
+    Replay {
+        frames: Bytes,
+        next: u64,
+        head: Head,
+    },
     /// Caught up with a running generation: live frames arrive on this channel.
     Live(queue::Receiver<Outbound>),
     /// Caught up with a finished generation: this terminal frame is the last.
@@ -127,7 +153,8 @@ pub enum Pushed {
 #[derive(Debug, Default, Clone, Copy)]
 pub struct FanOut {
     pub delivered: u64,
-    pub evicted: u64,
+    /// Subscribers whose channel was full: they go on from the log.
+    pub fell_behind: u64,
 }
 
 pub struct Generation {
@@ -158,6 +185,8 @@ struct State {
     content_bytes: usize,
     /// Encoded frames of `deltas`, index for index.
     frames: Vec<Bytes>,
+    /// Bytes of `frames`, all together: how far behind a subscriber is, in bytes.
+    frame_bytes: u64,
     terminal: Option<Bytes>,
     finish_reason: Option<String>,
     usage: Option<serde_json::Value>,
@@ -196,6 +225,7 @@ impl Generation {
                 deltas: Vec::new(),
                 content_bytes: 0,
                 frames: Vec::new(),
+                frame_bytes: 0,
                 terminal: None,
                 finish_reason: None,
                 usage: None,
@@ -326,8 +356,8 @@ impl Generation {
     }
 
     /// Appends a delta to the log and offers its frame to every live subscriber. A subscriber
-    /// whose channel is full is dropped from the set: its stream ends with `event: reconnect`
-    /// and it resumes from the log.
+    /// whose channel is full leaves the live set and goes on from the log
+    /// ([`Outbound::Behind`]).
     pub fn push(&self, delta: Delta, limits: LogLimits) -> Pushed {
         let mut state = self.lock();
         if state.status != Status::Running {
@@ -346,8 +376,10 @@ impl Generation {
         state.log_bytes += log_bytes;
         state.content_bytes += content;
         state.deltas.push(delta);
+        let offset = state.frame_bytes;
+        state.frame_bytes += frame.len() as u64;
         state.frames.push(frame.clone());
-        let fan_out = state.offer(|| Outbound::Token(frame.clone()));
+        let fan_out = state.offer(&frame, offset);
         drop(state);
         self.mark_changed();
         Pushed::Logged { fan_out, log_bytes }
@@ -406,7 +438,8 @@ impl Generation {
     }
 
     /// Ends the generation: logs the terminal event, hands it to every subscriber and closes
-    /// their channels, and stops the upstream task. Returns false if it had already ended.
+    /// their channels, and stops the upstream task. Returns false if it had already ended. A
+    /// full channel takes the terminal event too: it holds every token before it already.
     pub fn finish(&self, outcome: Outcome) -> bool {
         let mut state = self.lock();
         if state.status != Status::Running {
@@ -440,8 +473,9 @@ impl Generation {
             ),
         };
         state.terminal = Some(terminal.clone());
-        state.offer(|| Outbound::Terminal(terminal.clone()));
-        state.subscribers.clear();
+        for tx in state.subscribers.drain(..) {
+            tx.close_with(Outbound::Terminal(terminal.clone()));
+        }
         drop(state);
         self.cancel.cancel();
         self.mark_changed();
@@ -598,20 +632,25 @@ struct ErrorData<'a> {
 }
 
 impl State {
-    /// Offers one event to every live subscriber; full channels are evicted, closed ones forgotten.
-    fn offer(&mut self, mut message: impl FnMut() -> Outbound) -> FanOut {
+    /// Offers a token's frame to every live subscriber; a full channel is closed with
+    /// [`Outbound::Behind`] (`offset`: the frame's byte offset), a closed one forgotten.
+    fn offer(&mut self, frame: &Bytes, offset: u64) -> FanOut {
         let mut counts = FanOut::default();
-        self.subscribers.retain(|tx| match tx.try_send(message()) {
-            Ok(()) => {
-                counts.delivered += 1;
-                true
-            }
-            Err(TrySendError::Full) => {
-                counts.evicted += 1;
-                false
-            }
-            Err(TrySendError::Closed) => false,
-        });
+        let mut now = None;
+        self.subscribers
+            .retain(|tx| match tx.try_send(Outbound::Token(frame.clone())) {
+                Ok(()) => {
+                    counts.delivered += 1;
+                    true
+                }
+                Err(TrySendError::Full) => {
+                    let since = *now.get_or_insert_with(Instant::now);
+                    tx.close_with(Outbound::Behind { offset, since });
+                    counts.fell_behind += 1;
+                    false
+                }
+                Err(TrySendError::Closed) => false,
+            });
         self.note_if_unwatched();
         counts
     }
@@ -653,6 +692,10 @@ impl State {
         Attach::Replay {
             frames,
             next: end as u64,
+            head: Head {
+                tokens: self.frames.len() as u64,
+                frame_bytes: self.frame_bytes,
+            },
         }
     }
 

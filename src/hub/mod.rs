@@ -16,6 +16,8 @@
 pub mod delta;
 pub mod frame;
 pub mod generation;
+#[cfg(test)]
+mod lag_tests;
 pub mod queue;
 pub mod registry;
 mod replica;

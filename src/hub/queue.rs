@@ -6,6 +6,11 @@
 //! grows only as far as its subscriber actually lags, up to the capacity. It has exactly one
 //! sender (the generation) and one receiver (the subscriber's stream), so a mutex around a
 //! `VecDeque` and the receiver's waker is all it needs; the lock is held for a push or a pop.
+//!
+//! The sender can also end the channel with one last item past the capacity
+//! ([`Sender::close_with`]): the receiver then gets everything queued, that item, and the end.
+//! That is how a full subscriber learns it must go on from the log, and how a terminal event
+//! reaches a subscriber whose channel is full.
 
 use std::{
     collections::VecDeque,
@@ -69,7 +74,7 @@ impl<T> Sender<T> {
     /// Queues `item` unless the subscriber is full or gone; never waits.
     pub fn try_send(&self, item: T) -> Result<(), TrySendError> {
         let mut inner = self.shared.lock();
-        if inner.receiver_gone {
+        if inner.receiver_gone || inner.sender_gone {
             return Err(TrySendError::Closed);
         }
         if inner.items.len() >= self.shared.capacity {
@@ -82,6 +87,22 @@ impl<T> Sender<T> {
             waker.wake();
         }
         Ok(())
+    }
+
+    /// Queues `last` whatever the capacity (one item more, once) and closes the channel: the
+    /// receiver gets what is queued, then `last`, then the end. Nothing is sent after it.
+    pub fn close_with(&self, last: T) {
+        let mut inner = self.shared.lock();
+        if inner.receiver_gone || inner.sender_gone {
+            return;
+        }
+        inner.items.push_back(last);
+        inner.sender_gone = true;
+        let waker = inner.waker.take();
+        drop(inner);
+        if let Some(waker) = waker {
+            waker.wake();
+        }
     }
 
     /// Whether the subscriber went away.
@@ -174,6 +195,21 @@ mod tests {
         drop(rx);
         assert!(tx.is_closed());
         assert_eq!(tx.try_send(4), Err(TrySendError::Closed));
+    }
+
+    #[tokio::test]
+    async fn a_full_channel_closes_with_one_last_item_past_its_capacity() {
+        let (tx, mut rx) = channel(2);
+        tx.try_send(1).unwrap();
+        tx.try_send(2).unwrap();
+        tx.close_with(99);
+        assert_eq!(tx.try_send(3), Err(TrySendError::Closed));
+        tx.close_with(100);
+        let mut received = Vec::new();
+        while let Some(item) = poll_fn(|cx| rx.poll_recv(cx)).await {
+            received.push(item);
+        }
+        assert_eq!(received, [1, 2, 99]);
     }
 
     #[tokio::test]

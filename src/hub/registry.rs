@@ -7,7 +7,7 @@ use std::{
     collections::{HashMap, VecDeque},
     hash::{Hash, Hasher},
     sync::{
-        atomic::{AtomicUsize, Ordering},
+        atomic::{AtomicBool, AtomicUsize, Ordering},
         Arc, Mutex,
     },
     time::Duration,
@@ -33,6 +33,9 @@ use crate::{
 #[derive(Debug, Clone)]
 pub struct HubSettings {
     pub channel_capacity: usize,
+    /// A subscriber that fell behind is disconnected past either (see [`super::Subscription`]).
+    pub max_viewer_lag: Duration,
+    pub max_viewer_lag_bytes: u64,
     pub keepalive_interval: Duration,
     pub retention: Duration,
     pub cancel_unwatched_after: Option<Duration>,
@@ -102,6 +105,8 @@ pub struct Hub {
     finished: Mutex<VecDeque<String>>,
     /// Fires when the process shuts down: retention timers stop waiting.
     closed: CancellationToken,
+    /// Set by [`Hub::disconnect_all`].
+    disconnected: AtomicBool,
 }
 
 impl Hub {
@@ -127,6 +132,7 @@ impl Hub {
             log_bytes: AtomicUsize::new(0),
             finished: Mutex::default(),
             closed,
+            disconnected: AtomicBool::new(false),
         })
     }
 
@@ -401,9 +407,19 @@ impl Hub {
         }
     }
 
-    /// Ends every subscriber's stream (they are told to reconnect). Returns how many.
+    /// Ends every subscriber's stream (they are told to reconnect): the live ones now (returns
+    /// how many), the ones that fell behind and read the log at their next step (see
+    /// [`Hub::disconnected`]).
     pub fn disconnect_all(&self) -> usize {
+        self.disconnected.store(true, Ordering::Relaxed);
         self.all().iter().map(|g| g.disconnect_all()).sum()
+    }
+
+    /// Whether every subscriber was told to reconnect (the drain): one that fell behind and
+    /// catches up from the log then is in no live set to be told, and must not go live again
+    /// here.
+    pub fn disconnected(&self) -> bool {
+        self.disconnected.load(Ordering::Relaxed)
     }
 
     /// Ends every running generation of ours as `interrupted` (replicas end when their owner

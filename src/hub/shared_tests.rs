@@ -49,6 +49,8 @@ impl Cluster {
         let config = Config::defaults();
         let settings = HubSettings {
             channel_capacity: 64,
+            max_viewer_lag: config.stream.max_viewer_lag,
+            max_viewer_lag_bytes: config.stream.max_viewer_lag_bytes,
             keepalive_interval: Duration::from_secs(15),
             retention: Duration::from_secs(60),
             cancel_unwatched_after: None,

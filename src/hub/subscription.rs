@@ -1,15 +1,23 @@
 //! A subscriber's read position in one generation: first the log (replay), then its own
 //! bounded queue (live). The SSE stream and the OpenAI-compatible stream both read through
 //! it, so "every token exactly once, in order" is implemented in one place.
+//!
+//! A live subscriber whose channel filled up (a burst, a long round trip) is not dropped: it
+//! reads what its channel holds, then catches up from the log in batches (cheaper per token
+//! than live delivery, so the burst costs less) and goes live again. Only a subscriber that
+//! stays behind — the token it lacks logged longer than `--max-viewer-lag` ago, or more than
+//! `--max-viewer-lag-bytes` of frames behind the log's end — is dropped as slow. One whose
+//! socket accepts nothing is closed by the write timeout, wherever it is.
 
 use std::{
     sync::Arc,
     task::{ready, Context, Poll},
+    time::Instant,
 };
 
 use bytes::Bytes;
 
-use super::{queue, Attach, Generation, Hub, Outbound};
+use super::{generation::Head, queue, Attach, Generation, Hub, Outbound};
 
 /// What a subscription yields next.
 #[derive(Debug)]
@@ -28,7 +36,7 @@ pub enum Delivery {
     KeepAlive,
     /// The terminal `done`/`error` frame; nothing follows.
     Ended(Bytes),
-    /// The hub dropped this subscriber (it fell a queue's length behind, or the gateway is
+    /// The hub dropped this subscriber (it stayed behind past a lag budget, or the gateway is
     /// shutting down). [`Subscription::resume`] catches up again from the log.
     Dropped,
 }
@@ -42,9 +50,37 @@ pub struct Subscription {
 }
 
 enum Phase {
-    CatchUp,
+    /// Reading the log: a new or resuming subscriber (`None`: no budget, however long the log
+    /// it replays), or one whose live channel filled up. Boxed: rare, and this enum is part of
+    /// every open connection.
+    CatchUp(Option<Box<Behind>>),
     Live(queue::Receiver<Outbound>),
     Finished,
+}
+
+/// How far a subscriber that fell out of the live fan-out is behind the log's end.
+struct Behind {
+    /// Byte offset of the subscriber's cursor among the log's frames.
+    offset: u64,
+    /// Every token before this index had been logged at `since`, so a cursor below it is at
+    /// least `since.elapsed()` late. Moved to the log's end each time the cursor passes it.
+    checkpoint: u64,
+    since: Instant,
+}
+
+impl Behind {
+    /// Whether a subscriber at `cursor`, with the log at `head`, is past a budget.
+    fn over_budget(&mut self, cursor: u64, head: Head, settings: &super::HubSettings) -> bool {
+        if head.frame_bytes.saturating_sub(self.offset) > settings.max_viewer_lag_bytes {
+            return true;
+        }
+        if cursor < self.checkpoint {
+            return self.since.elapsed() > settings.max_viewer_lag;
+        }
+        self.checkpoint = head.tokens;
+        self.since = Instant::now();
+        false
+    }
 }
 
 impl Subscription {
@@ -64,7 +100,7 @@ impl Subscription {
             hub,
             generation,
             cursor,
-            phase: Phase::CatchUp,
+            phase: Phase::CatchUp(None),
         })
     }
 
@@ -76,22 +112,45 @@ impl Subscription {
     pub fn queued(&self) -> usize {
         match &self.phase {
             Phase::Live(rx) => rx.queued(),
-            Phase::CatchUp | Phase::Finished => 0,
+            Phase::CatchUp(_) | Phase::Finished => 0,
         }
     }
 
     /// After [`Delivery::Dropped`]: catch up again from the first token not delivered.
     pub fn resume(&mut self) {
-        self.phase = Phase::CatchUp;
+        self.phase = Phase::CatchUp(None);
     }
 
     pub fn poll_delivery(&mut self, cx: &mut Context<'_>) -> Poll<Option<Delivery>> {
         loop {
             let delivery = match &mut self.phase {
-                Phase::CatchUp => {
-                    let capacity = self.hub.settings().channel_capacity;
-                    match self.generation.attach(self.cursor, capacity) {
-                        Attach::Replay { frames, next } => {
+                // Told nothing by the drain's `disconnect_all` (it was not in a live set): told
+                // now, instead of going live again on an instance that is going away. Only a
+                // subscriber that fell behind: a resumed one (`None`) is what a stream that
+                // cannot reconnect (`api/chat.rs`) asks for after `Dropped`, and must go on.
+                Phase::CatchUp(Some(_)) if self.hub.disconnected() => {
+                    self.phase = Phase::Finished;
+                    Delivery::Dropped
+                }
+                Phase::CatchUp(behind) => {
+                    let settings = self.hub.settings();
+                    match self
+                        .generation
+                        .attach(self.cursor, settings.channel_capacity)
+                    {
+                        Attach::Replay { frames, next, head } => {
+                            if let Some(behind) = behind {
+                                if behind.over_budget(self.cursor, head, settings) {
+                                    ::metrics::counter!(
+                                        crate::metrics::EVICTIONS,
+                                        "reason" => "slow_consumer"
+                                    )
+                                    .increment(1);
+                                    self.phase = Phase::Finished;
+                                    return Poll::Ready(Some(Delivery::Dropped));
+                                }
+                                behind.offset += frames.len() as u64;
+                            }
                             let from = std::mem::replace(&mut self.cursor, next);
                             Delivery::Replayed {
                                 frames,
@@ -119,6 +178,15 @@ impl Subscription {
                     Some(Outbound::Terminal(terminal)) => {
                         self.phase = Phase::Finished;
                         Delivery::Ended(terminal)
+                    }
+                    Some(Outbound::Behind { offset, since }) => {
+                        // The token at the cursor is the one that did not fit, logged `since`.
+                        self.phase = Phase::CatchUp(Some(Box::new(Behind {
+                            offset,
+                            checkpoint: self.cursor + 1,
+                            since,
+                        })));
+                        continue;
                     }
                     None => {
                         self.phase = Phase::Finished;

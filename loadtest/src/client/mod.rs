@@ -4,6 +4,7 @@
 pub mod chunked;
 pub mod connect;
 pub mod http;
+pub mod link;
 pub mod payload;
 pub mod sse;
 pub mod stats;

@@ -228,13 +228,20 @@ pub(crate) fn kb(bytes: Option<f64>) -> String {
 }
 
 impl RunResult {
-    /// The checks that failed: delivery (`zero_loss`) in every scenario, the soak's others.
+    /// The checks that failed: delivery (`zero_loss`) in every scenario, evictions where the
+    /// scenario allows none, the soak's others.
     pub fn failures(&self) -> Vec<&'static str> {
-        match &self.soak {
-            Some(soak) => soak.failures(),
-            None if !self.zero_loss => vec!["delivery"],
-            None => Vec::new(),
+        if let Some(soak) = &self.soak {
+            return soak.failures();
         }
+        let mut failed = Vec::new();
+        if !self.zero_loss {
+            failed.push("delivery");
+        }
+        if self.scenario.allows_no_eviction() && self.delivery.evictions > 0 {
+            failed.push("evictions");
+        }
+        failed
     }
 
     pub fn markdown(&self) -> String {

@@ -173,6 +173,7 @@ pub fn worker_specs(
                 read_buffer: scenario.token_bytes.map_or(MIN_READ_BUFFER, |b| {
                     (2 * b as usize + 512).clamp(MIN_READ_BUFFER, 64 * 1024)
                 }),
+                link: scenario.link,
             }
         })
         .collect()
