@@ -8,7 +8,7 @@ mod common;
 
 use std::{
     net::SocketAddr,
-    path::PathBuf,
+    path::{Path, PathBuf},
     sync::{Arc, Mutex},
     time::{Duration, Instant},
 };
@@ -104,7 +104,7 @@ fn upstreams_file(test: &str, text: &str) -> PathBuf {
 }
 
 /// The gateway with this upstreams file, the keys in its environment.
-async fn gateway(file: &PathBuf) -> GatewayProcess {
+async fn gateway(file: &Path) -> GatewayProcess {
     GatewayProcess::start_with_env(
         &["--upstreams-file", file.to_str().unwrap()],
         &[("TEST_KEY_ONE", KEY_ONE), ("TEST_KEY_TWO", KEY_TWO)],
@@ -229,7 +229,7 @@ async fn each_model_goes_to_its_upstream_in_its_dialect_with_its_key_and_headers
     // An exact name of upstream two: Anthropic's Messages, its x-api-key, version and headers.
     let snapshot = generate(&gateway, "model-b").await;
     assert_eq!(snapshot["status"], "completed", "{snapshot}");
-    assert_eq!(snapshot["text"].as_str().unwrap().is_empty(), false);
+    assert_eq!(snapshot["token_count"], 3);
     let [(_, headers, body)] = &two.seen("/v1/messages")[..] else {
         panic!("upstream two was not called once");
     };
