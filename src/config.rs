@@ -243,6 +243,16 @@ pub enum UpstreamKind {
     Anthropic,
 }
 
+/// As written in the flag and the upstreams file, for log lines.
+impl fmt::Display for UpstreamKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::Openai => "openai",
+            Self::Anthropic => "anthropic",
+        })
+    }
+}
+
 /// How generations are kept and streamed to subscribers.
 #[derive(Debug, Clone, Args)]
 pub struct StreamConfig {

@@ -170,7 +170,7 @@ async fn upstreams(
         for upstream in &named {
             info!(
                 upstream = %upstream.name,
-                kind = ?upstream.settings.kind,
+                kind = %upstream.settings.kind,
                 models = upstream.models.len(),
                 prefix = upstream.prefix.as_deref().unwrap_or(""),
                 default = upstream.default,
