@@ -2,11 +2,19 @@
 //!
 //! Each field is a CLI flag and a `TOKENFAN_*` environment variable (clap), with its default
 //! written on the field. Durations use the usual notation (`500ms`, `25s`, `5m`). Nothing else in
-//! the crate reads the environment.
+//! the crate reads the environment: the upstreams file (`--upstreams-file`), which names the
+//! variables holding its keys, is read and checked here too ([`Config::named_upstreams`]).
 
-use std::{fmt, net::SocketAddr, time::Duration};
+use std::{
+    collections::{BTreeMap, HashMap},
+    fmt,
+    net::SocketAddr,
+    path::{Path, PathBuf},
+    time::Duration,
+};
 
 use clap::Args;
+use serde::Deserialize;
 
 /// Parses `500ms`, `25s`, `5m`, … for clap.
 pub fn parse_duration(s: &str) -> Result<Duration, humantime::DurationError> {
@@ -14,7 +22,8 @@ pub fn parse_duration(s: &str) -> Result<Duration, humantime::DurationError> {
 }
 
 /// A value that must never reach a log, a metric, an error message or a panic.
-#[derive(Clone, Default, PartialEq, Eq)]
+#[derive(Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(transparent)]
 pub struct Secret(String);
 
 impl Secret {
@@ -81,6 +90,17 @@ pub struct Config {
 
     #[command(flatten)]
     pub upstream: UpstreamConfig,
+
+    /// TOML file of named upstreams, each with its kind, URL, key, headers and the models routed
+    /// to it (README.md, "Several upstreams"). It replaces the single-upstream flags, which may
+    /// not be given with it (a startup error, rather than one of them silently losing); the
+    /// timeouts and retries apply to every upstream.
+    #[arg(
+        long = "upstreams-file",
+        env = "TOKENFAN_UPSTREAMS_FILE",
+        conflicts_with_all = ["url", "kind", "api_key", "headers", "proxy", "ca_file"]
+    )]
+    pub upstreams_file: Option<PathBuf>,
 
     #[command(flatten)]
     pub stream: StreamConfig,
@@ -216,10 +236,21 @@ pub struct UpstreamConfig {
 }
 
 /// The API dialect of an upstream.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum UpstreamKind {
     Openai,
     Anthropic,
+}
+
+/// As written in the flag and the upstreams file, for log lines.
+impl fmt::Display for UpstreamKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::Openai => "openai",
+            Self::Anthropic => "anthropic",
+        })
+    }
 }
 
 /// How generations are kept and streamed to subscribers.
@@ -396,5 +427,490 @@ impl Config {
         }
         use clap::Parser;
         Wrapper::parse_from(["tokenfan"]).config
+    }
+}
+
+impl Config {
+    /// The upstreams of `--upstreams-file`, read and checked, with their keys taken from the
+    /// environment; `None` without a file (the single-upstream flags then apply).
+    pub fn named_upstreams(&self) -> Result<Option<Vec<NamedUpstream>>, UpstreamsFileError> {
+        let Some(path) = &self.upstreams_file else {
+            return Ok(None);
+        };
+        let failed = |problem| UpstreamsFileError {
+            path: path.clone(),
+            problem,
+        };
+        let text =
+            std::fs::read_to_string(path).map_err(|error| failed(FileProblem::Read(error)))?;
+        let dir = path.parent().unwrap_or(Path::new("."));
+        parse_upstreams(&text, dir, &self.upstream, |name| std::env::var(name).ok())
+            .map(Some)
+            .map_err(failed)
+    }
+}
+
+/// One upstream of the upstreams file, checked: its client settings (the file's, with the
+/// global timeouts and retries) and the routes that lead to it.
+#[derive(Debug, Clone)]
+pub struct NamedUpstream {
+    pub name: String,
+    /// `url` is always set.
+    pub settings: UpstreamConfig,
+    /// Models routed here by exact name, sent as they are.
+    pub models: Vec<String>,
+    /// Models starting with this are routed here, sent without it.
+    pub prefix: Option<String>,
+    /// Models no other route takes come here.
+    pub default: bool,
+}
+
+/// Why the upstreams file was refused: the gateway does not start.
+#[derive(Debug, thiserror::Error)]
+#[error("upstreams file {}: {problem}", path.display())]
+pub struct UpstreamsFileError {
+    pub path: PathBuf,
+    pub problem: FileProblem,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum FileProblem {
+    #[error("{0}")]
+    Read(std::io::Error),
+    /// Not TOML, or not the file's schema (an unknown field or kind, a wrong type).
+    #[error("line {line}, column {column}: {message}")]
+    Syntax {
+        line: usize,
+        column: usize,
+        message: String,
+    },
+    #[error("no upstream is configured: add an [[upstream]] table")]
+    Empty,
+    /// Values are never quoted: keys, header values and URLs may hold secrets.
+    #[error("upstream `{upstream}`, field `{field}`: {reason}")]
+    Field {
+        upstream: String,
+        field: &'static str,
+        reason: String,
+    },
+}
+
+/// The upstreams file as written. Unknown fields are errors, so that a misspelt `prefx` does
+/// not silently route nothing.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct UpstreamsFile {
+    #[serde(default)]
+    upstream: Vec<FileUpstream>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileUpstream {
+    name: String,
+    kind: UpstreamKind,
+    url: String,
+    /// The variable holding the key, so that keys stay in Secrets, out of files and ConfigMaps.
+    api_key_env: Option<String>,
+    api_key: Option<Secret>,
+    #[serde(default)]
+    headers: BTreeMap<String, Secret>,
+    proxy: Option<Secret>,
+    ca_file: Option<PathBuf>,
+    #[serde(default)]
+    models: Vec<String>,
+    prefix: Option<String>,
+    #[serde(default)]
+    default: bool,
+}
+
+/// Longest upstream name: names appear in logs and in `/v1/models`.
+const MAX_UPSTREAM_NAME: usize = 64;
+
+/// Parses and checks the upstreams file's `text`; relative `ca_file`s are under `dir`, keys
+/// are looked up with `env`.
+fn parse_upstreams(
+    text: &str,
+    dir: &Path,
+    global: &UpstreamConfig,
+    env: impl Fn(&str) -> Option<String>,
+) -> Result<Vec<NamedUpstream>, FileProblem> {
+    let file: UpstreamsFile = toml::from_str(text).map_err(|error| syntax(text, &error))?;
+    if file.upstream.is_empty() {
+        return Err(FileProblem::Empty);
+    }
+    let mut checked: Vec<NamedUpstream> = Vec::with_capacity(file.upstream.len());
+    // Which upstream each name, model and prefix belongs to, to refuse ambiguous routes.
+    let mut names = HashMap::new();
+    let mut models = HashMap::new();
+    let mut prefixes = HashMap::new();
+    let mut default = None;
+    for entry in file.upstream {
+        let name = entry.name.clone();
+        let field = |field, reason: String| FileProblem::Field {
+            upstream: name.clone(),
+            field,
+            reason,
+        };
+        if name.is_empty()
+            || name.len() > MAX_UPSTREAM_NAME
+            || !name
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
+        {
+            return Err(field(
+                "name",
+                format!("must be 1 to {MAX_UPSTREAM_NAME} of A-Z a-z 0-9 - _ ."),
+            ));
+        }
+        if names.insert(name.clone(), ()).is_some() {
+            return Err(field("name", "another upstream has this name".into()));
+        }
+        for model in &entry.models {
+            if model.is_empty() {
+                return Err(field("models", "a model name is empty".into()));
+            }
+            if let Some(other) = models.insert(model.clone(), name.clone()) {
+                return Err(field(
+                    "models",
+                    format!("`{model}` is routed to upstream `{other}` already"),
+                ));
+            }
+        }
+        if let Some(prefix) = &entry.prefix {
+            if prefix.is_empty() {
+                return Err(field(
+                    "prefix",
+                    "is empty (use `default = true` to route every other model here)".into(),
+                ));
+            }
+            if let Some(other) = prefixes.insert(prefix.clone(), name.clone()) {
+                return Err(field(
+                    "prefix",
+                    format!("upstream `{other}` has the same prefix"),
+                ));
+            }
+        }
+        if entry.default {
+            if let Some(other) = default.replace(name.clone()) {
+                return Err(field(
+                    "default",
+                    format!("upstream `{other}` is the default already"),
+                ));
+            }
+        }
+        if entry.models.is_empty() && entry.prefix.is_none() && !entry.default {
+            return Err(field(
+                "models",
+                "no model is routed here: give `models`, a `prefix` or `default = true`".into(),
+            ));
+        }
+        let settings = client_settings(&entry, dir, global, &env)
+            .map_err(|(name, reason)| field(name, reason))?;
+        checked.push(NamedUpstream {
+            name,
+            settings,
+            models: entry.models,
+            prefix: entry.prefix,
+            default: entry.default,
+        });
+    }
+    Ok(checked)
+}
+
+/// The client settings of one upstream: the global ones with the entry's URL, kind, key,
+/// headers, proxy and CA file; or the field at fault and why.
+fn client_settings(
+    entry: &FileUpstream,
+    dir: &Path,
+    global: &UpstreamConfig,
+    env: impl Fn(&str) -> Option<String>,
+) -> Result<UpstreamConfig, (&'static str, String)> {
+    match url::Url::parse(&entry.url) {
+        Ok(url) if matches!(url.scheme(), "http" | "https") && url.has_host() => {}
+        Ok(_) => return Err(("url", "must be an http:// or https:// URL".into())),
+        Err(error) => return Err(("url", format!("not a valid URL: {error}"))),
+    }
+    let api_key = match (&entry.api_key, &entry.api_key_env) {
+        (Some(_), Some(_)) => {
+            return Err((
+                "api_key",
+                "give `api_key` or `api_key_env`, not both".into(),
+            ))
+        }
+        (Some(key), None) => Some(key.clone()),
+        (None, Some(variable)) => match env(variable).filter(|key| !key.is_empty()) {
+            Some(key) => Some(Secret::new(key)),
+            None => {
+                return Err((
+                    "api_key_env",
+                    format!("the environment variable `{variable}` is not set or empty"),
+                ))
+            }
+        },
+        (None, None) => None,
+    };
+    let mut headers = Vec::with_capacity(entry.headers.len());
+    for (name, value) in &entry.headers {
+        if http::HeaderName::from_bytes(name.as_bytes()).is_err() {
+            return Err(("headers", format!("`{name}` is not a valid header name")));
+        }
+        if http::HeaderValue::from_str(value.expose()).is_err() {
+            return Err((
+                "headers",
+                format!("the value of `{name}` is not a valid header value"),
+            ));
+        }
+        headers.push(format!("{name}: {}", value.expose()));
+    }
+    if let Some(proxy) = &entry.proxy {
+        if url::Url::parse(proxy.expose()).is_err() {
+            return Err(("proxy", "not a valid URL".into()));
+        }
+    }
+    Ok(UpstreamConfig {
+        url: Some(entry.url.clone()),
+        kind: entry.kind,
+        api_key,
+        headers,
+        proxy: entry.proxy.clone(),
+        // Relative to the file, as an operator who ships both together expects.
+        ca_file: entry.ca_file.as_ref().map(|file| dir.join(file)),
+        ..global.clone()
+    })
+}
+
+/// A TOML or schema error with its position, without the source line that `toml` would quote
+/// (it may hold a key).
+fn syntax(text: &str, error: &toml::de::Error) -> FileProblem {
+    let offset = error.span().map_or(0, |span| span.start).min(text.len());
+    let before = text.get(..offset).unwrap_or_default();
+    let line = before.matches('\n').count() + 1;
+    let column = before
+        .rsplit('\n')
+        .next()
+        .map_or(0, |last| last.chars().count())
+        + 1;
+    FileProblem::Syntax {
+        line,
+        column,
+        message: error.message().to_owned(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `text` parsed as an upstreams file in `/etc/tokenfan`, where only `OPENAI_KEY` and
+    /// `ANTHROPIC_KEY` are set.
+    fn parse(text: &str) -> Result<Vec<NamedUpstream>, String> {
+        let env = |name: &str| match name {
+            "OPENAI_KEY" => Some("sk-openai".to_owned()),
+            "ANTHROPIC_KEY" => Some("sk-ant".to_owned()),
+            "EMPTY_KEY" => Some(String::new()),
+            _ => None,
+        };
+        let global = Config::defaults().upstream;
+        parse_upstreams(text, Path::new("/etc/tokenfan"), &global, env)
+            .map_err(|problem| problem.to_string())
+    }
+
+    const TWO: &str = r#"
+        [[upstream]]
+        name = "openai"
+        kind = "openai"
+        url = "https://api.openai.com/v1"
+        api_key_env = "OPENAI_KEY"
+        headers = { "OpenAI-Organization" = "org-1" }
+        models = ["gpt-4o"]
+        default = true
+
+        [[upstream]]
+        name = "anthropic"
+        kind = "anthropic"
+        url = "https://api.anthropic.com/v1"
+        api_key_env = "ANTHROPIC_KEY"
+        prefix = "anthropic/"
+        ca_file = "private-ca.pem"
+        proxy = "http://proxy:3128"
+    "#;
+
+    #[test]
+    fn an_upstreams_file_gives_each_upstream_its_url_kind_key_headers_and_routes() {
+        let upstreams = parse(TWO).unwrap();
+        let global = Config::defaults().upstream;
+        let [openai, anthropic] = &upstreams[..] else {
+            panic!("{upstreams:?}");
+        };
+        assert_eq!(openai.name, "openai");
+        assert_eq!(openai.settings.kind, UpstreamKind::Openai);
+        assert_eq!(
+            openai.settings.url.as_deref(),
+            Some("https://api.openai.com/v1")
+        );
+        assert_eq!(openai.settings.api_key, Some(Secret::new("sk-openai")));
+        assert_eq!(openai.settings.headers, ["OpenAI-Organization: org-1"]);
+        assert_eq!(
+            (&openai.models[..], openai.default),
+            (&["gpt-4o".to_owned()][..], true)
+        );
+        assert_eq!(anthropic.settings.kind, UpstreamKind::Anthropic);
+        assert_eq!(anthropic.settings.api_key, Some(Secret::new("sk-ant")));
+        assert_eq!(anthropic.prefix.as_deref(), Some("anthropic/"));
+        assert!(!anthropic.default);
+        // A relative CA file is the file's neighbour.
+        assert_eq!(
+            anthropic.settings.ca_file.as_deref(),
+            Some(Path::new("/etc/tokenfan/private-ca.pem"))
+        );
+        assert!(anthropic.settings.proxy.is_some());
+        // Timeouts and retries stay global.
+        assert_eq!(anthropic.settings.total_timeout, global.total_timeout);
+        assert_eq!(anthropic.settings.max_retries, global.max_retries);
+        // Keys never show in a debug print.
+        assert!(!format!("{upstreams:?}").contains("sk-"));
+    }
+
+    /// The error for `TWO` with `from` replaced by `to`.
+    fn error_with(from: &str, to: &str) -> String {
+        assert!(TWO.contains(from), "{from}");
+        parse(&TWO.replacen(from, to, 1)).unwrap_err()
+    }
+
+    #[test]
+    fn every_mistake_is_refused_naming_the_upstream_and_the_field() {
+        let cases = [
+            (
+                r#"name = "anthropic""#,
+                r#"name = "openai""#,
+                "upstream `openai`, field `name`: another upstream has this name",
+            ),
+            (
+                r#"name = "anthropic""#,
+                r#"name = "an thropic""#,
+                "upstream `an thropic`, field `name`: must be 1 to 64",
+            ),
+            (
+                r#"url = "https://api.anthropic.com/v1""#,
+                r#"url = "api.anthropic.com""#,
+                "upstream `anthropic`, field `url`: not a valid URL",
+            ),
+            (
+                r#"url = "https://api.anthropic.com/v1""#,
+                r#"url = "ftp://api.anthropic.com/v1""#,
+                "upstream `anthropic`, field `url`: must be an http:// or https:// URL",
+            ),
+            (
+                r#"api_key_env = "ANTHROPIC_KEY""#,
+                r#"api_key_env = "MISSING_KEY""#,
+                "upstream `anthropic`, field `api_key_env`: the environment variable \
+                 `MISSING_KEY` is not set or empty",
+            ),
+            (
+                r#"api_key_env = "ANTHROPIC_KEY""#,
+                r#"api_key_env = "EMPTY_KEY""#,
+                "field `api_key_env`: the environment variable `EMPTY_KEY` is not set",
+            ),
+            (
+                r#"api_key_env = "ANTHROPIC_KEY""#,
+                r#"api_key_env = "ANTHROPIC_KEY"
+                api_key = "sk-literal""#,
+                "upstream `anthropic`, field `api_key`: give `api_key` or `api_key_env`",
+            ),
+            (
+                r#"headers = { "OpenAI-Organization" = "org-1" }"#,
+                r#"headers = { "Bad Name" = "org-1" }"#,
+                "upstream `openai`, field `headers`: `Bad Name` is not a valid header name",
+            ),
+            (
+                r#"headers = { "OpenAI-Organization" = "org-1" }"#,
+                "headers = { \"X-Key\" = \"sk-secret\\nInjected: 1\" }",
+                "upstream `openai`, field `headers`: the value of `X-Key` is not a valid",
+            ),
+            (
+                r#"prefix = "anthropic/""#,
+                r#"models = ["gpt-4o"]"#,
+                "upstream `anthropic`, field `models`: `gpt-4o` is routed to upstream `openai` \
+                 already",
+            ),
+            (
+                r#"prefix = "anthropic/""#,
+                r#"prefix = """#,
+                "upstream `anthropic`, field `prefix`: is empty",
+            ),
+            (
+                r#"prefix = "anthropic/""#,
+                "default = true",
+                "upstream `anthropic`, field `default`: upstream `openai` is the default already",
+            ),
+            (
+                r#"prefix = "anthropic/""#,
+                "",
+                "upstream `anthropic`, field `models`: no model is routed here",
+            ),
+            (
+                r#"proxy = "http://proxy:3128""#,
+                r#"proxy = "not a url""#,
+                "upstream `anthropic`, field `proxy`: not a valid URL",
+            ),
+        ];
+        for (from, to, expected) in cases {
+            let error = error_with(from, to);
+            assert!(error.contains(expected), "{to}: {error}");
+            assert!(!error.contains("sk-"), "{error}");
+        }
+    }
+
+    #[test]
+    fn schema_errors_say_where_without_quoting_the_line() {
+        let error = error_with(r#"kind = "anthropic""#, r#"kind = "antropic""#);
+        assert!(error.starts_with("line 13, column 16: "), "{error}");
+        assert!(error.contains("unknown variant `antropic`"), "{error}");
+        let error = error_with(r#"prefix = "anthropic/""#, r#"prefx = "anthropic/""#);
+        assert!(error.contains("unknown field `prefx`"), "{error}");
+        let error = error_with(r#"name = "openai""#, "");
+        assert!(error.contains("missing field `name`"), "{error}");
+        // A broken line holding a key: the key is not quoted back.
+        let error = parse(r#"[[upstream]] api_key = "sk-half"#).unwrap_err();
+        assert!(error.starts_with("line 1, column "), "{error}");
+        assert!(!error.contains("sk-half"), "{error}");
+        assert_eq!(
+            parse("").unwrap_err(),
+            "no upstream is configured: add an [[upstream]] table"
+        );
+    }
+
+    #[test]
+    fn the_file_and_the_single_upstream_flags_exclude_each_other() {
+        #[derive(clap::Parser)]
+        struct Wrapper {
+            #[command(flatten)]
+            config: Config,
+        }
+        use clap::Parser;
+        let file = ["tokenfan", "--upstreams-file", "upstreams.toml"];
+        let config = Wrapper::try_parse_from(file).unwrap().config;
+        assert_eq!(
+            config.upstreams_file.as_deref(),
+            Some(Path::new("upstreams.toml"))
+        );
+        for flag in [
+            &["--upstream-url", "http://127.0.0.1:9/v1"][..],
+            &["--upstream-kind", "anthropic"],
+            &["--upstream-api-key", "sk-x"],
+            &["--upstream-header", "X-A: b"],
+        ] {
+            let args = file.iter().chain(flag);
+            let error = Wrapper::try_parse_from(args).err().unwrap();
+            assert_eq!(
+                error.kind(),
+                clap::error::ErrorKind::ArgumentConflict,
+                "{flag:?}"
+            );
+        }
+        // Timeouts and retries apply to every upstream of the file.
+        let args = file.iter().chain(&["--upstream-max-retries", "1"]);
+        assert!(Wrapper::try_parse_from(args).is_ok());
     }
 }

@@ -31,13 +31,17 @@ use crate::{
     drain::Drain,
     hub::{frame, Hub, HubSettings},
     server::Server,
-    upstream::{mock, Upstream, UpstreamError},
+    upstream::{mock, InvalidUpstream, Upstream, UpstreamError, Upstreams},
 };
 
 #[derive(Debug, thiserror::Error)]
 pub enum ServeError {
     #[error("invalid upstream configuration: {0}")]
     Upstream(#[from] UpstreamError),
+    #[error(transparent)]
+    UpstreamsFile(#[from] config::UpstreamsFileError),
+    #[error("invalid upstream configuration: {0}")]
+    NamedUpstream(#[from] InvalidUpstream),
     #[error("could not start the embedded mock LLM: {0}")]
     Mock(std::io::Error),
     #[error(transparent)]
@@ -74,10 +78,7 @@ pub async fn serve(
     check_exposure(&access, &config, addr)?;
     let cors = api::cors_layer(&config.access.cors_origins)?;
     let mock_shutdown = CancellationToken::new();
-    let base_url = match &config.upstream.url {
-        Some(url) => url.clone(),
-        None => start_embedded_mock(&config, mock_shutdown.clone()).await?,
-    };
+    let upstreams = upstreams(&config, &mock_shutdown).await?;
     let shared = open_store(&config, &access).await?;
     let store_health = shared.as_ref().map(|shared| {
         store_health::StoreHealth::watch(shared.store.clone(), config.store.unready_after)
@@ -97,7 +98,7 @@ pub async fn serve(
             },
             log_memory_budget: config.limits.log_memory_budget,
         },
-        Upstream::new(&config.upstream, &base_url)?,
+        upstreams,
         shared,
     );
     hub.listen_to_instances().await?;
@@ -160,6 +161,32 @@ pub async fn serve(
 /// deadline; with a store, another instance serves them at once.
 const DRAIN_RECONNECT_SPREAD: Duration = Duration::from_secs(5);
 const HANDOFF_RECONNECT_SPREAD: Duration = Duration::from_secs(1);
+
+/// The upstreams of `--upstreams-file`; else the one of `--upstream-url`; else the embedded
+/// mock, started here (stopped by `mock_shutdown`).
+async fn upstreams(
+    config: &Config,
+    mock_shutdown: &CancellationToken,
+) -> Result<Upstreams, ServeError> {
+    if let Some(named) = config.named_upstreams()? {
+        for upstream in &named {
+            info!(
+                upstream = %upstream.name,
+                kind = %upstream.settings.kind,
+                models = upstream.models.len(),
+                prefix = upstream.prefix.as_deref().unwrap_or(""),
+                default = upstream.default,
+                "upstream configured"
+            );
+        }
+        return Ok(Upstreams::new(named)?);
+    }
+    let base_url = match &config.upstream.url {
+        Some(url) => url.clone(),
+        None => start_embedded_mock(config, mock_shutdown.clone()).await?,
+    };
+    Ok(Upstream::new(&config.upstream, &base_url)?.into())
+}
 
 /// Connects to the shared store, when one is configured.
 async fn open_store(

@@ -87,11 +87,11 @@ pub async fn completions(
     Ok(response)
 }
 
-/// `GET /v1/models`: the provider's models, as OpenAI lists them (an Anthropic upstream's list
-/// is translated), so that SDKs' `models.list()` works against the gateway.
+/// `GET /v1/models`: the configured upstreams' models, as OpenAI lists them (an Anthropic
+/// upstream's list is translated), so that SDKs' `models.list()` works against the gateway.
 pub async fn models(State(app): State<Arc<App>>) -> Result<Json<Value>, OpenAiError> {
     Ok(Json(
-        app.hub.upstream().models().await.map_err(ApiError::from)?,
+        app.hub.upstreams().models().await.map_err(ApiError::from)?,
     ))
 }
 

@@ -85,7 +85,10 @@ impl ApiError {
             Self::Denied(Denied::WrongGeneration) => StatusCode::FORBIDDEN,
             Self::Denied(_) => StatusCode::UNAUTHORIZED,
             Self::RateLimited(_) | Self::TooManySubscribers => StatusCode::TOO_MANY_REQUESTS,
-            Self::GenerationNotFound | Self::RouteNotFound => StatusCode::NOT_FOUND,
+            // As OpenAI answers a model that does not exist, so that SDKs raise the same error.
+            Self::GenerationNotFound
+            | Self::RouteNotFound
+            | Self::Hub(HubError::UnknownModel(_)) => StatusCode::NOT_FOUND,
             Self::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             Self::Upstream(UpstreamError::Timeout(_)) => StatusCode::GATEWAY_TIMEOUT,
             Self::Upstream(_) => StatusCode::BAD_GATEWAY,
@@ -102,6 +105,7 @@ impl ApiError {
             Self::UnsupportedMediaType => "unsupported_media_type",
             Self::InvalidIdempotencyKey => "invalid_idempotency_key",
             Self::Hub(HubError::IdempotencyKeyReused) => "idempotency_key_reused",
+            Self::Hub(HubError::UnknownModel(_)) => "model_not_found",
             Self::Hub(HubError::TooManyGenerations) => "too_many_generations",
             Self::Hub(HubError::MemoryBudgetExceeded) => "memory_budget_exceeded",
             Self::Hub(HubError::Store(_)) => "store_unavailable",

@@ -26,7 +26,7 @@ use super::{
 use crate::{
     metrics,
     store::{IdempotencyClaim, Store, StoreError},
-    upstream::{LogSafe, Upstream, UpstreamEvent},
+    upstream::{LogSafe, Route, UnknownModel, UpstreamEvent, Upstreams},
 };
 
 /// Settings of the hub, taken from [`crate::config::StreamConfig`].
@@ -48,6 +48,8 @@ pub struct HubSettings {
 pub enum HubError {
     #[error("this Idempotency-Key was already used with a different request body")]
     IdempotencyKeyReused,
+    #[error(transparent)]
+    UnknownModel(#[from] UnknownModel),
     #[error("too many generations are running; retry later")]
     TooManyGenerations,
     #[error("the generation logs have used their memory budget; retry later")]
@@ -89,7 +91,7 @@ pub struct Created {
 
 pub struct Hub {
     settings: HubSettings,
-    upstream: Upstream,
+    upstreams: Upstreams,
     shared: Option<Shared>,
     /// With a store: writes our generations through to it.
     writer: Option<Writer>,
@@ -110,7 +112,11 @@ pub struct Hub {
 }
 
 impl Hub {
-    pub fn new(settings: HubSettings, upstream: Upstream, shared: Option<Shared>) -> Arc<Self> {
+    pub fn new(
+        settings: HubSettings,
+        upstreams: impl Into<Upstreams>,
+        shared: Option<Shared>,
+    ) -> Arc<Self> {
         let closed = CancellationToken::new();
         let writer = shared.as_ref().map(|shared| {
             Writer::new(
@@ -122,7 +128,7 @@ impl Hub {
         });
         Arc::new(Self {
             settings,
-            upstream,
+            upstreams: upstreams.into(),
             shared,
             writer,
             generations: Mutex::default(),
@@ -169,20 +175,24 @@ impl Hub {
         self.closed.cancelled()
     }
 
-    /// The provider generations stream from (for calls that are not generations: its models).
-    pub fn upstream(&self) -> &Upstream {
-        &self.upstream
+    /// The providers generations stream from (for calls that are not generations: their
+    /// models).
+    pub fn upstreams(&self) -> &Upstreams {
+        &self.upstreams
     }
 
     /// Starts a generation (one upstream task), or returns the one an earlier request with the
     /// same idempotency key (from the same credential) started, on any instance. `key_label`
-    /// names the caller's API key in the usage metrics.
+    /// names the caller's API key in the usage metrics. A model no upstream serves is refused
+    /// first, before the hub's limits are looked at or anything is stored.
     pub async fn create(
         self: &Arc<Self>,
         request: serde_json::Map<String, serde_json::Value>,
         idempotency_key: Option<IdempotencyKey>,
         key_label: &str,
     ) -> Result<Created, HubError> {
+        let model = request.get("model").and_then(serde_json::Value::as_str);
+        let route = self.upstreams.route(model.unwrap_or_default())?;
         if self.running() >= self.settings.max_generations {
             return Err(HubError::TooManyGenerations);
         }
@@ -243,7 +253,7 @@ impl Hub {
         };
         tokio::spawn(
             self.clone()
-                .run(generation.clone(), writing, request, labels)
+                .run(generation.clone(), writing, request, route, labels)
                 .instrument(span),
         );
         Ok(Created {
@@ -444,12 +454,13 @@ impl Hub {
         generation: Arc<Generation>,
         writing: Option<Tracking>,
         request: serde_json::Map<String, serde_json::Value>,
+        route: Route,
         labels: UsageLabels,
     ) {
-        info!("generation started");
+        info!(upstream = %route.name, "generation started");
         let mut recorded = metrics::GenerationMetrics::start(labels.model.clone());
         let outcome = tokio::select! {
-            outcome = self.stream_upstream(&generation, request, &mut recorded) => Some(outcome),
+            outcome = self.stream_upstream(&generation, request, &route, &labels, &mut recorded) => Some(outcome),
             () = generation.ended() => None,
             () = self.watch_unwatched(&generation) => Some(Outcome::Failed {
                 code: "unwatched",
@@ -505,9 +516,13 @@ impl Hub {
         &self,
         generation: &Generation,
         request: serde_json::Map<String, serde_json::Value>,
+        route: &Route,
+        labels: &UsageLabels,
         recorded: &mut metrics::GenerationMetrics,
     ) -> Outcome {
-        let stream = self.upstream.stream(request);
+        let stream = route
+            .upstream
+            .stream(route.request(request), labels.model.clone());
         futures_util::pin_mut!(stream);
         while let Some(event) = stream.next().await {
             match event {

@@ -13,6 +13,7 @@ use std::{
     time::{Duration, SystemTime},
 };
 
+use ::metrics::SharedString;
 use bytes::Bytes;
 use futures_util::{Stream, StreamExt};
 use http::{header, HeaderMap, HeaderName, HeaderValue, StatusCode};
@@ -155,25 +156,26 @@ impl Upstream {
     /// `stream_options.include_usage: true` are forced. Dropping the stream cancels the call.
     ///
     /// The first-token and total deadlines run from this call. The stream ends after its first
-    /// error.
+    /// error. `model` labels the attempt metrics: the generation's model label, which is the
+    /// client's model name even when the upstream is asked for another (a prefix route).
     pub fn stream(
         &self,
         request: Map<String, Value>,
+        model: SharedString,
     ) -> impl Stream<Item = Result<UpstreamEvent, UpstreamError>> + Send + 'static {
         let now = Instant::now();
         let deadlines = Deadlines {
             first_token: deadline_after(now, self.inner.first_token_timeout),
             total: deadline_after(now, self.inner.total_timeout),
         };
-        let start = Phase::Open(self.inner.clone(), request, deadlines);
+        let start = Phase::Open(self.inner.clone(), request, model, deadlines);
         let inner = self.inner.clone();
         let events = futures_util::stream::unfold(start, |phase| async move {
             let mut reader = match phase {
-                Phase::Open(inner, request, deadlines) => {
+                Phase::Open(inner, request, model, deadlines) => {
                     let span = tracing::info_span!("upstream_request");
-                    match tracing::Instrument::instrument(open(&inner, request, deadlines), span)
-                        .await
-                    {
+                    let opened = open(&inner, request, &model, deadlines);
+                    match tracing::Instrument::instrument(opened, span).await {
                         Ok(response) => Box::new(Reader::new(
                             response,
                             inner.dialect.decoder(),
@@ -206,7 +208,7 @@ impl Inner {
 /// Where a call's stream stands between two items. The reader is boxed once per call so that
 /// each item moves a pointer, not the whole reader.
 enum Phase {
-    Open(Arc<Inner>, Map<String, Value>, Deadlines),
+    Open(Arc<Inner>, Map<String, Value>, SharedString, Deadlines),
     Read(Box<Reader>),
     Done,
 }
@@ -304,9 +306,9 @@ struct Failure {
 async fn open(
     inner: &Inner,
     request: Map<String, Value>,
+    model: &SharedString,
     deadlines: Deadlines,
 ) -> Result<Response, UpstreamError> {
-    let model = crate::metrics::model_label(&request);
     let body = inner.dialect.request_body(request)?;
     // The provider's spans join the trace as children of this call's span.
     let extra_head = crate::telemetry::trace::traceparent()
@@ -325,7 +327,7 @@ async fn open(
             })) => Some(*status),
             _ => None,
         };
-        crate::metrics::record_upstream_attempt(&model, status, answer.is_err(), sent.elapsed());
+        crate::metrics::record_upstream_attempt(model, status, answer.is_err(), sent.elapsed());
         let failure = match answer {
             Err(_) => return Err(UpstreamError::Timeout(which)),
             Ok(Ok(response)) => return Ok(response),
@@ -343,7 +345,7 @@ async fn open(
             return Err(error);
         }
         attempt += 1;
-        crate::metrics::record_upstream_retry(&model);
+        crate::metrics::record_upstream_retry(model);
         tracing::warn!(
             attempt,
             max_retries = inner.max_retries,
@@ -472,7 +474,7 @@ pub(super) fn provider_message(error: &Value) -> String {
     }
 }
 
-fn truncated(text: &str) -> String {
+pub(super) fn truncated(text: &str) -> String {
     match text.char_indices().nth(MAX_MESSAGE_CHARS) {
         Some((end, _)) => format!("{}…", &text[..end]),
         None => text.to_owned(),

@@ -6,6 +6,8 @@
 //! the first token, so a retry can never duplicate one) and every upstream timeout. It knows
 //! nothing of subscribers or HTTP handlers: the hub drives it, one task per generation.
 //!
+//! - `routes`: the configured upstreams ([`Upstreams`], one client each) and the rule that
+//!   picks one by the request's model.
 //! - `client`: sending, retries, deadlines; `reader`: the stream reader.
 //! - `dialect`: the seam to a provider's API; `openai` and `anthropic` implement it.
 //! - `redact`: credentials out of provider text, and text made safe for logs.
@@ -21,12 +23,14 @@ pub mod mock;
 mod openai;
 mod reader;
 mod redact;
+mod routes;
 pub mod sse;
 #[cfg(test)]
 mod tests;
 
 pub use client::Upstream;
 pub use redact::LogSafe;
+pub use routes::{InvalidUpstream, Route, UnknownModel, Upstreams};
 
 use crate::hub::Delta;
 

@@ -240,7 +240,7 @@ async fn run(
     base_url: &str,
 ) -> (Vec<UpstreamEvent>, Option<UpstreamError>) {
     let upstream = Upstream::new(&config, base_url).unwrap();
-    let mut stream = std::pin::pin!(upstream.stream(request()));
+    let mut stream = std::pin::pin!(upstream.stream(request(), "m".into()));
     let mut events = Vec::new();
     while let Some(item) = stream.next().await {
         match item {
@@ -356,7 +356,7 @@ fn keep_alive_stream() -> String {
 
 /// Streams one call on `upstream` to its end.
 async fn call(upstream: &Upstream) -> Vec<UpstreamEvent> {
-    let stream = upstream.stream(request());
+    let stream = upstream.stream(request(), "m".into());
     stream.map(Result::unwrap).collect().await
 }
 
@@ -939,7 +939,7 @@ async fn dropping_the_stream_closes_the_connection() {
     let body = [SSE_HEAD, &token("Hi")];
     let mut provider = provider(vec![vec![Step::Write(body.concat()), Step::Hang]]).await;
     let upstream = Upstream::new(&config(), &provider.base_url).unwrap();
-    let mut stream = Box::pin(upstream.stream(request()));
+    let mut stream = Box::pin(upstream.stream(request(), "m".into()));
     assert_eq!(stream.next().await.unwrap().unwrap(), hi());
 
     drop(stream);
