@@ -2,15 +2,26 @@
 //! through an HTTP proxy with `CONNECT`, then rustls for `https`. What travels over the
 //! connection is not its concern.
 
-use std::{path::Path, sync::Arc, time::Duration};
+use std::{
+    future::{poll_fn, Future},
+    path::Path,
+    sync::Arc,
+    task::Poll,
+    time::Duration,
+};
 
 use base64::Engine as _;
+use bytes::Bytes;
+use http::{header, HeaderValue, Method, Request, Uri};
+use http_body_util::Empty;
+use hyper::client::conn::http1::handshake;
+use hyper_util::rt::TokioIo;
 use rustls::pki_types::{pem::PemObject, CertificateDer, ServerName};
-use tokio::{io::AsyncWriteExt, net::TcpStream};
+use tokio::net::TcpStream;
 use tokio_rustls::{client::TlsStream, TlsConnector};
 use tokio_util::either::Either;
 
-use super::{codec::Conn, HttpError, Settings};
+use super::{HttpError, Settings};
 
 /// A connected stream to the upstream: plain TCP, or TLS over it.
 pub(super) type Io = Either<TcpStream, Box<TlsStream<TcpStream>>>;
@@ -103,8 +114,10 @@ fn host_and_port(url: &url::Url) -> Result<(String, u16), String> {
 struct Proxy {
     host: String,
     port: u16,
-    /// `CONNECT host:port HTTP/1.1` with `host` and `proxy-authorization`, rendered once.
-    request: Box<[u8]>,
+    /// `host:port` of the upstream.
+    authority: Uri,
+    /// `Basic` credentials of the proxy URL, if it has any.
+    authorization: Option<HeaderValue>,
 }
 
 impl Proxy {
@@ -118,9 +131,12 @@ impl Proxy {
         let authority = format!(
             "{}:{upstream_port}",
             upstream.host_str().unwrap_or_default()
-        );
-        let mut request = format!("CONNECT {authority} HTTP/1.1\r\nhost: {authority}\r\n");
-        if !proxy.username().is_empty() {
+        )
+        .parse()
+        .map_err(|error| format!("invalid upstream authority: {error}"))?;
+        let authorization = if proxy.username().is_empty() {
+            None
+        } else {
             let decode = |part: &str| {
                 percent_encoding::percent_decode_str(part)
                     .decode_utf8_lossy()
@@ -132,41 +148,77 @@ impl Proxy {
                 decode(proxy.password().unwrap_or_default())
             );
             let encoded = base64::engine::general_purpose::STANDARD.encode(credentials);
-            request.push_str(&format!("proxy-authorization: Basic {encoded}\r\n"));
-        }
-        request.push_str("\r\n");
+            let mut value = HeaderValue::from_str(&format!("Basic {encoded}"))
+                .map_err(|_| "invalid proxy credentials".to_owned())?;
+            value.set_sensitive(true);
+            Some(value)
+        };
         Ok(Self {
             host,
             port,
-            request: request.into_bytes().into_boxed_slice(),
+            authority,
+            authorization,
         })
     }
 
     /// Asks the proxy, on `tcp`, for a tunnel to the upstream.
     async fn tunnel(&self, tcp: TcpStream) -> Result<TcpStream, HttpError> {
         let refused = |why: String| HttpError::Connect(format!("proxy: {why}"));
-        let mut conn = Conn::new(Either::Left(tcp));
-        conn.io
-            .write_all(&self.request)
-            .await
+        let mut request = Request::new(Empty::<Bytes>::new());
+        *request.method_mut() = Method::CONNECT;
+        *request.uri_mut() = self.authority.clone();
+        let host = HeaderValue::from_str(&self.authority.to_string())
             .map_err(|error| refused(error.to_string()))?;
-        let head = conn
-            .read_head()
-            .await
-            .map_err(|error| refused(error.to_string()))?;
-        if !head.status.is_success() {
-            return Err(refused(format!("it answered {} to CONNECT", head.status)));
+        request.headers_mut().insert(header::HOST, host);
+        if let Some(authorization) = &self.authorization {
+            request
+                .headers_mut()
+                .insert(header::PROXY_AUTHORIZATION, authorization.clone());
         }
-        match conn {
-            // The upstream has said nothing yet, so neither may the tunnel.
-            Conn {
-                io: Either::Left(tcp),
-                buf,
-            } if buf.is_empty() => Ok(tcp),
-            _ => Err(refused(
+        let (mut sender, mut conn) = handshake(TokioIo::new(tcp))
+            .await
+            .map_err(|error| refused(error.to_string()))?;
+        let mut answer = std::pin::pin!(sender.send_request(request));
+        // The connection is driven here, beside its one answer; after a 2xx it stops and
+        // hands the socket back instead of closing it.
+        let mut handed_back = false;
+        let response = poll_fn(|cx| {
+            if !handed_back {
+                if let Poll::Ready(done) = conn.poll_without_shutdown(cx) {
+                    done.map_err(|error| refused(error.to_string()))?;
+                    handed_back = true;
+                }
+            }
+            match answer.as_mut().poll(cx) {
+                Poll::Ready(response) => {
+                    Poll::Ready(response.map_err(|error| refused(error.to_string())))
+                }
+                Poll::Pending if handed_back => Poll::Ready(Err(refused(
+                    "it closed the connection without answering CONNECT".to_owned(),
+                ))),
+                Poll::Pending => Poll::Pending,
+            }
+        })
+        .await?;
+        if !response.status().is_success() {
+            return Err(refused(format!(
+                "it answered {} to CONNECT",
+                response.status()
+            )));
+        }
+        if !handed_back {
+            poll_fn(|cx| conn.poll_without_shutdown(cx))
+                .await
+                .map_err(|error| refused(error.to_string()))?;
+        }
+        let parts = conn.into_parts();
+        // The upstream has said nothing yet, so neither may the tunnel.
+        if !parts.read_buf.is_empty() {
+            return Err(refused(
                 "unexpected bytes after its answer to CONNECT".to_owned(),
-            )),
+            ));
         }
+        Ok(parts.io.into_inner())
     }
 }
 

@@ -2,27 +2,18 @@
 //! only if the peer has not closed it (nor sent anything unasked) and it has been idle for less
 //! than the timeout.
 
-use std::{collections::VecDeque, io, sync::Mutex, time::Duration};
+use std::{collections::VecDeque, sync::Mutex, time::Duration};
 
+use super::Conn;
 use tokio::time::Instant;
-use tokio_util::either::Either;
-
-use super::codec::Conn;
-
-/// A connection that can wait in the pool.
-pub(super) trait Reusable {
-    /// False if the peer closed the idle connection or sent something unasked (a TLS alert,
-    /// a stray byte): either way it cannot carry a request.
-    fn is_idle_and_open(&mut self) -> bool;
-}
 
 /// Idle keep-alive connections, newest at the back.
-pub(super) struct Pool<C> {
-    idle: Mutex<VecDeque<(Instant, C)>>,
+pub(super) struct Pool {
+    idle: Mutex<VecDeque<(Instant, Conn)>>,
     idle_timeout: Duration,
 }
 
-impl<C: Reusable> Pool<C> {
+impl Pool {
     pub(super) fn new(idle_timeout: Duration) -> Self {
         Self {
             idle: Mutex::new(VecDeque::new()),
@@ -31,7 +22,7 @@ impl<C: Reusable> Pool<C> {
     }
 
     /// The newest idle connection that is still open.
-    pub(super) fn take(&self) -> Option<C> {
+    pub(super) fn take(&self) -> Option<Conn> {
         let mut idle = self.lock();
         self.expire(&mut idle);
         while let Some((_, mut conn)) = idle.pop_back() {
@@ -42,14 +33,14 @@ impl<C: Reusable> Pool<C> {
         None
     }
 
-    pub(super) fn put(&self, conn: C) {
+    pub(super) fn put(&self, conn: Conn) {
         let mut idle = self.lock();
         self.expire(&mut idle);
         idle.push_back((Instant::now(), conn));
     }
 
     /// Closes connections idle for longer than the timeout (the oldest are at the front).
-    fn expire(&self, idle: &mut VecDeque<(Instant, C)>) {
+    fn expire(&self, idle: &mut VecDeque<(Instant, Conn)>) {
         while idle
             .front()
             .is_some_and(|(since, _)| since.elapsed() >= self.idle_timeout)
@@ -58,7 +49,7 @@ impl<C: Reusable> Pool<C> {
         }
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, VecDeque<(Instant, C)>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, VecDeque<(Instant, Conn)>> {
         // A panic while holding the lock leaves a valid queue behind.
         self.idle
             .lock()
@@ -66,20 +57,12 @@ impl<C: Reusable> Pool<C> {
     }
 }
 
-impl Reusable for Conn {
-    fn is_idle_and_open(&mut self) -> bool {
-        let tcp = match &self.io {
-            Either::Left(tcp) => tcp,
-            Either::Right(tls) => tls.get_ref().0,
-        };
-        let mut probe = [0; 1];
-        matches!(tcp.try_read(&mut probe), Err(error) if error.kind() == io::ErrorKind::WouldBlock)
-    }
-}
-
 #[cfg(test)]
 mod tests {
+    use hyper::client::conn::http1::Builder;
+    use hyper_util::rt::TokioIo;
     use tokio::net::TcpStream;
+    use tokio_util::either::Either;
 
     use super::*;
 
@@ -90,7 +73,15 @@ mod tests {
             .await
             .unwrap();
         let (server, _) = listener.accept().await.unwrap();
-        let conn = Conn::new(Either::Left(client));
+        let (sender, driver) = Builder::new()
+            .handshake(TokioIo::new(Either::Left(client)))
+            .await
+            .unwrap();
+        let conn = Conn {
+            sender,
+            driver,
+            closed: false,
+        };
         (conn, server)
     }
 
