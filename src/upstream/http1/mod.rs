@@ -50,6 +50,9 @@ use pool::Pool;
 /// is refused rather than buffered.
 const MAX_HEAD_BYTES: usize = 64 * 1024;
 
+/// Most per-call header lines a request takes besides the fixed ones.
+const MAX_EXTRA_HEADERS: usize = 8;
+
 /// Why a request or its body failed.
 #[derive(Debug, thiserror::Error)]
 pub enum HttpError {
@@ -218,13 +221,15 @@ impl Client {
         self.exchange(conn, self.request(extra_head, body)?).await
     }
 
+    /// The request: the fixed method, target and headers, the per-call `extra_head` lines (the
+    /// trace context today) and `body`.
     fn request(&self, extra_head: &[u8], body: Bytes) -> Result<Request<Full<Bytes>>, HttpError> {
         let mut request = Request::new(Full::new(body));
         *request.method_mut() = self.method.clone();
         *request.uri_mut() = self.target.clone();
         let headers = request.headers_mut();
         headers.clone_from(&self.headers);
-        let mut slots = [httparse::EMPTY_HEADER; 4];
+        let mut slots = [httparse::EMPTY_HEADER; MAX_EXTRA_HEADERS];
         // The extra lines end with CRLF; the empty line makes them a complete header block.
         let block = [extra_head, b"\r\n"].concat();
         let parsed = httparse::parse_headers(&block, &mut slots)
