@@ -914,7 +914,8 @@ async fn an_endless_response_head_or_chunk_line_is_refused_not_buffered() {
 
         assert_eq!(events.len(), tokens);
         assert!(
-            matches!(&error, Some(UpstreamError::Interrupted(message) | UpstreamError::Protocol(message)) if message.contains("longer than")),
+            // hyper's words: a head past its read buffer, a chunk size past 64 bits.
+            matches!(&error, Some(UpstreamError::Interrupted(message) | UpstreamError::Protocol(message)) if message.contains("too large") || message.contains("overflow")),
             "{error:?}"
         );
     }
