@@ -101,15 +101,20 @@ fn memory(chars: usize) {
     let running = live() - before;
     let counted = generation.log_bytes();
     generation.finish(Outcome::Completed);
+    // What a finished generation keeps for its retention (the hub shrinks it when it ends).
+    generation.shrink_log();
+    let retained = live() - before;
     let frames = replay_all(&generation);
     let per_token = |bytes: isize| bytes as f64 / TOKENS as f64;
     let frame = frames as f64 / TOKENS as f64;
     println!(
         "{chars:>2}-char tokens: {:.1} B allocated per logged token, frame {frame:.1} B, \
-         ratio {:.3}; log_bytes counts {:.1} B per token",
+         ratio {:.3}; log_bytes counts {:.1} B per token; ended and shrunk: {:.1} B, ratio {:.3}",
         per_token(running),
         per_token(running) / frame,
         counted as f64 / TOKENS as f64,
+        per_token(retained),
+        per_token(retained) / frame,
     );
 }
 
