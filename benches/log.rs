@@ -151,14 +151,19 @@ fn reads(chars: usize) {
     timed(&format!("{chars:>2}-char snapshot"), TOKENS, frames, || {
         black_box(generation.snapshot());
     });
-    timed(&format!("{chars:>2}-char entries_from"), TOKENS, frames, || {
-        let mut from = 0;
-        while from < TOKENS as u64 {
-            let entries = generation.entries_from(from, 512);
-            from += entries.len() as u64;
-            black_box(entries);
-        }
-    });
+    timed(
+        &format!("{chars:>2}-char entries_from"),
+        TOKENS,
+        frames,
+        || {
+            let mut from = 0;
+            while from < TOKENS as u64 {
+                let entries = generation.entries_from(from, 512);
+                from += entries.len() as u64;
+                black_box(entries);
+            }
+        },
+    );
 }
 
 fn main() {

@@ -66,7 +66,8 @@ struct ChunkRef<'a> {
 impl ChunkRef<'_> {
     /// Where the frame of the chunk's `at`-th entry begins.
     fn begin(&self, at: usize) -> usize {
-        at.checked_sub(1).map_or(0, |before| self.ends[before] as usize)
+        at.checked_sub(1)
+            .map_or(0, |before| self.ends[before] as usize)
     }
 }
 
@@ -264,7 +265,11 @@ mod tests {
         let frames = frames(3000, 40);
         let log = logged(&frames);
         assert_eq!(log.len(), 3000);
-        assert!(log.sealed.len() >= 3, "several chunks: {}", log.sealed.len());
+        assert!(
+            log.sealed.len() >= 3,
+            "several chunks: {}",
+            log.sealed.len()
+        );
         for from in [0, 1, 24, 25, 26, 1500, 2999] {
             let (bytes, _) = read_all(&log, from, 1000);
             assert_eq!(bytes, frames[from..].concat(), "from {from}");
@@ -276,11 +281,20 @@ mod tests {
     fn a_step_stops_at_the_byte_limit_and_at_a_chunk_end_but_takes_at_least_one_entry() {
         let frames = frames(100, 99); // 100-byte frames
         let log = logged(&frames);
-        assert_eq!(log.read(0, 350).map(|(b, next)| (b.len(), next)), Some((300, 3)));
-        assert_eq!(log.read(5, 10).map(|(b, next)| (b.len(), next)), Some((100, 6)));
+        assert_eq!(
+            log.read(0, 350).map(|(b, next)| (b.len(), next)),
+            Some((300, 3))
+        );
+        assert_eq!(
+            log.read(5, 10).map(|(b, next)| (b.len(), next)),
+            Some((100, 6))
+        );
         // The first chunk (1 KiB) holds 10 frames: a step never crosses into the next.
         assert_eq!(log.sealed[0].ends.len(), 10);
-        assert_eq!(log.read(8, 16384).map(|(b, next)| (b.len(), next)), Some((200, 10)));
+        assert_eq!(
+            log.read(8, 16384).map(|(b, next)| (b.len(), next)),
+            Some((200, 10))
+        );
     }
 
     #[test]
