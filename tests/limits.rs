@@ -135,9 +135,11 @@ async fn a_generation_past_its_log_limits_fails_as_too_large() {
 
 #[tokio::test]
 async fn log_memory_budget_forgets_the_oldest_finished_generation_first() {
-    // Each generation below logs about 16 KB (50 tokens of 100 bytes: text, frame and log
-    // slot; and its usage object): two fit the budget, three do not.
-    let gateway = Gateway::start_with(|c| c.limits.log_memory_budget = 36_000).await;
+    // Each generation below logs about 8.5 KB once finished (50 frames of ~150 bytes, an
+    // offset each, and its usage object), and is counted as ~17 KB while it runs (its chunks'
+    // whole capacity): one finished and one running fit the budget, two finished and one
+    // running do not, so the third makes the oldest go.
+    let gateway = Gateway::start_with(|c| c.limits.log_memory_budget = 30_000).await;
     let knobs = json!({"tokens": 50, "interval_ms": 0, "token_bytes": 100});
     let oldest = gateway.create(knobs.clone()).await;
     gateway.wait_finished(&oldest).await;

@@ -34,8 +34,8 @@ async fn rss_stays_within_the_log_budget_under_a_flood_of_large_generations() {
     .await;
     let base = gateway.url("");
     let baseline = resident_bytes(gateway.pid());
-    // 40 generations of one 1 MB token: each logs ~2 MB (text and frame), 80 MiB in all, four
-    // times the budget; all retained for 10 minutes unless the budget makes room.
+    // 40 generations of one 1 MB token: each logs ~1 MB (its frame), 40 MB in all, twice the
+    // budget; all retained for 10 minutes unless the budget makes room.
     for _ in 0..40 {
         let knobs = json!({"tokens": 1, "interval_ms": 0, "token_bytes": 1_000_000});
         let response = gateway
@@ -50,7 +50,7 @@ async fn rss_stays_within_the_log_budget_under_a_flood_of_large_generations() {
             .wait_metric("tokenfan_generations_running", |running| running == 0.0)
             .await;
     }
-    assert!(gateway.metric("tokenfan_generations_evicted_total").await >= 25.0);
+    assert!(gateway.metric("tokenfan_generations_evicted_total").await >= 15.0);
     let allowed = BUDGET + BUDGET / 5 + 16 * 1024 * 1024;
     let settled = tokio::time::timeout(WAIT, async {
         loop {

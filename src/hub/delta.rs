@@ -8,6 +8,8 @@
 //! entry as opaque bytes per index (a shared store for several instances); nothing in memory
 //! depends on it.
 
+use std::borrow::Borrow;
+
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 use serde::Serialize;
 
@@ -181,10 +183,10 @@ pub struct ToolFunction {
 impl Assembled {
     /// Joins the log's deltas: texts concatenated by kind, tool-call fragments by index (the
     /// first id and name seen win; argument fragments are appended in order).
-    pub fn of<'a>(deltas: impl IntoIterator<Item = &'a Delta>) -> Self {
+    pub fn of<D: Borrow<Delta>>(deltas: impl IntoIterator<Item = D>) -> Self {
         let mut assembled = Self::default();
         for delta in deltas {
-            assembled.push(delta);
+            assembled.push(delta.borrow());
         }
         assembled
     }

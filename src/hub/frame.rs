@@ -2,14 +2,15 @@
 //!
 //! A log entry's frame is built once, when it arrives, and the same [`Bytes`] is handed to
 //! the log and to every subscriber (a reference-count increment each), so fan-out costs no
-//! allocation per subscriber.
+//! allocation per subscriber. The log keeps entries as their frames only; [`decode`] reads an
+//! entry back from its frame for the few readers that want the entry itself.
 
 use std::io::Write;
 
 use bytes::{BufMut, Bytes, BytesMut};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
-use super::delta::Delta;
+use super::delta::{Delta, ToolCallDelta};
 
 /// A comment line that keeps idle connections (and the proxies on their way) open.
 pub const KEEPALIVE: Bytes = Bytes::from_static(b":\n\n");
@@ -56,6 +57,77 @@ pub fn delta(index: u64, delta: &Delta) -> Bytes {
             encode(capacity, Some(index), None, "tool_call", &data)
         }
     }
+}
+
+/// Why bytes are not the frame of a log entry.
+#[derive(Debug, thiserror::Error)]
+pub enum DecodeError {
+    #[error("not the frame of a log entry")]
+    Shape,
+    #[error("a log entry's frame holds unexpected data: {0}")]
+    Json(#[from] serde_json::Error),
+}
+
+/// The entry that [`delta`] encoded into `frame` (whatever its index). The JSON of the `data`
+/// line is read back with serde_json, which restores exactly the string it escaped; a text
+/// that needed no escaping (most tokens) is taken as it stands, without it.
+pub fn decode(frame: &[u8]) -> Result<Delta, DecodeError> {
+    #[derive(Deserialize)]
+    struct Text {
+        text: String,
+    }
+    #[derive(Deserialize)]
+    struct ToolCall {
+        tool_call_index: u32,
+        id: Option<String>,
+        name: Option<String>,
+        arguments: String,
+    }
+    let (name, data) = event_and_data(frame).ok_or(DecodeError::Shape)?;
+    let text = || match unescaped_text(data) {
+        Some(text) => Ok(text.to_owned()),
+        None => serde_json::from_slice::<Text>(data).map(|data| data.text),
+    };
+    Ok(match name {
+        b"token" => Delta::Text(text()?),
+        b"reasoning" => Delta::Reasoning(text()?),
+        b"refusal" => Delta::Refusal(text()?),
+        b"tool_call" => {
+            let call: ToolCall = serde_json::from_slice(data)?;
+            Delta::ToolCall(Box::new(ToolCallDelta {
+                index: call.tool_call_index,
+                id: call.id,
+                name: call.name,
+                arguments: call.arguments,
+            }))
+        }
+        _ => return Err(DecodeError::Shape),
+    })
+}
+
+/// The text of `{"index":N,"text":"…"}` when it holds no escape: then it is the text itself
+/// (serde_json escapes every quote, backslash and control character). A parser costs ~10×
+/// more, and the snapshot and the store writer read every entry.
+fn unescaped_text(data: &[u8]) -> Option<&str> {
+    let rest = data.strip_prefix(b"{\"index\":")?;
+    let digits = rest.iter().take_while(|byte| byte.is_ascii_digit()).count();
+    let text = rest[digits..]
+        .strip_prefix(b",\"text\":\"")?
+        .strip_suffix(b"\"}")?;
+    if text.contains(&b'\\') {
+        return None;
+    }
+    std::str::from_utf8(text).ok()
+}
+
+/// The event name and the `data` of `id: N\nevent: <name>\ndata: <data>\n\n`.
+fn event_and_data(frame: &[u8]) -> Option<(&[u8], &[u8])> {
+    let line_end = |bytes: &[u8]| bytes.iter().position(|&byte| byte == b'\n');
+    let rest = frame.strip_prefix(b"id: ")?;
+    let rest = rest.get(line_end(rest)? + 1..)?.strip_prefix(b"event: ")?;
+    let (name, rest) = rest.split_at(line_end(rest)?);
+    let data = rest.strip_prefix(b"\ndata: ")?.strip_suffix(b"\n\n")?;
+    Some((name, data))
 }
 
 #[derive(Serialize)]
@@ -151,6 +223,49 @@ mod tests {
             &delta(4, &next)[..],
             &b"id: 4\nevent: tool_call\ndata: {\"index\":4,\"tool_call_index\":1,\"arguments\":\"{\\\"a\\\"\"}\n\n"[..]
         );
+    }
+
+    #[test]
+    fn every_entry_decodes_back_from_its_frame() {
+        let tool = |index, id: Option<&str>, name: Option<&str>, arguments: &str| {
+            Delta::ToolCall(Box::new(ToolCallDelta {
+                index,
+                id: id.map(str::to_owned),
+                name: name.map(str::to_owned),
+                arguments: arguments.to_owned(),
+            }))
+        };
+        let awkward = "a \"quoted\"\nline\t\\ \u{0}\u{1f} é 🦀 \u{2028}</script>";
+        for (index, entry) in [
+            Delta::Text("hi".into()),
+            Delta::Text(String::new()),
+            Delta::Text(awkward.into()),
+            Delta::Reasoning(awkward.into()),
+            Delta::Refusal("no".into()),
+            tool(1, Some("call_1"), Some("f"), ""),
+            tool(u32::MAX, None, None, "{\"a\": \"\\n\"}"),
+            tool(0, Some(""), None, awkward),
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            let index = index as u64 * 1_000_003;
+            assert_eq!(decode(&delta(index, &entry)).unwrap(), entry);
+        }
+    }
+
+    #[test]
+    fn other_frames_do_not_decode_as_entries() {
+        for frame in [
+            KEEPALIVE,
+            reconnect(10, "shutdown"),
+            event(Some(3), "done", &serde_json::json!({"status": "completed"})),
+            Bytes::from_static(b""),
+            Bytes::from_static(b"id: 1\nevent: token\ndata: {\"index\":1}\n\n"),
+            Bytes::from_static(b"id: 1\nevent: token\ndata: {\"text\":\"a\"}\n"),
+        ] {
+            assert!(decode(&frame).is_err(), "{frame:?}");
+        }
     }
 
     #[test]

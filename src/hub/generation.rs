@@ -21,7 +21,7 @@ use std::{
 };
 
 use super::queue::{self, TrySendError};
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 use serde::Serialize;
 use tokio_util::sync::CancellationToken;
 
@@ -30,7 +30,7 @@ use crate::{
     upstream::{MAX_FINISH_REASON_BYTES, MAX_USAGE_BYTES},
 };
 
-use super::{delta::Assembled, frame, writer::Dirty, Delta};
+use super::{delta::Assembled, frame, log::Log, writer::Dirty, Delta};
 
 /// Most bytes handed to a subscriber in one replay step: large enough to amortise the lock,
 /// small enough that one late joiner never holds it long or allocates much.
@@ -127,10 +127,6 @@ pub enum Attach {
     Ended(Bytes),
 }
 
-/// Bookkeeping per log entry beyond its content and frame bytes (the `Bytes` handle and the
-/// entry's slot).
-const LOG_OVERHEAD_PER_TOKEN: usize = std::mem::size_of::<Bytes>() + std::mem::size_of::<Delta>();
-
 /// How big one generation's log may grow.
 #[derive(Debug, Clone, Copy)]
 pub struct LogLimits {
@@ -179,13 +175,11 @@ pub struct Generation {
 
 struct State {
     status: Status,
-    /// The log; the index is the entry's (event) id.
-    deltas: Vec<Delta>,
-    /// Bytes of content in `deltas`, against [`LogLimits::max_bytes`].
+    /// The log: each entry's frame; the index is the entry's (event) id.
+    log: Log,
+    /// Bytes of content logged, against [`LogLimits::max_bytes`].
     content_bytes: usize,
-    /// Encoded frames of `deltas`, index for index.
-    frames: Vec<Bytes>,
-    /// Bytes of `frames`, all together: how far behind a subscriber is, in bytes.
+    /// Bytes of the logged frames, all together: how far behind a subscriber is, in bytes.
     frame_bytes: u64,
     terminal: Option<Bytes>,
     finish_reason: Option<String>,
@@ -194,7 +188,7 @@ struct State {
     usage_bytes: usize,
     error: Option<ErrorInfo>,
     subscribers: Vec<queue::Sender<Outbound>>,
-    /// Memory held by `deltas`, `frames`, `finish_reason` and `usage`, for the hub's log budget.
+    /// Memory held by `log`, `finish_reason` and `usage`, for the hub's log budget.
     log_bytes: usize,
     /// Since when no subscriber is attached (None while someone is).
     unwatched_since: Option<Instant>,
@@ -222,9 +216,8 @@ impl Generation {
             lag: crate::metrics::LagSample::default(),
             state: Mutex::new(State {
                 status: Status::Running,
-                deltas: Vec::new(),
+                log: Log::default(),
                 content_bytes: 0,
-                frames: Vec::new(),
                 frame_bytes: 0,
                 terminal: None,
                 finish_reason: None,
@@ -264,23 +257,25 @@ impl Generation {
 
     /// How many tokens the log holds.
     pub fn token_count(&self) -> u64 {
-        self.lock().frames.len() as u64
+        self.lock().log.len() as u64
     }
 
     /// Up to `max` log entries from `from` on, encoded for the store writer.
     pub fn entries_from(&self, from: u64, max: usize) -> Vec<Bytes> {
         let state = self.lock();
-        let start = usize::try_from(from)
-            .unwrap_or(usize::MAX)
-            .min(state.deltas.len());
-        let end = start.saturating_add(max).min(state.deltas.len());
-        state.deltas[start..end].iter().map(Delta::encode).collect()
+        let start = usize::try_from(from).unwrap_or(usize::MAX);
+        let end = start.saturating_add(max);
+        state
+            .log
+            .deltas(start, end)
+            .map(|delta| delta.encode())
+            .collect()
     }
 
     /// How the generation ended, once it has and the store holds all `stored` tokens.
     pub fn end_state(&self, stored: u64) -> Option<End> {
         let state = self.lock();
-        if state.status == Status::Running || state.frames.len() as u64 != stored {
+        if state.status == Status::Running || state.log.len() as u64 != stored {
             return None;
         }
         Some(End {
@@ -364,21 +359,20 @@ impl Generation {
             return Pushed::Ended;
         }
         let content = delta.content_len();
-        if state.frames.len() >= limits.max_tokens
-            || state.content_bytes + content > limits.max_bytes
+        if state.log.len() >= limits.max_tokens || state.content_bytes + content > limits.max_bytes
         {
             return Pushed::TooLarge;
         }
-        let index = state.frames.len() as u64;
+        let index = state.log.len() as u64;
         self.lag.received(index);
         let frame = frame::delta(index, &delta);
-        let log_bytes = content + frame.len() + LOG_OVERHEAD_PER_TOKEN;
+        let Ok(log_bytes) = state.log.append(&frame) else {
+            return Pushed::TooLarge;
+        };
         state.log_bytes += log_bytes;
         state.content_bytes += content;
-        state.deltas.push(delta);
         let offset = state.frame_bytes;
         state.frame_bytes += frame.len() as u64;
-        state.frames.push(frame.clone());
         let fan_out = state.offer(&frame, offset);
         drop(state);
         self.mark_changed();
@@ -392,6 +386,18 @@ impl Generation {
     /// Memory held by this generation's log.
     pub fn log_bytes(&self) -> usize {
         self.lock().log_bytes
+    }
+
+    /// Gives the log's unused room back once the generation has ended and is only kept to be
+    /// read; returns how much its memory fell, which the hub takes off its sum.
+    pub fn shrink_log(&self) -> usize {
+        let mut state = self.lock();
+        if state.status == Status::Running {
+            return 0;
+        }
+        let freed = state.log.shrink();
+        state.log_bytes -= freed;
+        freed
     }
 
     /// Counts a new viewer unless there are already `max`; returns whether it was counted.
@@ -445,7 +451,7 @@ impl Generation {
         if state.status != Status::Running {
             return false;
         }
-        let token_count = state.frames.len() as u64;
+        let token_count = state.log.len() as u64;
         let terminal = match outcome {
             Outcome::Completed => {
                 state.status = Status::Completed;
@@ -485,7 +491,7 @@ impl Generation {
     /// Decides what a subscriber resuming at `cursor` (the first token id it lacks) gets.
     pub fn resume(&self, cursor: u64) -> Resume {
         let state = self.lock();
-        let logged = state.frames.len() as u64;
+        let logged = state.log.len() as u64;
         match (cursor, &state.terminal) {
             (c, _) if c <= logged => Resume::Stream,
             (c, Some(_)) if c == logged + 1 => Resume::NothingLeft,
@@ -496,10 +502,16 @@ impl Generation {
     /// One step of catching up from `cursor`; see [`Attach`].
     pub fn attach(&self, cursor: u64, channel_capacity: usize) -> Attach {
         let mut state = self.lock();
-        let logged = state.frames.len();
-        let start = usize::try_from(cursor).unwrap_or(usize::MAX).min(logged);
-        if start < logged {
-            return state.replay_from(start);
+        let start = usize::try_from(cursor).unwrap_or(usize::MAX);
+        if let Some((frames, next)) = state.log.read(start, REPLAY_BATCH_BYTES) {
+            return Attach::Replay {
+                frames,
+                next: next as u64,
+                head: Head {
+                    tokens: state.log.len() as u64,
+                    frame_bytes: state.frame_bytes,
+                },
+            };
         }
         if let Some(terminal) = &state.terminal {
             return Attach::Ended(terminal.clone());
@@ -546,11 +558,9 @@ impl Generation {
     /// format instead of forwarding the frames.
     pub fn deltas(&self, from: u64, to: u64) -> Vec<Delta> {
         let state = self.lock();
-        let end = usize::try_from(to)
-            .unwrap_or(usize::MAX)
-            .min(state.deltas.len());
-        let start = usize::try_from(from).unwrap_or(usize::MAX).min(end);
-        state.deltas[start..end].to_vec()
+        let start = usize::try_from(from).unwrap_or(usize::MAX);
+        let end = usize::try_from(to).unwrap_or(usize::MAX);
+        state.log.deltas(start, end).collect()
     }
 
     pub fn status(&self) -> Status {
@@ -562,8 +572,8 @@ impl Generation {
         Snapshot {
             id: self.id.clone(),
             status: state.status,
-            content: Assembled::of(&state.deltas),
-            token_count: state.frames.len() as u64,
+            content: Assembled::of(state.log.deltas(0, usize::MAX)),
+            token_count: state.log.len() as u64,
             finish_reason: state.finish_reason.clone(),
             usage: state.usage.clone(),
             error: state.error.clone(),
@@ -657,7 +667,7 @@ impl State {
 
     fn fail(&mut self, status: Status, code: &'static str, message: String) -> Bytes {
         self.status = status;
-        let token_count = self.frames.len() as u64;
+        let token_count = self.log.len() as u64;
         let frame = frame::event(
             Some(token_count),
             "error",
@@ -669,34 +679,6 @@ impl State {
         );
         self.error = Some(ErrorInfo { code, message });
         frame
-    }
-
-    fn replay_from(&self, start: usize) -> Attach {
-        let mut end = start;
-        let mut len = 0;
-        while end < self.frames.len()
-            && (end == start || len + self.frames[end].len() <= REPLAY_BATCH_BYTES)
-        {
-            len += self.frames[end].len();
-            end += 1;
-        }
-        let frames = if end == start + 1 {
-            self.frames[start].clone()
-        } else {
-            let mut buf = BytesMut::with_capacity(len);
-            for frame in &self.frames[start..end] {
-                buf.extend_from_slice(frame);
-            }
-            buf.freeze()
-        };
-        Attach::Replay {
-            frames,
-            next: end as u64,
-            head: Head {
-                tokens: self.frames.len() as u64,
-                frame_bytes: self.frame_bytes,
-            },
-        }
     }
 
     fn note_if_unwatched(&mut self) {

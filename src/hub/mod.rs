@@ -3,6 +3,7 @@
 //! - [`registry`]: id → generation, idempotency keys, one upstream task per generation,
 //!   retention.
 //! - [`generation`]: the token log, the subscriber set, fan-out with `try_send`.
+//! - `log`: the log's storage: every entry's frame, back to back in shared chunks.
 //! - [`delta`]: one log entry (text, reasoning, refusal, a tool-call fragment) and its
 //!   compact binary form.
 //! - [`frame`]: SSE frames, encoded once per token and shared by every subscriber.
@@ -18,6 +19,7 @@ pub mod frame;
 pub mod generation;
 #[cfg(test)]
 mod lag_tests;
+mod log;
 pub mod queue;
 pub mod registry;
 mod replica;

@@ -606,8 +606,11 @@ impl Hub {
         self.fit_log_budget();
     }
 
-    /// Puts a finished generation in line for early eviction under memory pressure.
+    /// Puts a finished generation in line for early eviction under memory pressure, after its
+    /// log gave back the room it kept for tokens that will not come.
     pub(super) fn mark_finished(&self, generation: &Generation) {
+        self.log_bytes
+            .fetch_sub(generation.shrink_log(), Ordering::Relaxed);
         lock(&self.finished).push_back(generation.id().to_owned());
     }
 
