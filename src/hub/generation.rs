@@ -569,14 +569,24 @@ impl Generation {
 
     pub fn snapshot(&self) -> Snapshot {
         let state = self.lock();
+        // Decoding a long log takes milliseconds: it is done on a copy (shared chunks, cheap)
+        // once the lock is released, so that pushes and subscribers never wait for a snapshot.
+        let log = state.log.clone();
+        let (status, finish_reason, usage, error) = (
+            state.status,
+            state.finish_reason.clone(),
+            state.usage.clone(),
+            state.error.clone(),
+        );
+        drop(state);
         Snapshot {
             id: self.id.clone(),
-            status: state.status,
-            content: Assembled::of(state.log.deltas(0, usize::MAX)),
-            token_count: state.log.len() as u64,
-            finish_reason: state.finish_reason.clone(),
-            usage: state.usage.clone(),
-            error: state.error.clone(),
+            status,
+            content: Assembled::of(log.deltas(0, usize::MAX)),
+            token_count: log.len() as u64,
+            finish_reason,
+            usage,
+            error,
         }
     }
 }

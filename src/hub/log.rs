@@ -12,6 +12,8 @@
 //!
 //! The generation's lock guards a `Log`; nothing here is shared or locked.
 
+use std::sync::Arc;
+
 use bytes::Bytes;
 use tracing::error;
 
@@ -31,7 +33,9 @@ const SEALED_WASTE_DIVISOR: usize = 8;
 #[error("a frame of {0} bytes is too large for the log")]
 pub struct FrameTooLarge(pub usize);
 
-#[derive(Default)]
+/// Cloning is cheap but for the open chunk (at most [`MAX_CHUNK`] bytes, copied): the sealed
+/// chunks are shared, which lets a reader decode a long log outside the generation's lock.
+#[derive(Default, Clone)]
 pub struct Log {
     /// Full chunks, oldest first.
     sealed: Vec<Sealed>,
@@ -46,11 +50,12 @@ pub struct Log {
 }
 
 /// A full chunk: shared, so a replay step is a slice of it.
+#[derive(Clone)]
 struct Sealed {
     /// The index of its first entry.
     first: usize,
     /// Where each entry's frame ends in `frames`.
-    ends: Box<[u32]>,
+    ends: Arc<[u32]>,
     frames: Bytes,
 }
 
@@ -71,7 +76,7 @@ impl ChunkRef<'_> {
     }
 }
 
-#[derive(Default)]
+#[derive(Default, Clone)]
 struct Open {
     first: usize,
     ends: Vec<u32>,
@@ -201,7 +206,7 @@ impl Log {
         if frames.capacity() - frames.len() > frames.capacity() / SEALED_WASTE_DIVISOR {
             frames.shrink_to_fit();
         }
-        let ends = ends.into_boxed_slice();
+        let ends: Arc<[u32]> = Arc::from(ends);
         self.sealed_bytes += frames.capacity() + std::mem::size_of_val(&*ends);
         self.sealed.push(Sealed {
             first,
@@ -338,6 +343,27 @@ mod tests {
         assert!((65.0..66.0).contains(&per_entry), "{per_entry}");
         let (bytes, _) = read_all(&log, 0, 16384);
         assert_eq!(bytes.len(), 5000 * 61);
+    }
+
+    #[test]
+    fn a_clone_keeps_what_was_logged_and_shares_the_sealed_chunks() {
+        let all = frames(3000, 60);
+        let mut log = logged(&all[..2000]);
+        let copy = log.clone();
+        for frame in &all[2000..] {
+            log.append(frame).unwrap();
+        }
+        assert_eq!(copy.len(), 2000);
+        assert_eq!(
+            read_all(&copy, 0, 16384).0,
+            read_all(&log, 0, 16384).0[..2000 * 61]
+        );
+        let (original, cloned) = (log.read(0, 64).unwrap().0, copy.read(0, 64).unwrap().0);
+        assert_eq!(
+            original.as_ptr(),
+            cloned.as_ptr(),
+            "a sealed chunk is shared, not copied"
+        );
     }
 
     #[test]
