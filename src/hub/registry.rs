@@ -251,11 +251,17 @@ impl Hub {
             model: metrics::model_label(&request),
             key_label: key_label.to_owned(),
         };
-        tokio::spawn(
-            self.clone()
-                .run(generation.clone(), writing, request, route, labels)
-                .instrument(span),
-        );
+        let hub = self.clone();
+        let task_generation = generation.clone();
+        tokio::spawn(async move {
+            hub.clone()
+                .run(task_generation.clone(), writing, request, route, labels)
+                .instrument(span)
+                .await;
+            // Outside the span: a generation's trace ends when the generation does, not when
+            // its retention does (or at shutdown, racing the exporter's last flush).
+            hub.retain_then_forget(&task_generation).await;
+        });
         Ok(Created {
             generation,
             is_new: true,
@@ -446,9 +452,9 @@ impl Hub {
         self.closed.cancel();
     }
 
-    /// The one task of a generation: stream from the upstream into the log (and, with a store,
-    /// wait for the `writing` to hold it all), then keep the result for the retention time and
-    /// forget it.
+    /// A generation's life, in its task and its span: stream from the upstream into the log
+    /// (and, with a store, wait for the `writing` to hold it all) and count its end. The same
+    /// task then keeps the result for the retention time ([`Self::retain_then_forget`]).
     async fn run(
         self: Arc<Self>,
         generation: Arc<Generation>,
@@ -497,7 +503,6 @@ impl Hub {
             &labels.key_label,
             generation.usage().as_ref(),
         );
-        self.retain_then_forget(&generation).await;
     }
 
     /// Keeps a finished generation readable for the retention time, then forgets it.
