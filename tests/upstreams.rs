@@ -10,7 +10,7 @@ use std::{
     net::SocketAddr,
     path::{Path, PathBuf},
     sync::{Arc, Mutex},
-    time::{Duration, Instant},
+    time::Instant,
 };
 
 use axum::{body::Body, extract::Request, http::HeaderMap, response::Response};
@@ -136,25 +136,7 @@ async fn generate(gateway: &GatewayProcess, model: &str) -> Value {
         "/v1/generations/{}",
         created["id"].as_str().unwrap()
     ));
-    tokio::time::timeout(WAIT, async {
-        loop {
-            let snapshot: Value = gateway
-                .http
-                .get(&url)
-                .send()
-                .await
-                .unwrap()
-                .json()
-                .await
-                .unwrap();
-            if snapshot["status"] != "running" {
-                return snapshot;
-            }
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-    })
-    .await
-    .expect("the generation did not end")
+    common::wait_finished(&gateway.http, &url).await
 }
 
 fn header<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {

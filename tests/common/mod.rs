@@ -105,17 +105,7 @@ impl Gateway {
 
     /// Polls the snapshot until the generation has ended.
     pub async fn wait_finished(&self, id: &str) -> Value {
-        tokio::time::timeout(WAIT, async {
-            loop {
-                let (_, snapshot) = self.snapshot(id).await;
-                if snapshot["status"] != "running" {
-                    return snapshot;
-                }
-                tokio::time::sleep(Duration::from_millis(10)).await;
-            }
-        })
-        .await
-        .expect("generation did not finish in time")
+        wait_finished(&self.http, &self.url(&format!("/v1/generations/{id}"))).await
     }
 
     pub async fn mock_stats(&self) -> Value {
@@ -295,4 +285,20 @@ pub async fn raw_exchange(addr: SocketAddr, request: &[u8]) -> String {
     .await
     .expect("the server kept the connection open");
     String::from_utf8_lossy(&response).into_owned()
+}
+
+/// Polls the snapshot at `url` (any gateway, in-process or not) until the generation has ended.
+pub async fn wait_finished(http: &reqwest::Client, url: &str) -> Value {
+    tokio::time::timeout(WAIT, async {
+        loop {
+            let response = http.get(url).send().await.unwrap();
+            let snapshot: Value = response.json().await.unwrap_or(Value::Null);
+            if snapshot["status"] != "running" {
+                return snapshot;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await
+    .expect("generation did not finish in time")
 }
