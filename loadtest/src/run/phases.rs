@@ -105,11 +105,12 @@ pub async fn measure(
     );
     let mut ids = vec![None; plan.generations.len()];
     let now = Instant::now();
+    let phase = first_token_phase(scenario, plan.generations.len());
     create_generations(
         &addrs,
         scenario,
         plan,
-        |_| (now, stream_at),
+        |index| (now, stream_at + phase * index as u32),
         |index, id| {
             ids[index] = Some(id?);
             Ok(())
@@ -378,4 +379,14 @@ fn collect(monitor: &mut Monitor, warnings: &mut Vec<String>) -> Result<Collecte
         ));
     }
     Ok((totals, hist, handover_gap))
+}
+
+/// How far apart consecutive generations' first tokens are: together they spread over one token
+/// interval (at most a second), as independent providers' streams do. The mock keeps each stream
+/// on its own fixed schedule, so first tokens released in the same millisecond would stay in
+/// phase for the whole run, and every token would reach the gateway as a burst of all
+/// generations at once — a worst case (the `burst` scenario's business), not a steady load.
+fn first_token_phase(scenario: &Scenario, generations: usize) -> Duration {
+    let spread = Duration::from_millis(scenario.interval_ms.min.min(1000));
+    spread / u32::try_from(generations.max(1)).unwrap_or(u32::MAX)
 }
