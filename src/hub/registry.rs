@@ -338,6 +338,10 @@ impl Hub {
     pub(super) fn adopt(&self, replica: Arc<Generation>) -> (Arc<Generation>, bool) {
         let mut generations = lock(&self.generations);
         if let Some(existing) = generations.get(replica.id()) {
+            // The loser never enters the registry, so `forget` will never give back what its
+            // catch-up counted: give it back here.
+            self.log_bytes
+                .fetch_sub(replica.log_bytes(), Ordering::Relaxed);
             return (existing.clone(), false);
         }
         generations.insert(replica.id().to_owned(), replica.clone());

@@ -408,3 +408,32 @@ async fn what_a_replica_takes_from_the_store_is_bounded() {
     assert_eq!(error.code, "upstream_error");
     assert!(error.message.len() <= 1024 && error.message.starts_with('é'));
 }
+
+#[tokio::test]
+async fn a_replica_that_lost_the_race_gives_back_the_log_bytes_it_counted() {
+    let cluster = Cluster::start().await;
+    let b = cluster.hub("b").await;
+    let limits = LogLimits {
+        max_tokens: 100,
+        max_bytes: 100_000,
+    };
+    // Two requests opened a replica of the same generation at once; each counted its catch-up.
+    let caught_up = || {
+        let replica = Arc::new(Generation::replica(
+            "gen_00000000000000000000000000000005".into(),
+            "a".into(),
+        ));
+        for token in ["Hello", " world"] {
+            if let super::generation::Pushed::Logged { log_bytes, .. } =
+                replica.push(Delta::Text(token.into()), limits)
+            {
+                b.logged(log_bytes);
+            }
+        }
+        replica
+    };
+    let (first, second) = (caught_up(), caught_up());
+    assert!(b.adopt(first.clone()).1);
+    assert!(!b.adopt(second).1);
+    assert_eq!(b.log_bytes(), first.log_bytes());
+}
