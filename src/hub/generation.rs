@@ -504,6 +504,9 @@ impl Generation {
         let mut state = self.lock();
         let start = usize::try_from(cursor).unwrap_or(usize::MAX);
         if let Some((frames, next)) = state.log.read(start, REPLAY_BATCH_BYTES) {
+            // A reader catching up from the log (a late joiner, a viewer that fell behind) is
+            // watching, though not in the live set.
+            state.unwatched_since = None;
             return Attach::Replay {
                 frames,
                 next: next as u64,

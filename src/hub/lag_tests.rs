@@ -252,3 +252,17 @@ async fn a_drain_tells_a_subscriber_that_fell_behind_and_lets_a_resumed_one_go_o
     assert!(seen.ended && !seen.dropped);
     assert_eq!(seen.ids, [2, 3, 4]);
 }
+
+#[test]
+fn a_viewer_catching_up_from_the_log_counts_as_watching() {
+    let generation = generation();
+    push(&generation, "hello");
+    // Nobody live for a while, then a reader catches up from the log.
+    thread::sleep(Duration::from_millis(50));
+    assert!(generation.unwatched_for() >= Some(Duration::from_millis(50)));
+    assert!(matches!(
+        generation.attach(0, 64),
+        super::Attach::Replay { .. }
+    ));
+    assert!(generation.unwatched_for() < Some(Duration::from_millis(50)));
+}
