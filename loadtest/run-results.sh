@@ -20,6 +20,8 @@ run chat-1k       chat -g 1000 --subscribers 1 --interval-ms 50 --tokens 400
 run broadcast-10k broadcast -n 10000
 run broadcast-19k broadcast -n 19500 --cap
 run slow-5pct     slow
+run burst         burst
+run rtt           rtt
 run drain-10k     drain -n 10000
 run drain-19k     drain -n 19400 -g 200 --cap
 run soak          soak --seed 1
