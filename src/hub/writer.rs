@@ -151,9 +151,14 @@ impl Writer {
         generation: Arc<Generation>,
         idempotency: Option<IdempotencyClaim>,
     ) -> Tracking {
-        // Started by the first generation, on the runtime that runs it.
+        // Started by the first generation: on the store's runtime, or else on the one that
+        // runs the generation.
         self.started.call_once(|| {
-            tokio::spawn(run(self.inner.clone(), self.closed.clone()));
+            let task = run(self.inner.clone(), self.closed.clone());
+            match self.inner.store.runtime() {
+                Some(runtime) => runtime.spawn(task),
+                None => tokio::spawn(task),
+            };
         });
         let mut queue = lock(&self.inner.queue);
         queue.next_key += 1;
