@@ -17,6 +17,9 @@ run idle-10k      idle -n 10000
 run idle-max      idle -n 20000 --cap
 run chat-5k       chat --subscribers 1 --interval-ms 50 --tokens 400
 run chat-1k       chat -g 1000 --subscribers 1 --interval-ms 50 --tokens 400
+# The chat path against the same mock read directly, with the relay floor in the same run.
+run chatpath-100  chatpath -g 100
+run chatpath-1k   chatpath -g 1000
 run broadcast-10k broadcast -n 10000
 run broadcast-19k broadcast -n 19500 --cap
 run slow-5pct     slow

@@ -23,6 +23,7 @@ type Message = (usize, Option<WorkerReport>);
 pub struct Final {
     pub counters: Counters,
     pub latency: BySide<Buckets>,
+    pub direct_latency: Buckets,
     pub handover_gap: Buckets,
 }
 
@@ -104,12 +105,14 @@ impl Fleet {
                 Some(WorkerReport::Final {
                     counters,
                     latency,
+                    direct_latency,
                     handover_gap,
                 }) => {
                     self.progress[index] = counters.clone();
                     self.finals[index] = Some(Final {
                         counters,
                         latency,
+                        direct_latency,
                         handover_gap,
                     });
                 }
@@ -118,6 +121,7 @@ impl Fleet {
                     self.finals[index] = Some(Final {
                         counters: self.progress[index].clone(),
                         latency: BySide::default(),
+                        direct_latency: Buckets::default(),
                         handover_gap: Buckets::default(),
                     });
                 }

@@ -101,6 +101,35 @@ pub fn main(args: &FloorArgs) -> Result<()> {
 const RELAY_GROUPS: usize = 50;
 
 fn relay(args: &FloorArgs) -> Result<()> {
+    let floor = relay_floor(args)?;
+    println!(
+        "relay floor: {} pairs, {} rounds of one {}-byte token each ({} tokens, \
+         {} a second)\nrelay CPU (one thread: a tokio task per pair reading upstream and \
+         writing its subscriber): {:.2} s = {:.2} µs per token",
+        floor.pairs,
+        floor.rounds,
+        args.frame_bytes,
+        floor.tokens,
+        u64::from(args.rate) * floor.pairs as u64,
+        floor.cpu_s,
+        floor.us_per_token,
+    );
+    Ok(())
+}
+
+/// What one relay-floor run measured.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct RelayFloor {
+    pub pairs: usize,
+    pub rounds: u64,
+    pub tokens: u64,
+    /// The relay thread's CPU over the run.
+    pub cpu_s: f64,
+    pub us_per_token: f64,
+}
+
+/// Runs the relay floor of `args` (`--relay`) and checks every byte arrived.
+pub fn relay_floor(args: &FloorArgs) -> Result<RelayFloor> {
     ensure_open_files(4 * args.connections)?;
     let (sources, relay_in) = connect_pairs(args.connections)?;
     let (relay_out, subscribers) = connect_pairs(args.connections)?;
@@ -136,16 +165,13 @@ fn relay(args: &FloorArgs) -> Result<()> {
     if relayed != expected || received != expected {
         bail!("relayed {relayed} and received {received} bytes, {expected} were sent");
     }
-    println!(
-        "relay floor: {} pairs, {rounds} rounds of one {}-byte token each ({tokens} tokens, \
-         {} a second)\nrelay CPU (one thread: a tokio task per pair reading upstream and \
-         writing its subscriber): {cpu:.2} s = {:.2} µs per token",
-        args.connections,
-        args.frame_bytes,
-        u64::from(args.rate) * args.connections as u64,
-        cpu * 1e6 / tokens as f64,
-    );
-    Ok(())
+    Ok(RelayFloor {
+        pairs: args.connections,
+        rounds,
+        tokens,
+        cpu_s: cpu,
+        us_per_token: cpu * 1e6 / tokens as f64,
+    })
 }
 
 /// `n` connected loopback pairs: (the accepted ends we send on, the connecting ends we read).

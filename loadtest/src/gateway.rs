@@ -32,6 +32,8 @@ pub struct GatewayInfo {
     /// Every gateway process; all scenarios but `cluster` have exactly one.
     pub instances: Vec<Instance>,
     pub mock_command: Option<String>,
+    /// The spawned mock LLM's address: `chatpath` reads streams from it directly too.
+    pub mock_addr: Option<SocketAddr>,
     /// The spawned mock LLM's pid, to report its CPU beside the gateway's.
     pub mock_pid: Option<u32>,
     /// The Redis the instances share, when the run started one.
@@ -150,6 +152,7 @@ impl Gateway {
                 mode: "spawned",
                 instances,
                 mock_command: Some(command_line(&[], bin, &mock_args)),
+                mock_addr: Some(mock_addr),
                 mock_pid: mock.id(),
                 store: store.as_ref().map(|s| s.info.clone()),
             },
@@ -183,6 +186,7 @@ impl Gateway {
                     command: None,
                 }],
                 mock_command: None,
+                mock_addr: None,
                 mock_pid: None,
                 store: None,
             },

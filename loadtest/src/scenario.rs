@@ -22,6 +22,10 @@ pub enum ScenarioName {
     Idle,
     /// G generations × 1–3 subscribers, tokens every 20–80 ms: latency and CPU.
     Chat,
+    /// G generations × 1 viewer through the gateway beside G streams read straight from the
+    /// mock, by the same client in the same run, then the relay floor at G pairs: the chat
+    /// path's added latency, and its CPU per token against `floor --relay`.
+    Chatpath,
     /// 1 generation × N subscribers at 20 tokens/s: fan-out latency and CPU.
     Broadcast,
     /// A fraction of clients stop reading: they are evicted, the others' latency holds.
@@ -428,6 +432,18 @@ impl Scenario {
                 start_margin_s: 2.0,
                 ..base
             },
+            // Issue 14's comparison: 20 tokens/s per stream, one viewer per generation. The plan
+            // interleaves the direct streams with the generations (see `Plan::build`).
+            ScenarioName::Chatpath => Self {
+                shape: Shape::PerGeneration {
+                    subscribers: Range::fixed(1),
+                },
+                generations: 1000,
+                tokens: Range::fixed(200),
+                interval_ms: Range::fixed(50),
+                start_margin_s: 2.0,
+                ..base
+            },
             ScenarioName::Broadcast => Self {
                 shape: Shape::Spread {
                     connections: 10_000,
@@ -805,6 +821,14 @@ impl Scenario {
         self.cluster.as_ref().map_or(0, |c| c.owner(index))
     }
 
+    /// Streams read straight from the mock beside the gateway's (`chatpath`: one per generation).
+    pub fn direct_streams(&self) -> u64 {
+        match self.name {
+            ScenarioName::Chatpath => self.generations,
+            _ => 0,
+        }
+    }
+
     /// Seconds the ramp takes at the configured rate, for `connections` clients.
     pub fn ramp_s(&self, connections: u64) -> f64 {
         connections as f64 / self.ramp_rate as f64
@@ -823,7 +847,9 @@ impl Scenario {
     fn default_time_limit(&self) -> u64 {
         let connections = match self.shape {
             Shape::Spread { connections } | Shape::Churn { connections } => connections,
-            Shape::PerGeneration { subscribers } => self.generations * subscribers.max,
+            Shape::PerGeneration { subscribers } => {
+                self.generations * subscribers.max + self.direct_streams()
+            }
         };
         let stall_s = self.clients.stall.as_ref().map_or(0.0, |s| s.pause_s);
         if let Some(soak) = &self.soak {
@@ -874,6 +900,8 @@ const FAULT_STATUSES: [u16; 3] = [400, 500, 503];
 pub struct GenerationPlan {
     pub tokens: u64,
     pub fault: Option<Fault>,
+    /// Not a generation on the gateway: a stream its client asks the mock for directly.
+    pub direct: bool,
 }
 
 impl GenerationPlan {
@@ -895,7 +923,11 @@ impl GenerationPlan {
                 _ => Fault::Status(FAULT_STATUSES[(mix(which) % 3) as usize]),
             }
         });
-        Self { tokens, fault }
+        Self {
+            tokens,
+            fault,
+            direct: false,
+        }
     }
 
     /// How the generation ends: with `done` after all its tokens, or with `error` after the
@@ -941,7 +973,14 @@ impl Plan {
         if let Some(soak) = &s.soak {
             return Self::churn(s, seed, soak.churn_s);
         }
-        let generations = Self::draw_generations(s, seed, s.generations)?;
+        let mut generations = Self::draw_generations(s, seed, s.generations + s.direct_streams())?;
+        if s.direct_streams() > 0 {
+            // Every other one: the direct streams' first tokens fall between the generations'
+            // (`first_token_phase`), so both sides meet the same load at the same moments.
+            for direct in generations.iter_mut().skip(1).step_by(2) {
+                direct.direct = true;
+            }
+        }
         let g = generations.len() as u32;
         let assignments: Vec<u32> = match s.shape {
             Shape::Spread { connections } | Shape::Churn { connections } => (0..connections)
@@ -1113,6 +1152,34 @@ mod tests {
         }
         plan.cap(10);
         assert_eq!(plan.connections(), 10);
+    }
+
+    #[test]
+    fn chatpath_interleaves_a_direct_stream_with_each_generation() {
+        let o = Overrides {
+            generations: Some(100),
+            ..Overrides::default()
+        };
+        let s = Scenario::resolve(ScenarioName::Chatpath, &o).unwrap();
+        assert_eq!(s.direct_streams(), 100);
+        let plan = Plan::build(&s, 1).unwrap();
+        assert_eq!((plan.generations.len(), plan.connections()), (200, 200));
+        let direct: Vec<bool> = plan.generations.iter().map(|g| g.direct).collect();
+        assert!(direct.chunks(2).all(|pair| pair == [false, true]));
+        // One client each, the same length and pace on both sides.
+        assert!(plan
+            .assignments
+            .iter()
+            .enumerate()
+            .all(|(c, &g)| g == c as u32));
+        assert!(plan.generations.iter().all(|g| g.tokens == 200));
+        let chat = Scenario::resolve(ScenarioName::Chat, &o).unwrap();
+        assert_eq!(chat.direct_streams(), 0);
+        assert!(Plan::build(&chat, 1)
+            .unwrap()
+            .generations
+            .iter()
+            .all(|g| !g.direct));
     }
 
     #[test]

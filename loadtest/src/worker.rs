@@ -17,6 +17,7 @@ use tokio::sync::watch;
 use tokio::task::LocalSet;
 
 use crate::client::connect::source_address;
+use crate::client::direct;
 use crate::client::link::{self, LinkKnobs};
 use crate::client::stats::Counters;
 use crate::client::subscriber::{self, Expected, Plan, Policy, Shared};
@@ -33,9 +34,20 @@ const RAMP_TICK: Duration = Duration::from_millis(10);
 pub struct Target {
     pub index: u32,
     pub id: Option<String>,
+    /// Not on the gateway: a stream its clients ask the mock for themselves (`chatpath`).
+    pub direct: Option<DirectCall>,
     pub expect: Option<Expected>,
     /// The instance it was created on, which owns it.
     pub owner: u32,
+}
+
+/// A chat completion the client sends the mock itself: where, the streamed request, and when
+/// its first token is due (Unix ms), from which the client sets `first_token_ms` as it sends.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct DirectCall {
+    pub mock: SocketAddr,
+    pub body: serde_json::Value,
+    pub first_token_unix_ms: u64,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -82,6 +94,8 @@ pub enum WorkerReport {
     Final {
         counters: Counters,
         latency: BySide<Buckets>,
+        /// Streams read straight from the mock (`chatpath`).
+        direct_latency: Buckets,
         /// Hand-over gaps (µs) of clients a draining instance told to reconnect.
         handover_gap: Buckets,
     },
@@ -93,6 +107,10 @@ enum Known {
         id: Rc<str>,
         expect: Option<Expected>,
         owner: u32,
+    },
+    Direct {
+        call: Rc<DirectCall>,
+        expect: Option<Expected>,
     },
     Missing,
 }
@@ -107,13 +125,17 @@ impl Generations {
         if self.0.len() <= index {
             self.0.resize_with(index + 1, || None);
         }
-        self.0[index] = Some(match target.id {
-            Some(id) => Known::Created {
+        self.0[index] = Some(match (target.id, target.direct) {
+            (_, Some(call)) => Known::Direct {
+                call: Rc::new(call),
+                expect: target.expect,
+            },
+            (Some(id), None) => Known::Created {
                 id: Rc::from(id),
                 expect: target.expect,
                 owner: target.owner,
             },
-            None => Known::Missing,
+            (None, None) => Known::Missing,
         });
     }
 }
@@ -164,6 +186,7 @@ async fn run() -> Result<()> {
         gateways,
         counters: RefCell::new(Counters::default()),
         latency: RefCell::new(BySide::new()?),
+        direct_latency: RefCell::new(new_histogram()?),
         handover_gap: RefCell::new(new_histogram()?),
         leave: leave_rx.clone(),
         policy: Policy {
@@ -185,10 +208,12 @@ async fn run() -> Result<()> {
     }
     let counters = shared.counters.borrow().clone();
     let latency = shared.latency.borrow().map(Buckets::from_histogram);
+    let direct_latency = Buckets::from_histogram(&shared.direct_latency.borrow());
     let handover_gap = Buckets::from_histogram(&shared.handover_gap.borrow());
     emit(&WorkerReport::Final {
         counters,
         latency,
+        direct_latency,
         handover_gap,
     })
 }
@@ -211,34 +236,36 @@ async fn ramp(
             .min(spec.assignments.len());
         while started < due {
             let index = spec.first_client + started as u64;
-            let generation = match generations
+            let (source, behaviour) = (
+                source_address(index),
+                spec.clients.behaviour(index, spec.seed),
+            );
+            match generations
                 .borrow()
                 .0
                 .get(spec.assignments[started] as usize)
             {
                 Some(Some(Known::Created { id, expect, owner })) => {
-                    Some((id.clone(), *expect, *owner))
-                }
-                Some(Some(Known::Missing)) => None,
-                Some(None) | None => break,
-            };
-            match generation {
-                Some((generation, expect, owner)) => {
                     let plan = Plan {
-                        generation,
-                        expect,
-                        source: source_address(index),
-                        behaviour: spec.clients.behaviour(index, spec.seed),
-                        owner,
+                        generation: id.clone(),
+                        expect: *expect,
+                        source,
+                        behaviour,
+                        owner: *owner,
                         first_instance: spec.instances[started],
                     };
                     tokio::task::spawn_local(subscriber::run(plan, shared.clone()));
                 }
-                None => {
+                Some(Some(Known::Direct { call, expect })) => {
+                    let (call, expect) = (call.clone(), *expect);
+                    tokio::task::spawn_local(direct::run(call, expect, source, shared.clone()));
+                }
+                Some(Some(Known::Missing)) => {
                     let mut counters = shared.counters.borrow_mut();
                     counters.no_generation += 1;
                     counters.ended += 1;
                 }
+                Some(None) | None => break,
             }
             shared.counters.borrow_mut().started += 1;
             started += 1;

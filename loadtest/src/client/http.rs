@@ -77,6 +77,27 @@ pub fn events_request(host: SocketAddr, generation: &str, last_event_id: Option<
     req.into_bytes()
 }
 
+/// A request with an optional JSON body over `Connection: close`: the server ends the response
+/// by closing.
+pub fn one_shot_request(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    body: Option<&[u8]>,
+) -> Vec<u8> {
+    let mut req = format!("{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n");
+    if let Some(body) = body {
+        req.push_str(&format!(
+            "Content-Type: application/json\r\nContent-Length: {}\r\n",
+            body.len()
+        ));
+    }
+    req.push_str("\r\n");
+    let mut wire = req.into_bytes();
+    wire.extend_from_slice(body.unwrap_or_default());
+    wire
+}
+
 /// A complete response to a control request.
 #[derive(Debug)]
 pub struct Response {
@@ -107,16 +128,7 @@ async fn request_inner(
     let mut stream = TcpStream::connect(addr)
         .await
         .with_context(|| format!("connect {addr}"))?;
-    let mut req = format!("{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n");
-    if let Some(body) = body {
-        req.push_str(&format!(
-            "Content-Type: application/json\r\nContent-Length: {}\r\n",
-            body.len()
-        ));
-    }
-    req.push_str("\r\n");
-    let mut wire = req.into_bytes();
-    wire.extend_from_slice(body.unwrap_or_default());
+    let wire = one_shot_request(addr, method, path, body);
     stream.write_all(&wire).await.context("send request")?;
     let mut raw = Vec::new();
     stream

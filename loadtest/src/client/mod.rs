@@ -3,6 +3,7 @@
 
 pub mod chunked;
 pub mod connect;
+pub mod direct;
 pub mod http;
 pub mod link;
 pub mod payload;

@@ -7,7 +7,17 @@ use super::sse::parse_decimal;
 /// The mock's `stamp` knob: a token's text starts with its emit time in Unix microseconds and a
 /// space, e.g. `{"index":3,"text":"1764172800123456 word"}`.
 pub fn emit_stamp_us(data: &[u8]) -> Option<u64> {
-    let text = after(data, b"\"text\":\"")?;
+    stamp_after(data, b"\"text\":\"")
+}
+
+/// The same stamp in the mock's own `chat.completion.chunk`, at the start of
+/// `choices[0].delta.content` (the role chunk's empty content has none).
+pub fn content_stamp_us(data: &[u8]) -> Option<u64> {
+    stamp_after(data, b"\"content\":\"")
+}
+
+fn stamp_after(data: &[u8], pattern: &[u8]) -> Option<u64> {
+    let text = after(data, pattern)?;
     let digits = text.iter().take_while(|b| b.is_ascii_digit()).count();
     if text.get(digits) != Some(&b' ') {
         return None;
@@ -42,6 +52,14 @@ mod tests {
     fn reads_the_emit_stamp_at_the_start_of_the_text() {
         let data = br#"{"index":3,"text":"1764172800123456 hello"}"#;
         assert_eq!(emit_stamp_us(data), Some(1_764_172_800_123_456));
+    }
+
+    #[test]
+    fn reads_the_emit_stamp_of_a_mock_chunk() {
+        let data = br#"{"id":"c","object":"chat.completion.chunk","choices":[{"index":0,"delta":{"content":"1764172800123456 hello"},"finish_reason":null}]}"#;
+        assert_eq!(content_stamp_us(data), Some(1_764_172_800_123_456));
+        let role = br#"{"choices":[{"index":0,"delta":{"role":"assistant","content":""}}]}"#;
+        assert_eq!(content_stamp_us(role), None);
     }
 
     #[test]

@@ -24,6 +24,9 @@ pub struct Counters {
     /// Tokens emitted before the client (re)subscribed, delivered from the log.
     pub replayed_tokens: u64,
     pub unstamped_tokens: u64,
+    /// Tokens of streams read straight from the mock (`chatpath`): not in `tokens`, so the
+    /// gateway's CPU is divided by its own deliveries only.
+    pub direct_tokens: u64,
     pub duplicate_tokens: u64,
     /// Token ids skipped over (the stream jumped ahead).
     pub missing_tokens: u64,
@@ -83,6 +86,7 @@ impl Counters {
             live_tokens,
             replayed_tokens,
             unstamped_tokens,
+            direct_tokens,
             duplicate_tokens,
             missing_tokens,
             done,

@@ -39,6 +39,8 @@ pub struct Shared {
     /// Receipt − emit in microseconds, for clients that keep reading, kept apart by whether
     /// the client was connected to its generation's owner.
     pub latency: RefCell<BySide<Histogram<u64>>>,
+    /// Receipt − emit in microseconds of streams read straight from the mock (`chatpath`).
+    pub direct_latency: RefCell<Histogram<u64>>,
     /// Per client told to reconnect by a draining instance: microseconds from its last token
     /// there to its next token from the instance it resumed on (the hand-over a viewer sees).
     pub handover_gap: RefCell<Histogram<u64>>,
@@ -192,7 +194,7 @@ pub async fn run(plan: Plan, shared: Rc<Shared>) {
 }
 
 /// Keeps the `connected` gauge right even when the session future is dropped by `leave`.
-struct ConnectedGuard<'a>(&'a RefCell<Counters>);
+pub(super) struct ConnectedGuard<'a>(pub(super) &'a RefCell<Counters>);
 
 impl Drop for ConnectedGuard<'_> {
     fn drop(&mut self) {
@@ -302,7 +304,7 @@ async fn act(behaviour: Behaviour, progress: &mut Progress, shared: &Shared) -> 
 
 /// Reads until the response head is complete. Returns (chunked, body start, bytes filled), with
 /// body start `usize::MAX` for a 204; `None` after counting an error.
-async fn read_head(
+pub(super) async fn read_head(
     stream: &mut TcpStream,
     buf: &mut [u8],
     shared: &Shared,
@@ -560,6 +562,7 @@ mod tests {
             gateways,
             counters: RefCell::new(Counters::default()),
             latency: RefCell::new(BySide::new().unwrap()),
+            direct_latency: RefCell::new(new_histogram().unwrap()),
             handover_gap: RefCell::new(new_histogram().unwrap()),
             leave,
             policy: Policy {

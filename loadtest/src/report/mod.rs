@@ -2,6 +2,7 @@
 //! drawn as SVG charts beside the JSON.
 
 pub mod chart;
+pub mod chatpath;
 pub mod cluster;
 pub mod soak;
 
@@ -37,6 +38,8 @@ pub struct RunResult {
     pub latency: LatencySummary,
     /// With several instances: viewers on the generation's owner and on other instances.
     pub latency_by_side: Option<BySide<LatencySummary>>,
+    /// `chatpath`: the direct streams, what the gateway adds, the relay floor.
+    pub chatpath: Option<chatpath::ChatPath>,
     /// The shared store's calls and memory, when the run started one.
     pub store: Option<StoreUse>,
     /// (quantile, µs) points of the latency distribution, as drawn in the chart.
@@ -372,6 +375,9 @@ impl RunResult {
                     format!("{us:.2} µs ({us:.2} s per million events)")
                 }),
             );
+        }
+        for (k, v) in chatpath::rows(self) {
+            row(&k, v);
         }
         for (k, v) in cluster::rows(self) {
             row(&k, v);

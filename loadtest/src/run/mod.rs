@@ -14,10 +14,12 @@ use anyhow::{bail, Context, Result};
 use clap::Args;
 
 use crate::client::subscriber::unix_micros;
+use crate::floor::{relay_floor as relay_floor_of, FloorArgs, RelayFloor};
 use crate::gateway::Gateway;
 use crate::metrics::limits::{
     gateway_capacity, over_the_wall, preflight, raise_nofile, workers_needed, GATEWAY_FD_MARGIN,
 };
+use crate::report::chatpath::ChatPath;
 use crate::report::{chart, Connections, Machine, Memory, RunResult};
 use crate::scenario::{Ending, Overrides, Plan, Scenario, ScenarioName};
 
@@ -126,9 +128,25 @@ pub async fn run(args: &RunArgs, command: String) -> Result<RunResult> {
     gateway.stop().await;
     let outcome = result?;
     warnings.extend(outcome.warnings.iter().cloned());
+    let chatpath = match &outcome.direct_latency {
+        Some(direct) => {
+            let floor = relay_floor(&scenario).await;
+            let floor = floor.map_err(|e| warnings.push(format!("relay floor: {e:#}")));
+            let us_per_token = outcome.cpu.as_ref().and_then(|c| c.us_per_event);
+            let gateway = &outcome.latency;
+            Some(ChatPath::new(
+                direct.clone(),
+                gateway,
+                us_per_token,
+                floor.ok(),
+            ))
+        }
+        None => None,
+    };
     let result = RunResult {
         zero_loss: outcome.zero_loss(),
         latency_by_side: outcome.latency_by_side.clone(),
+        chatpath,
         store: outcome.store.clone(),
         scenario,
         command,
@@ -161,6 +179,23 @@ pub async fn run(args: &RunArgs, command: String) -> Result<RunResult> {
     };
     write_outputs(args, &result, &log_prefix)?;
     Ok(result)
+}
+
+/// `floor --relay` at the scenario's load — a pair per generation at its token rate, 10 s — on
+/// a quiet machine: after the run, with the gateway and mock stopped.
+async fn relay_floor(scenario: &Scenario) -> Result<RelayFloor> {
+    let args = FloorArgs {
+        connections: usize::try_from(scenario.generations)?,
+        rate: u32::try_from(1000 / scenario.interval_ms.min.max(1))?.max(1),
+        seconds: 10,
+        frame_bytes: 60,
+        relay: true,
+    };
+    eprintln!(
+        "relay floor: {} pairs at {} tokens/s each, 10 s",
+        args.connections, args.rate
+    );
+    tokio::task::spawn_blocking(move || relay_floor_of(&args)).await?
 }
 
 /// Flags for a spawned gateway: the scenario's, then the user's, after defaults that keep

@@ -4,10 +4,10 @@
 
 use std::time::{Duration, Instant};
 
-use anyhow::Result;
+use anyhow::{bail, Result};
 
 use super::monitor::{all_connected, Monitor, WindowMark};
-use super::setup::{create_generations, target, worker_specs};
+use super::setup::{create_generations, direct_call, target, worker_specs};
 use crate::client::stats::Counters;
 use crate::client::subscriber::unix_micros;
 use crate::fleet::Fleet;
@@ -29,6 +29,8 @@ pub struct Outcome {
     pub planned: u64,
     pub totals: Counters,
     pub latency: LatencySummary,
+    /// Streams read straight from the mock beside the gateway's (`chatpath`).
+    pub direct_latency: Option<LatencySummary>,
     /// With several instances: viewers on the generation's owner and on other instances.
     pub latency_by_side: Option<BySide<LatencySummary>>,
     pub latency_curve: Vec<(f64, u64)>,
@@ -99,27 +101,41 @@ pub async fn measure(
         );
     eprintln!(
         "creating {} generations, then {n} connections at {}/s over {workers} worker(s); first token in {:.1} s",
-        plan.generations.len(),
+        plan.generations.len() as u64 - scenario.direct_streams(),
         scenario.ramp_rate,
         stream_at.saturating_duration_since(Instant::now()).as_secs_f64()
     );
     let mut ids = vec![None; plan.generations.len()];
     let now = Instant::now();
     let phase = first_token_phase(scenario, plan.generations.len());
+    let first_token_at = |index: usize| stream_at + phase * index as u32;
     create_generations(
         &addrs,
         scenario,
         plan,
-        |index| (now, stream_at + phase * index as u32),
+        |index| (now, first_token_at(index)),
         |index, id| {
             ids[index] = Some(id?);
             Ok(())
         },
     )
     .await?;
-    let targets: Vec<_> = (ids.into_iter().enumerate())
-        .map(|(index, id)| target(scenario, plan, index, id))
-        .collect();
+    let mock = gateway.info.mock_addr;
+    let mut targets = Vec::with_capacity(ids.len());
+    for (index, id) in ids.into_iter().enumerate() {
+        let direct = match (plan.generations[index].direct, mock) {
+            (false, _) => None,
+            (true, Some(mock)) => Some(direct_call(
+                scenario,
+                plan,
+                index,
+                mock,
+                first_token_at(index),
+            )),
+            (true, None) => bail!("direct streams need the mock the tool spawns: leave out --url"),
+        };
+        targets.push(target(scenario, plan, index, id, direct));
+    }
     let specs = worker_specs(scenario, plan, &targets, &addrs, workers, seed);
     let pids = gateway.info.pids();
     let before = (!pids.is_empty())
@@ -181,6 +197,8 @@ pub async fn measure(
         ending: scenario.ending,
         planned: n,
         latency: LatencySummary::of(&all),
+        direct_latency: (scenario.direct_streams() > 0)
+            .then(|| LatencySummary::of(&finished.direct_latency)),
         latency_by_side: (scenario.instances() > 1).then(|| finished.hist.map(LatencySummary::of)),
         latency_curve: quantile_curve(&all),
         store,
@@ -327,6 +345,7 @@ pub(super) async fn stop(monitor: &mut Monitor, gateway: &mut Gateway) {
 pub(super) struct Finished {
     pub totals: Counters,
     pub hist: BySide<hdrhistogram::Histogram<u64>>,
+    pub direct_latency: hdrhistogram::Histogram<u64>,
     /// Hand-over gaps of clients a draining instance told to reconnect.
     pub handover_gap: hdrhistogram::Histogram<u64>,
     pub points: Vec<RampPoint>,
@@ -336,7 +355,7 @@ pub(super) struct Finished {
 
 /// Collects the workers' final reports, then reaps them.
 pub(super) async fn finish(mut monitor: Monitor, warnings: &mut Vec<String>) -> Result<Finished> {
-    let (totals, hist, handover_gap) = collect(&mut monitor, warnings)?;
+    let (totals, hist, direct_latency, handover_gap) = collect(&mut monitor, warnings)?;
     let Monitor {
         fleet,
         points,
@@ -348,6 +367,7 @@ pub(super) async fn finish(mut monitor: Monitor, warnings: &mut Vec<String>) -> 
     Ok(Finished {
         totals,
         hist,
+        direct_latency,
         handover_gap,
         points,
         peak_connected,
@@ -359,17 +379,21 @@ type Collected = (
     Counters,
     BySide<hdrhistogram::Histogram<u64>>,
     hdrhistogram::Histogram<u64>,
+    hdrhistogram::Histogram<u64>,
 );
 
-/// Sums the workers' final counters and merges their latency and hand-over histograms.
+/// Sums the workers' final counters and merges their latency (gateway, direct) and hand-over
+/// histograms.
 fn collect(monitor: &mut Monitor, warnings: &mut Vec<String>) -> Result<Collected> {
     monitor.fleet.poll();
     let mut totals = Counters::default();
     let mut hist = BySide::new()?;
+    let mut direct_latency = new_histogram()?;
     let mut handover_gap = new_histogram()?;
     for done in monitor.fleet.finals() {
         totals.add(&done.counters);
         done.latency.add_to(&mut hist)?;
+        done.direct_latency.add_to(&mut direct_latency)?;
         done.handover_gap.add_to(&mut handover_gap)?;
     }
     if !monitor.fleet.lost_workers.is_empty() {
@@ -378,7 +402,7 @@ fn collect(monitor: &mut Monitor, warnings: &mut Vec<String>) -> Result<Collecte
             monitor.fleet.lost_workers
         ));
     }
-    Ok((totals, hist, handover_gap))
+    Ok((totals, hist, direct_latency, handover_gap))
 }
 
 /// How far apart consecutive generations' first tokens are: together they spread over one token

@@ -10,9 +10,9 @@ use serde_json::json;
 use tokio::task::{JoinError, JoinSet};
 
 use crate::client::http::request;
-use crate::client::subscriber::MIN_READ_BUFFER;
+use crate::client::subscriber::{unix_micros, MIN_READ_BUFFER};
 use crate::scenario::{Ending, GenerationPlan, Plan, Scenario};
-use crate::worker::{Target, WorkerSpec};
+use crate::worker::{DirectCall, Target, WorkerSpec};
 
 /// Concurrent `POST /v1/generations` while setting up.
 const CREATE_CONCURRENCY: usize = 64;
@@ -34,7 +34,9 @@ pub async fn create_generations(
         created(index, id)
     };
     let mut inflight = JoinSet::new();
-    for (index, generation) in plan.generations.iter().enumerate() {
+    // A direct stream is asked for by its client, from the mock (`direct_call`).
+    let on_gateway = (plan.generations.iter().enumerate()).filter(|(_, g)| !g.direct);
+    for (index, generation) in on_gateway {
         let (due, first_token_at) = timing(index);
         loop {
             if inflight.len() >= CREATE_CONCURRENCY {
@@ -54,7 +56,7 @@ pub async fn create_generations(
         let first_token_ms = first_token_at
             .saturating_duration_since(Instant::now())
             .as_millis() as u64;
-        let body = generation_body(scenario, index, generation, first_token_ms);
+        let body = generation_request(scenario, index, generation, first_token_ms).to_string();
         let addr = instances[scenario.owner(index as u32) as usize];
         inflight.spawn(async move { (index, create_one(addr, body).await) });
     }
@@ -65,12 +67,12 @@ pub async fn create_generations(
 }
 
 /// The create request: the plan's length and fault, the scenario's pace, stamped tokens.
-fn generation_body(
+fn generation_request(
     scenario: &Scenario,
     index: usize,
     generation: &GenerationPlan,
     first_token_ms: u64,
-) -> String {
+) -> serde_json::Value {
     let mut mock = generation.mock_knobs();
     mock["interval_ms"] = scenario.interval_ms.to_json();
     mock["first_token_ms"] = first_token_ms.into();
@@ -84,16 +86,42 @@ fn generation_body(
         "messages": [{"role": "user", "content": format!("load test generation {index}")}],
         "mock": mock,
     })
-    .to_string()
+}
+
+/// The same request as a chat completion its client sends the mock itself, streamed; the client
+/// sets `first_token_ms` from `first_token_at` when it sends it (clients connect over the ramp).
+pub fn direct_call(
+    scenario: &Scenario,
+    plan: &Plan,
+    index: usize,
+    mock: SocketAddr,
+    first_token_at: Instant,
+) -> DirectCall {
+    let mut body = generation_request(scenario, index, &plan.generations[index], 0);
+    body["stream"] = true.into();
+    let until = first_token_at.saturating_duration_since(Instant::now());
+    DirectCall {
+        mock,
+        body,
+        first_token_unix_ms: unix_micros() / 1000 + until.as_millis() as u64,
+    }
 }
 
 /// What the workers are told about a created generation. The ending is known (and checked)
 /// when clients read to the end; not in a drain, which interrupts generations.
-pub fn target(scenario: &Scenario, plan: &Plan, index: usize, id: Option<String>) -> Target {
+/// `direct` is the call of a direct stream (`direct_call`), `None` for a generation.
+pub fn target(
+    scenario: &Scenario,
+    plan: &Plan,
+    index: usize,
+    id: Option<String>,
+    direct: Option<DirectCall>,
+) -> Target {
     let knows_ending = matches!(scenario.ending, Ending::AllDone | Ending::Churn);
     Target {
         index: index as u32,
         id,
+        direct,
         expect: knows_ending.then(|| plan.generations[index].expected()),
         owner: scenario.owner(index as u32),
     }

@@ -148,6 +148,7 @@ pub async fn measure(
         planned: run.planned,
         totals: run.totals,
         latency: LatencySummary::of(&hist),
+        direct_latency: None,
         latency_by_side: None,
         store: None,
         latency_curve: quantile_curve(&hist),
@@ -246,7 +247,7 @@ async fn churn(
                     errors.first.get_or_insert_with(|| format!("{error:#}"));
                 })
                 .ok();
-            commands.announce(&target(scenario, plan, index, id));
+            commands.announce(&target(scenario, plan, index, id, None));
             Ok(())
         },
     );
