@@ -8,8 +8,8 @@
 //! which the kernel runs in the sender's context. The time one round takes is the floor of
 //! the last subscriber's delivery latency at that N. With `--threads T` the sockets are split
 //! into T shares, each sent by its own thread in the same rounds: the floor spread over the
-//! cores, as a multi-threaded server would spread its subscribers; a round then lasts from the
-//! first thread's start to the last one's end, and the CPU is the sending threads' sum.
+//! cores, as a multi-threaded server would spread its subscribers; a round then lasts as long
+//! as its slowest thread's share, and the CPU is the sending threads' sum.
 //!
 //! With `--relay` it measures the floor of `chat` instead: each token is written to an
 //! "upstream" socket, read by a relay and written to its "subscriber" socket. The relay is one
@@ -84,15 +84,15 @@ pub fn main(args: &FloorArgs) -> Result<()> {
     })?;
     drop(senders);
     let cpu: f64 = sent.iter().map(|(cpu, _)| cpu).sum();
-    // A round is over when its last share is: from the earliest start to the latest end.
+    // A round takes as long as its slowest share. Not the earliest start to the latest end:
+    // on a saturated machine one sender falls behind the schedule, and its lateness would add
+    // up round after round into every span.
     let mut round_times: Vec<Duration> = (0..rounds as usize)
         .map(|round| {
-            let begun = sent.iter().map(|(_, spans)| spans[round].0).min();
-            let ended = sent.iter().map(|(_, spans)| spans[round].1).max();
-            match (begun, ended) {
-                (Some(begun), Some(ended)) => ended - begun,
-                _ => Duration::ZERO,
-            }
+            sent.iter()
+                .map(|(_, spans)| spans[round].1 - spans[round].0)
+                .max()
+                .unwrap_or_default()
         })
         .collect();
     let received = reader
