@@ -114,7 +114,7 @@ pub fn main(args: &FloorArgs) -> Result<()> {
         args.connections,
         args.frame_bytes,
         sends,
-        args.threads,
+        sent.len(),
         cpu * 1e6 / sends as f64,
         at(0.5).as_secs_f64() * 1e3,
         at(0.99).as_secs_f64() * 1e3,
