@@ -6,7 +6,10 @@
 //! clock, divided by the sends, is the floor that any server writing each subscriber's socket
 //! once per event pays here — including, on loopback, the receiving side's TCP processing,
 //! which the kernel runs in the sender's context. The time one round takes is the floor of
-//! the last subscriber's delivery latency at that N.
+//! the last subscriber's delivery latency at that N. With `--threads T` the sockets are split
+//! into T shares, each sent by its own thread in the same rounds: the floor spread over the
+//! cores, as a multi-threaded server would spread its subscribers; a round then lasts as long
+//! as its slowest thread's share, and the CPU is the sending threads' sum.
 //!
 //! With `--relay` it measures the floor of `chat` instead: each token is written to an
 //! "upstream" socket, read by a relay and written to its "subscriber" socket. The relay is one
@@ -40,6 +43,9 @@ pub struct FloorArgs {
     /// Bytes per send: a mock token frame with its id and `data:` line is about 60.
     #[arg(long, default_value_t = 60)]
     pub frame_bytes: usize,
+    /// Sending threads, each with an equal share of the sockets (the reader is one more).
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..))]
+    pub threads: u32,
     /// Relay each token from an upstream socket to a subscriber socket instead (the floor of
     /// `chat`); the sends of a round are spread over the round, as generations' tokens are.
     #[arg(long)]
@@ -57,20 +63,38 @@ pub fn main(args: &FloorArgs) -> Result<()> {
     let frame = vec![b'x'; args.frame_bytes];
     let rounds = u64::from(args.rate) * args.seconds;
     let period = Duration::from_secs(1) / args.rate;
-    let mut round_times = Vec::new();
-    let cpu_before = proc::read_thread_cpu_seconds()?;
+    let share = args.connections.div_ceil(args.threads as usize);
     let started = Instant::now();
-    for round in 0..rounds {
-        let due = started + period * u32::try_from(round).unwrap_or(u32::MAX);
-        thread::sleep(due.saturating_duration_since(Instant::now()));
-        let begun = Instant::now();
-        for mut socket in &senders {
-            socket.write_all(&frame).context("send")?;
-        }
-        round_times.push(begun.elapsed());
-    }
-    let cpu = proc::read_thread_cpu_seconds()? - cpu_before;
+    let sent = thread::scope(|scope| {
+        let threads: Vec<_> = senders
+            .chunks(share)
+            .map(|sockets| {
+                let frame = &frame;
+                scope.spawn(move || send_rounds(sockets, frame, rounds, period, started))
+            })
+            .collect();
+        threads
+            .into_iter()
+            .map(|sender| {
+                sender
+                    .join()
+                    .map_err(|_| anyhow::anyhow!("a sender panicked"))?
+            })
+            .collect::<Result<Vec<_>>>()
+    })?;
     drop(senders);
+    let cpu: f64 = sent.iter().map(|(cpu, _)| cpu).sum();
+    // A round takes as long as its slowest share. Not the earliest start to the latest end:
+    // on a saturated machine one sender falls behind the schedule, and its lateness would add
+    // up round after round into every span.
+    let mut round_times: Vec<Duration> = (0..rounds as usize)
+        .map(|round| {
+            sent.iter()
+                .map(|(_, spans)| spans[round].1 - spans[round].0)
+                .max()
+                .unwrap_or_default()
+        })
+        .collect();
     let received = reader
         .join()
         .map_err(|_| anyhow::anyhow!("reader panicked"))??;
@@ -83,18 +107,43 @@ pub fn main(args: &FloorArgs) -> Result<()> {
     round_times.sort();
     let at = |q: f64| round_times[((round_times.len() - 1) as f64 * q) as usize];
     println!(
-        "floor: {} sockets, {rounds} rounds of one {}-byte send each ({} sends)\n\
+        "floor: {} sockets, {rounds} rounds of one {}-byte send each ({} sends), {} sending \
+         thread(s)\n\
          sender CPU: {cpu:.2} s = {:.2} µs per send\n\
          one round (all sockets once): p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms",
         args.connections,
         args.frame_bytes,
         sends,
+        sent.len(),
         cpu * 1e6 / sends as f64,
         at(0.5).as_secs_f64() * 1e3,
         at(0.99).as_secs_f64() * 1e3,
         at(1.0).as_secs_f64() * 1e3,
     );
     Ok(())
+}
+
+/// Sends `frame` once to each of `sockets` per round, rounds `period` apart from `started`.
+/// Returns this thread's CPU seconds and when each round began and ended.
+fn send_rounds(
+    sockets: &[TcpStream],
+    frame: &[u8],
+    rounds: u64,
+    period: Duration,
+    started: Instant,
+) -> Result<(f64, Vec<(Instant, Instant)>)> {
+    let mut spans = Vec::with_capacity(rounds as usize);
+    let cpu_before = proc::read_thread_cpu_seconds()?;
+    for round in 0..rounds {
+        let due = started + period * u32::try_from(round).unwrap_or(u32::MAX);
+        thread::sleep(due.saturating_duration_since(Instant::now()));
+        let begun = Instant::now();
+        for mut socket in sockets {
+            socket.write_all(frame).context("send")?;
+        }
+        spans.push((begun, Instant::now()));
+    }
+    Ok((proc::read_thread_cpu_seconds()? - cpu_before, spans))
 }
 
 /// Groups a round's sends are split into, one after another across the round.
