@@ -190,6 +190,7 @@ async fn relay_floor(scenario: &Scenario) -> Result<RelayFloor> {
         seconds: 10,
         frame_bytes: 60,
         relay: true,
+        threads: 1,
     };
     eprintln!(
         "relay floor: {} pairs at {} tokens/s each, 10 s",
