@@ -151,14 +151,9 @@ impl Writer {
         generation: Arc<Generation>,
         idempotency: Option<IdempotencyClaim>,
     ) -> Tracking {
-        // Started by the first generation: on the store's runtime, or else on the one that
-        // runs the generation.
+        // Started by the first generation, on the runtime that runs it.
         self.started.call_once(|| {
-            let task = run(self.inner.clone(), self.closed.clone());
-            match self.inner.store.runtime() {
-                Some(runtime) => runtime.spawn(task),
-                None => tokio::spawn(task),
-            };
+            tokio::spawn(run(self.inner.clone(), self.closed.clone()));
         });
         let mut queue = lock(&self.inner.queue);
         queue.next_key += 1;

@@ -21,7 +21,6 @@
 mod listeners;
 pub mod memory;
 pub mod redis;
-mod thread;
 pub mod wire;
 
 use std::{sync::Arc, time::Duration};
@@ -154,12 +153,6 @@ pub trait Watch: Send + Sync {}
 /// The shared store behind the hub. Every method is one round trip (or none), whatever the
 /// number of viewers.
 pub trait Store: Send + Sync + 'static {
-    /// The runtime this store's own tasks run on, if it has one of its own; the instance's
-    /// writer runs there too. `None`: the caller's runtime.
-    fn runtime(&self) -> Option<tokio::runtime::Handle> {
-        None
-    }
-
     /// Registers a new running generation owned by `owner`, with its lease.
     fn create<'a>(&'a self, id: &'a str, owner: &'a str) -> BoxFuture<'a, Result<(), StoreError>>;
 

@@ -44,7 +44,6 @@ use tokio::sync::mpsc;
 
 use super::{
     listeners::{self, Listener, Listeners, OnLast},
-    thread::StoreThread,
     wire, Claimed, End, IdempotencyClaim, Lifetimes, LiveSender, Meta, Store, StoreError, Watch,
     Write, WriteOp, Written,
 };
@@ -138,8 +137,6 @@ pub struct RedisStore {
     /// Shared with the push handler of the feed connection.
     listeners: Arc<Mutex<Listeners>>,
     scripts: Scripts,
-    /// Where the connections' tasks run (and the writer: [`Store::runtime`]).
-    thread: StoreThread,
 }
 
 /// A single server's or a cluster's connection: the commands are the same.
@@ -253,25 +250,7 @@ impl From<redis::RedisError> for StoreError {
 }
 
 impl RedisStore {
-    /// Connects on a thread of the store's own ([`StoreThread`]), where the connections'
-    /// tasks then run.
     pub async fn open(url: &str, lifetimes: Lifetimes) -> Result<Self, StoreError> {
-        let thread = StoreThread::start().map_err(|error| {
-            StoreError::Unavailable(format!("cannot start the store's thread: {error}"))
-        })?;
-        let handle = thread.handle().clone();
-        handle
-            .spawn(Self::connect(url.to_owned(), lifetimes, thread))
-            .await
-            .map_err(|error| StoreError::Unavailable(error.to_string()))?
-    }
-
-    async fn connect(
-        url: String,
-        lifetimes: Lifetimes,
-        thread: StoreThread,
-    ) -> Result<Self, StoreError> {
-        let url = url.as_str();
         let config_error = |e: redis::RedisError| StoreError::Config(e.to_string());
         let client = redis::Client::open(url).map_err(config_error)?;
         let info = client.get_connection_info().clone();
@@ -327,7 +306,6 @@ impl RedisStore {
                 append: Script::new(APPEND),
                 finish: Script::new(FINISH),
             },
-            thread,
         })
     }
 
@@ -497,17 +475,18 @@ impl RedisStore {
     fn unsubscriber(&self, sharded: bool) -> OnLast {
         let feed = self.feed.clone();
         let weak = Arc::downgrade(&self.listeners);
-        let runtime = self.thread.handle().clone();
         Box::new(move |channel: &str| {
             let (mut feed, weak, channel) = (feed.clone(), weak.clone(), channel.to_owned());
-            runtime.spawn(async move {
-                let wanted = weak
-                    .upgrade()
-                    .is_some_and(|shared| listeners::lock(&shared).is_wanted(&channel));
-                if !wanted {
-                    let _ = feed.unsubscribe(&channel, sharded).await;
-                }
-            });
+            if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+                runtime.spawn(async move {
+                    let wanted = weak
+                        .upgrade()
+                        .is_some_and(|shared| listeners::lock(&shared).is_wanted(&channel));
+                    if !wanted {
+                        let _ = feed.unsubscribe(&channel, sharded).await;
+                    }
+                });
+            }
         })
     }
 }
@@ -615,10 +594,6 @@ fn written(reply: (String, u64)) -> Result<Written, StoreError> {
 }
 
 impl Store for RedisStore {
-    fn runtime(&self) -> Option<tokio::runtime::Handle> {
-        Some(self.thread.handle().clone())
-    }
-
     fn create<'a>(&'a self, id: &'a str, owner: &'a str) -> BoxFuture<'a, Result<(), StoreError>> {
         Box::pin(async move {
             let meta = meta_key(id);
