@@ -10,11 +10,10 @@ use std::rc::Rc;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-use super::chunked::ChunkedDecoder;
 use super::connect::connect_from;
 use super::http::one_shot_request;
 use super::payload::content_stamp_us;
-use super::sse::SseParser;
+use super::sse::SseBody;
 use super::subscriber::{
     read_head, unix_micros, ConnectedGuard, Expected, Shared, MIN_READ_BUFFER,
 };
@@ -68,11 +67,13 @@ async fn stream(call: &DirectCall, expect: Option<Expected>, source: Ipv4Addr, s
         shared.counters.borrow_mut().protocol_errors += 1;
         return;
     }
-    shared.counters.borrow_mut().connects += 1;
-    shared.counters.borrow_mut().connected += 1;
+    {
+        let mut counters = shared.counters.borrow_mut();
+        counters.connects += 1;
+        counters.connected += 1;
+    }
     let _guard = ConnectedGuard(&shared.counters);
-    let mut chunked = chunked.then(ChunkedDecoder::default);
-    let mut parser = SseParser::default();
+    let mut sse = SseBody::new(chunked);
     let (mut tokens, mut done) = (0u64, false);
     let mut range = body_start..filled;
     loop {
@@ -90,23 +91,17 @@ async fn stream(call: &DirectCall, expect: Option<Expected>, source: Ipv4Addr, s
                 let _ = shared.direct_latency.borrow_mut().record(latency);
             }
         };
-        let bytes = &buf[range.clone()];
-        match &mut chunked {
-            Some(decoder) => {
-                let fed = decoder.feed(bytes, |payload| {
-                    parser.feed(payload, |ev| on_event(ev.data));
-                });
-                if fed.is_err() {
-                    shared.counters.borrow_mut().protocol_errors += 1;
-                    return;
-                }
-            }
-            None => parser.feed(bytes, |ev| on_event(ev.data)),
+        if sse
+            .feed(&buf[range.clone()], |ev| on_event(ev.data))
+            .is_err()
+        {
+            shared.counters.borrow_mut().protocol_errors += 1;
+            return;
         }
         if done {
             break;
         }
-        let ended = chunked.as_ref().is_some_and(ChunkedDecoder::is_done);
+        let ended = sse.ended();
         match socket.read(&mut buf).await {
             Ok(n) if n > 0 && !ended => range = 0..n,
             _ => {

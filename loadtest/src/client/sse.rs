@@ -2,6 +2,10 @@
 //! thousands of concurrent streams: it keeps only a partial line and the current event's data,
 //! both reused buffers, and knows tokenfan's event names as a small enum instead of strings.
 
+use anyhow::Result;
+
+use super::chunked::ChunkedDecoder;
+
 /// The event names tokenfan sends; anything else is `Other` (and counted, not trusted).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum EventKind {
@@ -33,6 +37,40 @@ pub struct SseEvent<'a> {
     pub id: Option<u64>,
     pub kind: EventKind,
     pub data: &'a [u8],
+}
+
+/// An SSE response body, chunked or not: what a gateway viewer and a direct stream both read.
+#[derive(Debug)]
+pub struct SseBody {
+    chunked: Option<ChunkedDecoder>,
+    pub parser: SseParser,
+}
+
+impl SseBody {
+    pub fn new(chunked: bool) -> Self {
+        Self {
+            chunked: chunked.then(ChunkedDecoder::default),
+            parser: SseParser::default(),
+        }
+    }
+
+    /// Feeds received body bytes, calling `on_event` for every complete event; an error is bad
+    /// chunked framing.
+    pub fn feed(&mut self, bytes: &[u8], mut on_event: impl FnMut(SseEvent<'_>)) -> Result<()> {
+        let Self { chunked, parser } = self;
+        match chunked {
+            Some(decoder) => decoder.feed(bytes, |payload| parser.feed(payload, &mut on_event)),
+            None => {
+                parser.feed(bytes, on_event);
+                Ok(())
+            }
+        }
+    }
+
+    /// Whether the body's last chunk arrived (never for a body that ends with the connection).
+    pub fn ended(&self) -> bool {
+        self.chunked.as_ref().is_some_and(ChunkedDecoder::is_done)
+    }
 }
 
 #[derive(Debug, Default)]

@@ -19,11 +19,10 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::watch;
 
-use super::chunked::ChunkedDecoder;
 use super::connect::connect_from;
 use super::http::{events_request, parse_head, MAX_HEAD_BYTES};
 use super::payload::{contains, emit_stamp_us, u64_member};
-use super::sse::{EventKind, SseEvent, SseParser};
+use super::sse::{EventKind, SseBody, SseEvent};
 use super::stats::Counters;
 use crate::metrics::latency::BySide;
 
@@ -239,8 +238,7 @@ async fn session(
     shared.counters.borrow_mut().connected += 1;
     let _guard = ConnectedGuard(&shared.counters);
     let mut reader = StreamReader {
-        chunked: chunked.then(ChunkedDecoder::default),
-        parser: SseParser::default(),
+        body: SseBody::new(chunked),
         subscribed_at,
         record_latency: !matches!(plan.behaviour, Behaviour::Stall { .. }),
         on_owner: instance == plan.owner as usize,
@@ -252,20 +250,20 @@ async fn session(
         let now = unix_micros();
         if reader.consume(&buf[range.clone()], now, progress, shared) {
             let mut counters = shared.counters.borrow_mut();
-            counters.keepalives += reader.parser.comments();
+            counters.keepalives += reader.body.parser.comments();
             if reader.end.is_none() {
                 counters.dropped_streams += 1;
             }
             return reader.finish(shared.policy.backoff);
         }
         if let Some(end) = act(plan.behaviour, progress, shared).await {
-            shared.counters.borrow_mut().keepalives += reader.parser.comments();
+            shared.counters.borrow_mut().keepalives += reader.body.parser.comments();
             return end;
         }
         match stream.read(buf).await {
             Ok(0) | Err(_) => {
                 let mut counters = shared.counters.borrow_mut();
-                counters.keepalives += reader.parser.comments();
+                counters.keepalives += reader.body.parser.comments();
                 counters.dropped_streams += 1;
                 return SessionEnd::Failed;
             }
@@ -334,8 +332,7 @@ pub(super) async fn read_head(
 
 /// Decoding and verification state of one open stream.
 struct StreamReader {
-    chunked: Option<ChunkedDecoder>,
-    parser: SseParser,
+    body: SseBody,
     subscribed_at: u64,
     record_latency: bool,
     on_owner: bool,
@@ -354,15 +351,14 @@ impl StreamReader {
         shared: &Shared,
     ) -> bool {
         let Self {
-            chunked,
-            parser,
+            body,
             subscribed_at,
             record_latency,
             on_owner,
             expect,
             end,
         } = self;
-        let mut handle = |ev: SseEvent<'_>| {
+        let handle = |ev: SseEvent<'_>| {
             if end.is_none() {
                 let timing = Timing {
                     now,
@@ -373,17 +369,11 @@ impl StreamReader {
                 *end = on_event(ev, timing, *expect, progress, shared);
             }
         };
-        match chunked {
-            Some(decoder) => {
-                let fed = decoder.feed(bytes, |payload| parser.feed(payload, &mut handle));
-                if fed.is_err() {
-                    shared.counters.borrow_mut().protocol_errors += 1;
-                    return true;
-                }
-            }
-            None => parser.feed(bytes, &mut handle),
+        if body.feed(bytes, handle).is_err() {
+            shared.counters.borrow_mut().protocol_errors += 1;
+            return true;
         }
-        self.end.is_some() || self.chunked.is_some_and(|d| d.is_done())
+        self.end.is_some() || self.body.ended()
     }
 
     /// How the stream ended, with the server's `retry:` (or `default_retry`) for a reconnect.
@@ -391,6 +381,7 @@ impl StreamReader {
         match self.end {
             Some(SessionEnd::Reconnect { shutdown, .. }) => SessionEnd::Reconnect {
                 retry: self
+                    .body
                     .parser
                     .retry_ms()
                     .map_or(default_retry, Duration::from_millis),
