@@ -77,7 +77,6 @@ pub async fn completions(
             generation.clone(),
             0,
             app.max_subscribers_per_generation,
-            None,
         )
         .ok_or(ApiError::TooManySubscribers)?;
         stream_response(subscription, meta)

@@ -17,7 +17,7 @@ use axum::{
     body::Body,
     extract::{
         rejection::{PathRejection, QueryRejection},
-        Extension, Path, Query, State,
+        Path, Query, State,
     },
     http::{header, HeaderMap, HeaderValue, StatusCode},
     response::{IntoResponse, Response},
@@ -27,7 +27,7 @@ use futures_util::Stream;
 use serde::Deserialize;
 
 use super::{auth::authorize_subscriber, error::ApiError, generations::find, App};
-use crate::hub::{frame, queue::IdleWriter, Delivery, HubError, Resume, Subscription};
+use crate::hub::{frame, Delivery, HubError, Resume, Subscription};
 
 /// A `Last-Event-ID` longer than this cannot be a token id (u64 has 20 digits).
 const MAX_EVENT_ID_LEN: usize = 20;
@@ -37,13 +37,6 @@ const OVER_CAPACITY_RETRY_MS: std::ops::RangeInclusive<u64> = 10_000..=20_000;
 /// `retry:` while the shared store is unreachable: soon, spread so the reconnects do not land
 /// together.
 const STORE_UNAVAILABLE_RETRY_MS: std::ops::RangeInclusive<u64> = 1_000..=3_000;
-
-/// The socket of a connection whose response body is written to it frame by frame as it is
-/// (`server/subscriber.rs`), lent to the subscription's live channels so the fan-out can
-/// write a token itself while the connection's task is idle. A request extension, absent on
-/// connections hyper serves.
-#[derive(Clone)]
-pub struct RawSocket(pub Arc<dyn IdleWriter>);
 
 #[derive(Deserialize)]
 pub struct EventsQuery {
@@ -55,7 +48,6 @@ pub async fn subscribe(
     State(app): State<Arc<App>>,
     id: Result<Path<String>, PathRejection>,
     query: Result<Query<EventsQuery>, QueryRejection>,
-    socket: Option<Extension<RawSocket>>,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
     if app.drain.is_draining() {
@@ -93,7 +85,6 @@ pub async fn subscribe(
         generation,
         cursor,
         app.max_subscribers_per_generation,
-        socket.map(|Extension(RawSocket(writer))| writer),
     )
     .ok_or(ApiError::TooManySubscribers)?;
     ::metrics::counter!(crate::metrics::SUBSCRIPTIONS).increment(1);

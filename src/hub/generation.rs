@@ -20,7 +20,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use super::queue::{self, Sent, TrySendError};
+use super::queue::{self, TrySendError};
 use bytes::Bytes;
 use serde::Serialize;
 use tokio_util::sync::CancellationToken;
@@ -373,7 +373,7 @@ impl Generation {
         state.content_bytes += content;
         let offset = state.frame_bytes;
         state.frame_bytes += frame.len() as u64;
-        let fan_out = state.offer(&frame, offset, index, &self.lag);
+        let fan_out = state.offer(&frame, offset);
         drop(state);
         self.mark_changed();
         Pushed::Logged { fan_out, log_bytes }
@@ -656,32 +656,13 @@ struct ErrorData<'a> {
 
 impl State {
     /// Offers a token's frame to every live subscriber; a full channel is closed with
-    /// [`Outbound::Behind`] (`offset`: the frame's byte offset), a closed one forgotten. A lone
-    /// subscriber's frame is written to its socket here when it can be (its task idle, nothing
-    /// queued): that saves a task wake-up per token where one viewer is the common case, while
-    /// many viewers' sends stay spread over the runtime's workers instead of this one task.
-    fn offer(
-        &mut self,
-        frame: &Bytes,
-        offset: u64,
-        index: u64,
-        lag: &crate::metrics::LagSample,
-    ) -> FanOut {
+    /// [`Outbound::Behind`] (`offset`: the frame's byte offset), a closed one forgotten.
+    fn offer(&mut self, frame: &Bytes, offset: u64) -> FanOut {
         let mut counts = FanOut::default();
         let mut now = None;
-        let lone = self.subscribers.len() == 1;
-        self.subscribers.retain(|tx| {
-            let offered = if lone {
-                tx.try_send_or_write(frame, Outbound::Token)
-            } else {
-                tx.try_send(Outbound::Token(frame.clone()))
-                    .map(|()| Sent::Queued)
-            };
-            match offered {
-                Ok(sent) => {
-                    if sent == Sent::Written {
-                        lag.delivered(index, || 0);
-                    }
+        self.subscribers
+            .retain(|tx| match tx.try_send(Outbound::Token(frame.clone())) {
+                Ok(()) => {
                     counts.delivered += 1;
                     true
                 }
@@ -692,8 +673,7 @@ impl State {
                     false
                 }
                 Err(TrySendError::Closed) => false,
-            }
-        });
+            });
         self.note_if_unwatched();
         counts
     }

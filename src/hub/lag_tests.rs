@@ -111,7 +111,7 @@ async fn read(
 async fn a_burst_past_the_channel_is_read_from_the_log_and_nobody_is_evicted() {
     let hub = hub(64, Duration::from_secs(10), 4 * 1024 * 1024);
     let generation = generation();
-    let mut subscription = Subscription::open(hub, generation.clone(), 0, 10, None).unwrap();
+    let mut subscription = Subscription::open(hub, generation.clone(), 0, 10).unwrap();
     // Live on an empty log, then 3,000 tokens at once: far more than its 64 slots.
     go_live(&mut subscription);
     let reader = tokio::spawn(async move { read(&mut subscription, || None).await });
@@ -134,7 +134,7 @@ async fn a_burst_past_the_channel_is_read_from_the_log_and_nobody_is_evicted() {
 async fn a_subscriber_behind_by_more_than_the_byte_budget_is_dropped() {
     let hub = hub(4, Duration::from_secs(60), 4096);
     let generation = generation();
-    let mut subscription = Subscription::open(hub, generation.clone(), 0, 10, None).unwrap();
+    let mut subscription = Subscription::open(hub, generation.clone(), 0, 10).unwrap();
     go_live(&mut subscription);
     // 200 tokens of ~100 bytes of frame while it does not read: ~20 KB behind.
     for _ in 0..200 {
@@ -150,7 +150,7 @@ async fn a_subscriber_behind_by_more_than_the_byte_budget_is_dropped() {
 async fn a_subscriber_that_stops_reading_past_the_time_budget_is_dropped() {
     let hub = hub(2, Duration::from_millis(100), u64::MAX);
     let generation = generation();
-    let mut subscription = Subscription::open(hub, generation.clone(), 0, 10, None).unwrap();
+    let mut subscription = Subscription::open(hub, generation.clone(), 0, 10).unwrap();
     go_live(&mut subscription);
     let started = Instant::now();
     for _ in 0..10 {
@@ -179,7 +179,7 @@ async fn exactly_once_across_live_log_live_under_concurrent_pushes() {
         let readers: Vec<_> = (0..6)
             .map(|reader| {
                 let mut subscription =
-                    Subscription::open(hub.clone(), generation.clone(), 0, 10, None).unwrap();
+                    Subscription::open(hub.clone(), generation.clone(), 0, 10).unwrap();
                 let mut rng = StdRng::seed_from_u64(seed * 100 + reader);
                 tokio::spawn(async move {
                     read(&mut subscription, move || match rng.random_range(0..100) {
@@ -231,8 +231,7 @@ async fn exactly_once_across_live_log_live_under_concurrent_pushes() {
 async fn a_drain_tells_a_subscriber_that_fell_behind_and_lets_a_resumed_one_go_on() {
     let hub = hub(2, Duration::from_secs(60), u64::MAX);
     let generation = generation();
-    let mut subscription =
-        Subscription::open(hub.clone(), generation.clone(), 0, 10, None).unwrap();
+    let mut subscription = Subscription::open(hub.clone(), generation.clone(), 0, 10).unwrap();
     go_live(&mut subscription);
     for _ in 0..5 {
         push(&generation, "w");

@@ -15,8 +15,6 @@
 //! Nothing here knows about HTTP.
 
 pub mod delta;
-#[cfg(test)]
-mod direct_write_tests;
 pub mod frame;
 pub mod generation;
 #[cfg(test)]

@@ -11,14 +11,7 @@
 //! ([`Sender::close_with`]): the receiver then gets everything queued, that item, and the end.
 //! That is how a full subscriber learns it must go on from the log, and how a terminal event
 //! reaches a subscriber whose channel is full.
-//!
-//! A receiver whose bytes go straight to a socket can lend the sender its writer
-//! ([`Receiver::lend_writer`]): while nothing is queued and the receiver's task is idle, the
-//! sender writes a frame itself ([`Sender::try_send_or_write`]) instead of queueing it and
-//! waking that task, which is the cost of a second task per token that a lone viewer's
-//! connection otherwise pays (`loadtest/RESULTS.md`, "The chat path's added latency").
 
-use bytes::{Buf, Bytes};
 use std::{
     collections::VecDeque,
     sync::{Arc, Mutex, MutexGuard},
@@ -34,23 +27,6 @@ pub enum TrySendError {
     Closed,
 }
 
-/// What [`Sender::try_send_or_write`] did with a frame.
-#[derive(Debug, PartialEq, Eq)]
-pub enum Sent {
-    /// The whole frame is in the receiver's socket; nothing was queued.
-    Written,
-    Queued,
-}
-
-/// A receiver's socket writer, which the sender may use while the receiver's own task has
-/// nothing to write (between its writes, it refuses).
-pub trait IdleWriter: Send + Sync {
-    /// Writes what the socket takes of `bytes` now, without waiting: the count written, or
-    /// `None` when the receiver's task is writing itself or the socket failed (the receiver's
-    /// own write then meets the failure).
-    fn write_now(&self, bytes: &[u8]) -> Option<usize>;
-}
-
 pub fn channel<T>(capacity: usize) -> (Sender<T>, Receiver<T>) {
     let shared = Arc::new(Shared {
         capacity,
@@ -59,15 +35,13 @@ pub fn channel<T>(capacity: usize) -> (Sender<T>, Receiver<T>) {
             sender_gone: false,
             receiver_gone: false,
             waker: None,
-            writer: None,
-            written: 0,
         }),
     });
     (
         Sender {
             shared: shared.clone(),
         },
-        Receiver { shared, written: 0 },
+        Receiver { shared },
     )
 }
 
@@ -81,10 +55,6 @@ struct Inner<T> {
     sender_gone: bool,
     receiver_gone: bool,
     waker: Option<Waker>,
-    /// The receiver's lent writer.
-    writer: Option<Arc<dyn IdleWriter>>,
-    /// Frames the sender wrote itself since the receiver last looked.
-    written: u64,
 }
 
 impl<T> Shared<T> {
@@ -117,41 +87,6 @@ impl<T> Sender<T> {
             waker.wake();
         }
         Ok(())
-    }
-
-    /// Like [`Sender::try_send`] with `wrap(frame)`, but when nothing is queued and the receiver
-    /// lent an idle writer, writes the frame to it instead; the part the socket did not take
-    /// is queued (`wrap` of the rest), as the receiver's task would have had it left to write.
-    pub fn try_send_or_write(
-        &self,
-        frame: &Bytes,
-        wrap: impl FnOnce(Bytes) -> T,
-    ) -> Result<Sent, TrySendError> {
-        let mut inner = self.shared.lock();
-        if inner.receiver_gone || inner.sender_gone {
-            return Err(TrySendError::Closed);
-        }
-        let mut rest = frame.clone();
-        if let (true, Some(writer)) = (inner.items.is_empty(), &inner.writer) {
-            match writer.write_now(frame) {
-                Some(written) if written == frame.len() => {
-                    inner.written += 1;
-                    return Ok(Sent::Written);
-                }
-                Some(written) => rest.advance(written),
-                None => {}
-            }
-        }
-        if inner.items.len() >= self.shared.capacity {
-            return Err(TrySendError::Full);
-        }
-        inner.items.push_back(wrap(rest));
-        let waker = inner.waker.take();
-        drop(inner);
-        if let Some(waker) = waker {
-            waker.wake();
-        }
-        Ok(Sent::Queued)
     }
 
     /// Queues `last` whatever the capacity (one item more, once) and closes the channel: the
@@ -190,22 +125,9 @@ impl<T> Drop for Sender<T> {
 
 pub struct Receiver<T> {
     shared: Arc<Shared<T>>,
-    /// Frames the sender wrote itself, counted by [`Receiver::poll_recv`] until taken.
-    written: u64,
 }
 
 impl<T> Receiver<T> {
-    /// Lets the sender write frames to `writer` while nothing is queued.
-    pub fn lend_writer(&mut self, writer: Arc<dyn IdleWriter>) {
-        self.shared.lock().writer = Some(writer);
-    }
-
-    /// How many frames the sender wrote itself, in order before anything received since the
-    /// last call.
-    pub fn take_written(&mut self) -> u64 {
-        std::mem::take(&mut self.written)
-    }
-
     /// Items waiting to be received (for the queue-depth metric).
     pub fn queued(&self) -> usize {
         self.shared.lock().items.len()
@@ -214,8 +136,6 @@ impl<T> Receiver<T> {
     /// The next item; `None` once the sender is gone and everything it sent was received.
     pub fn poll_recv(&mut self, cx: &mut Context<'_>) -> Poll<Option<T>> {
         let mut inner = self.shared.lock();
-        // Written frames came before anything queued: they were written only when it was empty.
-        self.written += std::mem::take(&mut inner.written);
         if let Some(item) = inner.items.pop_front() {
             return Poll::Ready(Some(item));
         }
@@ -240,10 +160,8 @@ impl<T> Drop for Receiver<T> {
     fn drop(&mut self) {
         let mut inner = self.shared.lock();
         inner.receiver_gone = true;
-        // Free what the subscriber will never read now, not when the sender notices; the
-        // writer holds the socket, which must close with the connection.
+        // Free what the subscriber will never read now, not when the sender notices.
         inner.items = VecDeque::new();
-        inner.writer = None;
     }
 }
 
@@ -301,111 +219,5 @@ mod tests {
         tokio::task::yield_now().await;
         tx.try_send(7).unwrap();
         assert_eq!(receiver.await.unwrap(), Some(7));
-    }
-
-    /// A socket that takes at most `room` more bytes, and only while `idle`.
-    struct FakeSocket {
-        state: Mutex<(bool, usize, Vec<u8>)>,
-    }
-
-    impl FakeSocket {
-        fn new(idle: bool, room: usize) -> Arc<Self> {
-            Arc::new(Self {
-                state: Mutex::new((idle, room, Vec::new())),
-            })
-        }
-
-        fn written(&self) -> Vec<u8> {
-            self.state.lock().unwrap().2.clone()
-        }
-    }
-
-    impl IdleWriter for FakeSocket {
-        fn write_now(&self, bytes: &[u8]) -> Option<usize> {
-            let (idle, room, written) = &mut *self.state.lock().unwrap();
-            if !*idle {
-                return None;
-            }
-            let take = bytes.len().min(*room);
-            *room -= take;
-            written.extend_from_slice(&bytes[..take]);
-            Some(take)
-        }
-    }
-
-    async fn recv(rx: &mut Receiver<Bytes>) -> Option<Bytes> {
-        poll_fn(|cx| rx.poll_recv(cx)).await
-    }
-
-    #[tokio::test]
-    async fn an_idle_writer_takes_frames_while_nothing_is_queued_and_the_receiver_counts_them() {
-        let (tx, mut rx) = channel::<Bytes>(4);
-        let socket = FakeSocket::new(true, 1000);
-        rx.lend_writer(socket.clone());
-        for frame in ["a", "b"] {
-            let sent = tx.try_send_or_write(&Bytes::from(frame), |rest| rest);
-            assert_eq!(sent, Ok(Sent::Written));
-        }
-        assert_eq!(socket.written(), b"ab");
-        assert_eq!(rx.queued(), 0);
-        drop(tx);
-        assert_eq!(recv(&mut rx).await, None);
-        assert_eq!(rx.take_written(), 2);
-        assert_eq!(rx.take_written(), 0);
-    }
-
-    #[tokio::test]
-    async fn what_the_socket_does_not_take_is_queued_and_nothing_overtakes_it() {
-        let (tx, mut rx) = channel::<Bytes>(4);
-        let socket = FakeSocket::new(true, 3);
-        rx.lend_writer(socket.clone());
-        // Half of "t0t0" fits: the rest is queued, so "t1" must queue behind it though the
-        // socket has room again.
-        assert_eq!(
-            tx.try_send_or_write(&Bytes::from("t0t0"), |rest| rest),
-            Ok(Sent::Queued)
-        );
-        socket.state.lock().unwrap().1 = 100;
-        assert_eq!(
-            tx.try_send_or_write(&Bytes::from("t1"), |rest| rest),
-            Ok(Sent::Queued)
-        );
-        assert_eq!(socket.written(), b"t0t");
-        assert_eq!(recv(&mut rx).await.as_deref(), Some(&b"0"[..]));
-        assert_eq!(recv(&mut rx).await.as_deref(), Some(&b"t1"[..]));
-        assert_eq!(
-            rx.take_written(),
-            0,
-            "a partly written frame is received, not counted"
-        );
-        // Drained: the writer is used again.
-        assert_eq!(
-            tx.try_send_or_write(&Bytes::from("t2"), |rest| rest),
-            Ok(Sent::Written)
-        );
-    }
-
-    #[test]
-    fn a_busy_writer_or_a_full_channel_is_the_plain_queue() {
-        let (tx, mut rx) = channel::<Bytes>(1);
-        let socket = FakeSocket::new(false, 100);
-        rx.lend_writer(socket.clone());
-        let frame = Bytes::from("t0");
-        assert_eq!(tx.try_send_or_write(&frame, |rest| rest), Ok(Sent::Queued));
-        assert_eq!(
-            tx.try_send_or_write(&frame, |rest| rest),
-            Err(TrySendError::Full)
-        );
-        assert!(socket.written().is_empty());
-        drop(rx);
-        assert_eq!(
-            tx.try_send_or_write(&frame, |rest| rest),
-            Err(TrySendError::Closed)
-        );
-        assert_eq!(
-            Arc::strong_count(&socket),
-            1,
-            "the socket went with the receiver"
-        );
     }
 }

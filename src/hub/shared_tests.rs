@@ -89,7 +89,7 @@ fn request(knobs: Value) -> Map<String, Value> {
 
 /// Reads a subscription to its end: the token ids seen, in order, and the terminal frame.
 async fn read_all(hub: &Arc<Hub>, generation: Arc<Generation>, cursor: u64) -> (Vec<u64>, String) {
-    let mut subscription = Subscription::open(hub.clone(), generation, cursor, 100, None).unwrap();
+    let mut subscription = Subscription::open(hub.clone(), generation, cursor, 100).unwrap();
     let mut ids = Vec::new();
     let read = async {
         loop {

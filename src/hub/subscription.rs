@@ -17,11 +17,7 @@ use std::{
 
 use bytes::Bytes;
 
-use super::{
-    generation::Head,
-    queue::{self, IdleWriter},
-    Attach, Generation, Hub, Outbound,
-};
+use super::{generation::Head, queue, Attach, Generation, Hub, Outbound};
 
 /// What a subscription yields next.
 #[derive(Debug)]
@@ -48,9 +44,6 @@ pub enum Delivery {
 pub struct Subscription {
     hub: Arc<Hub>,
     generation: Arc<Generation>,
-    /// The connection's socket writer, lent to each live channel (`queue.rs`); `None` where
-    /// deliveries are re-encoded or framed by hyper.
-    writer: Option<Arc<dyn IdleWriter>>,
     /// The first token id not yet delivered.
     cursor: u64,
     phase: Phase,
@@ -92,15 +85,12 @@ impl Behind {
 
 impl Subscription {
     /// Opens a subscription at token id `cursor`, counted as one of the generation's viewers;
-    /// `None` when it already has `max_viewers`. With a `writer`, live token frames may be
-    /// written to it by the fan-out instead of delivered: only for a caller that would write
-    /// each delivered frame to that socket as it is.
+    /// `None` when it already has `max_viewers`.
     pub fn open(
         hub: Arc<Hub>,
         generation: Arc<Generation>,
         cursor: u64,
         max_viewers: usize,
-        writer: Option<Arc<dyn IdleWriter>>,
     ) -> Option<Self> {
         if !generation.join_viewer(max_viewers) {
             return None;
@@ -109,7 +99,6 @@ impl Subscription {
         Some(Self {
             hub,
             generation,
-            writer,
             cursor,
             phase: Phase::CatchUp(None),
         })
@@ -169,10 +158,7 @@ impl Subscription {
                                 to: next,
                             }
                         }
-                        Attach::Live(mut rx) => {
-                            if let Some(writer) = &self.writer {
-                                rx.lend_writer(writer.clone());
-                            }
+                        Attach::Live(rx) => {
                             self.phase = Phase::Live(rx);
                             continue;
                         }
@@ -182,35 +168,31 @@ impl Subscription {
                         }
                     }
                 }
-                Phase::Live(rx) => {
-                    let received = rx.poll_recv(cx);
-                    self.cursor += rx.take_written();
-                    match ready!(received) {
-                        Some(Outbound::Token(frame)) => {
-                            let index = self.cursor;
-                            self.cursor += 1;
-                            Delivery::Token { frame, index }
-                        }
-                        Some(Outbound::KeepAlive) => Delivery::KeepAlive,
-                        Some(Outbound::Terminal(terminal)) => {
-                            self.phase = Phase::Finished;
-                            Delivery::Ended(terminal)
-                        }
-                        Some(Outbound::Behind { offset, since }) => {
-                            // The token at the cursor is the one that did not fit, logged `since`.
-                            self.phase = Phase::CatchUp(Some(Box::new(Behind {
-                                offset,
-                                checkpoint: self.cursor + 1,
-                                since,
-                            })));
-                            continue;
-                        }
-                        None => {
-                            self.phase = Phase::Finished;
-                            Delivery::Dropped
-                        }
+                Phase::Live(rx) => match ready!(rx.poll_recv(cx)) {
+                    Some(Outbound::Token(frame)) => {
+                        let index = self.cursor;
+                        self.cursor += 1;
+                        Delivery::Token { frame, index }
                     }
-                }
+                    Some(Outbound::KeepAlive) => Delivery::KeepAlive,
+                    Some(Outbound::Terminal(terminal)) => {
+                        self.phase = Phase::Finished;
+                        Delivery::Ended(terminal)
+                    }
+                    Some(Outbound::Behind { offset, since }) => {
+                        // The token at the cursor is the one that did not fit, logged `since`.
+                        self.phase = Phase::CatchUp(Some(Box::new(Behind {
+                            offset,
+                            checkpoint: self.cursor + 1,
+                            since,
+                        })));
+                        continue;
+                    }
+                    None => {
+                        self.phase = Phase::Finished;
+                        Delivery::Dropped
+                    }
+                },
                 Phase::Finished => return Poll::Ready(None),
             };
             return Poll::Ready(Some(delivery));

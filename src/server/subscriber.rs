@@ -8,17 +8,11 @@
 //! subscriber costs ≈1.2 KB instead of ≈10.5 KB (`loadtest/RESULTS.md`, "Memory"). A subscriber connection
 //! answers one request and then closes, which an SSE stream does anyway; every other request,
 //! and a subscription on a connection that already served something, goes to hyper.
-//!
-//! Because the body's frames go to the socket as they are, the socket is lent to the
-//! subscription (a request extension, `api::events::RawSocket`): while this connection's task
-//! has nothing to write, the fan-out of a lone viewer writes its token itself
-//! ([`SocketWriter`]) rather than queueing it and waking this task.
 
 use std::{
     future::Future,
     io,
     pin::Pin,
-    sync::{Arc, Mutex, MutexGuard, PoisonError},
     task::{ready, Context, Poll},
     time::{Duration, SystemTime},
 };
@@ -38,10 +32,7 @@ use tokio::{
 use tower::ServiceExt;
 
 use super::write_timeout::WriteTimeout;
-use crate::{
-    api::{error::ApiError, events::RawSocket},
-    hub::queue::IdleWriter,
-};
+use crate::api::error::ApiError;
 
 /// The start of every request line this module serves.
 const SUBSCRIPTION_PREFIX: &[u8] = b"GET /v1/generations/";
@@ -105,48 +96,15 @@ pub struct Limits {
 
 /// Serves one subscription request on `io`, then closes it.
 pub async fn serve(mut io: WriteTimeout, router: Router, limits: Limits) -> io::Result<()> {
-    let writer = Arc::new(SocketWriter {
-        stream: io.stream().clone(),
-        idle: Mutex::new(false),
-    });
     // Boxed, so that what reading and routing need (the request, the router's future, the
     // response head) is freed before the stream starts, instead of sizing this task's future
     // for the whole life of the connection: ~1.2 KB per idle subscriber less (`size_of_val`
     // of the future, debug build).
-    let Some(body) = Box::pin(respond(&mut io, router, limits, &writer)).await? else {
+    let Some(body) = Box::pin(respond(&mut io, router, limits)).await? else {
         return Ok(());
     };
-    BodyWriter::new(&mut io, body, writer).await?;
+    BodyWriter::new(&mut io, body).await?;
     io.shutdown().await
-}
-
-/// This connection's socket as the fan-out may write to it: only while the connection's task
-/// has nothing left to write (`idle`), which the lock also makes last until such a write
-/// returns, so the task's next write always comes after it.
-struct SocketWriter {
-    stream: Arc<TcpStream>,
-    idle: Mutex<bool>,
-}
-
-impl SocketWriter {
-    fn set_idle(&self, idle: bool) {
-        *self.lock() = idle;
-    }
-
-    fn lock(&self) -> MutexGuard<'_, bool> {
-        // A flag: consistent whatever panicked while holding it.
-        self.idle.lock().unwrap_or_else(PoisonError::into_inner)
-    }
-}
-
-impl IdleWriter for SocketWriter {
-    fn write_now(&self, bytes: &[u8]) -> Option<usize> {
-        let idle = self.lock();
-        if !*idle {
-            return None;
-        }
-        self.stream.try_write(bytes).ok()
-    }
 }
 
 /// Reads the request, routes it and writes the response head. Returns the body left to send;
@@ -155,7 +113,6 @@ async fn respond(
     io: &mut WriteTimeout,
     router: Router,
     limits: Limits,
-    writer: &Arc<SocketWriter>,
 ) -> io::Result<Option<Body>> {
     let head = tokio::time::timeout_at(
         limits.head_deadline,
@@ -166,15 +123,10 @@ async fn respond(
         Err(_elapsed) => return Ok(None),
         Ok(Err(RequestError::Io(error))) => return Err(error),
         Ok(Err(RequestError::Api(error))) => error.into_response(),
-        Ok(Ok(mut request)) => {
-            request
-                .extensions_mut()
-                .insert(RawSocket(writer.clone() as Arc<dyn IdleWriter>));
-            match router.oneshot(request).await {
-                Ok(response) => response,
-                Err(infallible) => match infallible {},
-            }
-        }
+        Ok(Ok(request)) => match router.oneshot(request).await {
+            Ok(response) => response,
+            Err(infallible) => match infallible {},
+        },
     };
     let (parts, body) = response.into_parts();
     let length = body_length(parts.status, &body);
@@ -282,9 +234,6 @@ fn encode_head(status: StatusCode, headers: &header::HeaderMap, length: Option<u
 struct BodyWriter<'a> {
     io: &'a mut WriteTimeout,
     body: Body,
-    writer: Arc<SocketWriter>,
-    /// Whether `writer` is marked idle (lent to the fan-out).
-    lent: bool,
     /// What is left to write of the frames taken from the body.
     pending: Bytes,
     /// The body has no more frames.
@@ -294,12 +243,10 @@ struct BodyWriter<'a> {
 }
 
 impl BodyWriter<'_> {
-    fn new(io: &mut WriteTimeout, body: Body, writer: Arc<SocketWriter>) -> BodyWriter<'_> {
+    fn new(io: &mut WriteTimeout, body: Body) -> BodyWriter<'_> {
         BodyWriter {
             io,
             body,
-            writer,
-            lent: false,
             pending: Bytes::new(),
             body_done: false,
             stray: 0,
@@ -371,22 +318,12 @@ impl Future for BodyWriter<'_> {
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let this = self.get_mut();
-        if std::mem::take(&mut this.lent) {
-            // Back from the fan-out (waiting for a write of its own to end) before writing.
-            this.writer.set_idle(false);
-        }
         loop {
             if this.pending.is_empty() {
                 if let Poll::Ready(gone) = this.poll_peer_gone(cx) {
                     return Poll::Ready(gone);
                 }
-                let Poll::Ready(filled) = this.poll_fill(cx) else {
-                    // Nothing to write, nothing queued: the fan-out may write until the wake.
-                    this.writer.set_idle(true);
-                    this.lent = true;
-                    return Poll::Pending;
-                };
-                if !filled? {
+                if !ready!(this.poll_fill(cx))? {
                     return Poll::Ready(Ok(()));
                 }
                 continue;

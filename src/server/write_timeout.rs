@@ -5,21 +5,13 @@
 //! and buffers would stay forever. This wrapper fails a write that has made no progress for the
 //! write timeout, which ends the connection; the socket is then reset (zero linger) so the
 //! kernel frees its send queue at once instead of retrying an unread peer.
-//!
-//! The stream is shared (`Arc`): a subscriber connection lends it to the fan-out, which writes
-//! a lone viewer's token while the connection's task is idle (`subscriber.rs`). Reads and
-//! writes go through readiness and `try_*`, which take the stream by reference.
 
 use std::{
     io,
-    net::Shutdown,
     pin::Pin,
-    sync::Arc,
-    task::{ready, Context, Poll},
+    task::{Context, Poll},
     time::Duration,
 };
-
-use socket2::SockRef;
 
 use tokio::{
     io::{AsyncRead, AsyncWrite, ReadBuf},
@@ -31,7 +23,7 @@ use tracing::debug;
 use crate::metrics;
 
 pub struct WriteTimeout {
-    stream: Arc<TcpStream>,
+    stream: TcpStream,
     timeout: Duration,
     /// Allocated the first time a write blocks; most connections never need it.
     timer: Option<Pin<Box<Sleep>>>,
@@ -42,14 +34,14 @@ pub struct WriteTimeout {
 impl WriteTimeout {
     pub fn new(stream: TcpStream, timeout: Duration) -> Self {
         Self {
-            stream: Arc::new(stream),
+            stream,
             timeout,
             timer: None,
             armed: false,
         }
     }
 
-    pub fn stream(&self) -> &Arc<TcpStream> {
+    pub fn stream(&self) -> &TcpStream {
         &self.stream
     }
 
@@ -84,80 +76,45 @@ impl WriteTimeout {
 
 use std::future::Future;
 
-/// Runs a non-blocking socket call until it does not report `WouldBlock`, waiting for readiness
-/// in between (what `TcpStream`'s own `poll_*` do, by reference).
-fn poll_io<T>(
-    cx: &mut Context<'_>,
-    mut poll_ready: impl FnMut(&mut Context<'_>) -> Poll<io::Result<()>>,
-    mut call: impl FnMut() -> io::Result<T>,
-) -> Poll<io::Result<T>> {
-    loop {
-        ready!(poll_ready(cx))?;
-        match call() {
-            Err(error) if error.kind() == io::ErrorKind::WouldBlock => {}
-            result => return Poll::Ready(result),
-        }
-    }
-}
-
 impl AsyncRead for WriteTimeout {
     fn poll_read(
-        self: Pin<&mut Self>,
+        mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
-        let stream = &self.stream;
-        let read = ready!(poll_io(
-            cx,
-            |cx| stream.poll_read_ready(cx),
-            || stream.try_read(buf.initialize_unfilled())
-        ))?;
-        buf.advance(read);
-        Poll::Ready(Ok(()))
+        Pin::new(&mut self.stream).poll_read(cx, buf)
     }
 }
 
 impl AsyncWrite for WriteTimeout {
     fn poll_write(
-        self: Pin<&mut Self>,
+        mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        let this = self.get_mut();
-        let stream = &this.stream;
-        let poll = poll_io(
-            cx,
-            |cx| stream.poll_write_ready(cx),
-            || stream.try_write(buf),
-        );
-        this.check(cx, poll)
+        let poll = Pin::new(&mut self.stream).poll_write(cx, buf);
+        self.check(cx, poll)
     }
 
     fn poll_write_vectored(
-        self: Pin<&mut Self>,
+        mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
-        let this = self.get_mut();
-        let stream = &this.stream;
-        let poll = poll_io(
-            cx,
-            |cx| stream.poll_write_ready(cx),
-            || stream.try_write_vectored(bufs),
-        );
-        this.check(cx, poll)
+        let poll = Pin::new(&mut self.stream).poll_write_vectored(cx, bufs);
+        self.check(cx, poll)
     }
 
     fn is_write_vectored(&self) -> bool {
-        true
+        self.stream.is_write_vectored()
     }
 
-    fn poll_flush(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        // Writes go straight to the socket: nothing is buffered here.
-        Poll::Ready(Ok(()))
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let poll = Pin::new(&mut self.stream).poll_flush(cx);
+        self.check(cx, poll)
     }
 
-    fn poll_shutdown(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Poll::Ready(SockRef::from(&*self.stream).shutdown(Shutdown::Write))
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.stream).poll_shutdown(cx)
     }
 }
