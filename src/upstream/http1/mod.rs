@@ -22,6 +22,7 @@
 //! `connect.rs` opens connections (TCP, the proxy tunnel, TLS), `pool.rs` keeps idle ones.
 
 mod connect;
+mod own_wakes;
 mod pool;
 
 use std::{
@@ -44,6 +45,7 @@ use hyper::{
 use hyper_util::rt::TokioIo;
 
 use connect::{Connector, Io};
+use own_wakes::OwnWakes;
 use pool::Pool;
 
 /// Most bytes of a response head: hyper's read buffer never grows past this, so a longer head
@@ -268,12 +270,15 @@ impl Client {
         })
         .await?;
         let (parts, body) = response.into_parts();
+        let (wakes, waker) = OwnWakes::new();
         Ok(Response {
             status: parts.status,
             headers: parts.headers,
             body: Body {
                 live: Some((conn, body)),
                 pool: self.pool.clone(),
+                wakes,
+                waker,
             },
         })
     }
@@ -285,6 +290,10 @@ impl Client {
 pub struct Body {
     live: Option<(Conn, Incoming)>,
     pool: Arc<Pool>,
+    /// The connection and the body are polled with `waker`, so that the wake hyper sends
+    /// when a chunk is taken does not poll the whole task again (`own_wakes.rs`).
+    wakes: Arc<OwnWakes>,
+    waker: Waker,
 }
 
 impl Body {
@@ -297,30 +306,41 @@ impl Body {
         let Some((conn, body)) = self.live.as_mut() else {
             return Poll::Ready(Ok(None));
         };
-        loop {
+        self.wakes.start(cx.waker());
+        let cx = &mut Context::from_waker(&self.waker);
+        let polled = loop {
             // The connection reads the socket and hands what it decoded to the body.
             let over = conn.drive(cx);
             match Pin::new(&mut *body).poll_frame(cx) {
                 Poll::Ready(Some(Ok(frame))) => match frame.into_data() {
-                    Ok(data) if !data.is_empty() => return Poll::Ready(Ok(Some(data))),
+                    Ok(data) if !data.is_empty() => break Ok(Some(data)),
                     // Empty data and trailers carry nothing for us.
                     _ => continue,
                 },
-                Poll::Ready(Some(Err(error))) => {
-                    self.live = None;
-                    return Poll::Ready(Err(from_hyper(error, true)));
-                }
-                Poll::Ready(None) => {
-                    self.release();
-                    return Poll::Ready(Ok(None));
-                }
+                Poll::Ready(Some(Err(error))) => break Err(error),
+                Poll::Ready(None) => break Ok(None),
                 Poll::Pending => {
                     if let Some(Err(error)) = over {
-                        self.live = None;
-                        return Poll::Ready(Err(from_hyper(error, true)));
+                        break Err(error);
                     }
-                    return Poll::Pending;
+                    if !self.wakes.stop() {
+                        return Poll::Pending;
+                    }
                 }
+            }
+        };
+        // A wake noted while ending with a chunk or the end is not owed to anyone: the next
+        // read polls the connection and the body first.
+        self.wakes.stop();
+        match polled {
+            Ok(Some(data)) => Poll::Ready(Ok(Some(data))),
+            Ok(None) => {
+                self.release();
+                Poll::Ready(Ok(None))
+            }
+            Err(error) => {
+                self.live = None;
+                Poll::Ready(Err(from_hyper(error, true)))
             }
         }
     }
