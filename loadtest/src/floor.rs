@@ -21,6 +21,10 @@
 use std::{
     io::Write,
     net::{TcpListener, TcpStream},
+    sync::{
+        atomic::{AtomicU64, Ordering},
+        Arc,
+    },
     thread,
     time::{Duration, Instant},
 };
@@ -50,6 +54,11 @@ pub struct FloorArgs {
     /// `chat`); the sends of a round are spread over the round, as generations' tokens are.
     #[arg(long)]
     pub relay: bool,
+    /// With `--relay`: run the relay on a multi-threaded tokio runtime of this many workers
+    /// (the gateway's default is one per core) instead of one thread; its CPU is then its
+    /// workers' sum.
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..))]
+    pub relay_workers: Option<u32>,
 }
 
 pub fn main(args: &FloorArgs) -> Result<()> {
@@ -153,13 +162,17 @@ fn relay(args: &FloorArgs) -> Result<()> {
     let floor = relay_floor(args)?;
     println!(
         "relay floor: {} pairs, {} rounds of one {}-byte token each ({} tokens, \
-         {} a second)\nrelay CPU (one thread: a tokio task per pair reading upstream and \
+         {} a second)\nrelay CPU ({}: a tokio task per pair reading upstream and \
          writing its subscriber): {:.2} s = {:.2} µs per token",
         floor.pairs,
         floor.rounds,
         args.frame_bytes,
         floor.tokens,
         u64::from(args.rate) * floor.pairs as u64,
+        match args.relay_workers {
+            None => "one thread".to_string(),
+            Some(workers) => format!("a runtime of {workers} workers"),
+        },
         floor.cpu_s,
         floor.us_per_token,
     );
@@ -183,7 +196,11 @@ pub fn relay_floor(args: &FloorArgs) -> Result<RelayFloor> {
     let (sources, relay_in) = connect_pairs(args.connections)?;
     let (relay_out, subscribers) = connect_pairs(args.connections)?;
     let reader = thread::spawn(move || pump(subscribers, Vec::new()).map(|(_, read)| read));
-    let relay = thread::spawn(move || pump(relay_in, relay_out));
+    let workers = args.relay_workers;
+    let relay = thread::spawn(move || match workers {
+        None => pump(relay_in, relay_out),
+        Some(workers) => pump_on_workers(relay_in, relay_out, workers),
+    });
 
     let frame = vec![b'x'; args.frame_bytes];
     let rounds = u64::from(args.rate) * args.seconds;
@@ -257,8 +274,38 @@ fn pump(inputs: Vec<TcpStream>, outputs: Vec<TcpStream>) -> Result<(f64, u64)> {
         .enable_io()
         .build()?;
     let cpu_before = proc::read_thread_cpu_seconds()?;
+    let read = runtime.block_on(relay_tasks(inputs, outputs))?;
+    Ok((proc::read_thread_cpu_seconds()? - cpu_before, read))
+}
+
+/// [`pump`] on a multi-threaded runtime of `workers`: the CPU is what its worker threads used
+/// in their lives (each adds its own when it stops), the caller's thread only waits.
+fn pump_on_workers(
+    inputs: Vec<TcpStream>,
+    outputs: Vec<TcpStream>,
+    workers: u32,
+) -> Result<(f64, u64)> {
+    let micros = Arc::new(AtomicU64::new(0));
+    let counted = micros.clone();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(workers as usize)
+        .enable_io()
+        .on_thread_stop(move || {
+            if let Ok(cpu) = proc::read_thread_cpu_seconds() {
+                counted.fetch_add((cpu * 1e6) as u64, Ordering::Relaxed);
+            }
+        })
+        .build()?;
+    let read = runtime.block_on(relay_tasks(inputs, outputs))?;
+    drop(runtime);
+    Ok((micros.load(Ordering::Relaxed) as f64 / 1e6, read))
+}
+
+/// One task per input socket, reading it to its end and writing what it reads to the output
+/// at the same position, if there is one; the bytes read, all together.
+async fn relay_tasks(inputs: Vec<TcpStream>, outputs: Vec<TcpStream>) -> Result<u64> {
     let mut outputs = outputs.into_iter();
-    let read = runtime.block_on(async {
+    async {
         let mut tasks = tokio::task::JoinSet::new();
         for input in inputs {
             let mut input = tokio_stream(input)?;
@@ -284,8 +331,8 @@ fn pump(inputs: Vec<TcpStream>, outputs: Vec<TcpStream>) -> Result<(f64, u64)> {
             total += read??;
         }
         Ok::<_, anyhow::Error>(total)
-    })?;
-    Ok((proc::read_thread_cpu_seconds()? - cpu_before, read))
+    }
+    .await
 }
 
 fn tokio_stream(socket: TcpStream) -> std::io::Result<tokio::net::TcpStream> {

@@ -191,6 +191,7 @@ async fn relay_floor(scenario: &Scenario) -> Result<RelayFloor> {
         frame_bytes: 60,
         relay: true,
         threads: 1,
+        relay_workers: None,
     };
     eprintln!(
         "relay floor: {} pairs at {} tokens/s each, 10 s",
