@@ -1,6 +1,8 @@
 //! The `chatpath` part of the result: streams read straight from the mock beside the gateway's
 //! viewers in the same run, what the gateway adds to their latency, and its CPU per token
-//! against the relay floor measured right after the run at as many pairs.
+//! against the relay floor measured right after the run at as many pairs — on one thread (the
+//! floor the issue names) and on a runtime of as many workers as the gateway's (what the
+//! runtime itself adds).
 
 use serde::Serialize;
 
@@ -22,6 +24,9 @@ pub struct ChatPath {
     pub relay_floor: Option<RelayFloor>,
     /// The gateway's CPU per delivered token over the relay floor's.
     pub cpu_over_floor: Option<f64>,
+    /// The same floor on a multi-threaded runtime of one worker per core, as the gateway's.
+    pub relay_floor_on_workers: Option<RelayFloor>,
+    pub cpu_over_floor_on_workers: Option<f64>,
 }
 
 impl ChatPath {
@@ -30,11 +35,16 @@ impl ChatPath {
         gateway: &LatencySummary,
         gateway_us_per_token: Option<f64>,
         relay_floor: Option<RelayFloor>,
+        relay_floor_on_workers: Option<RelayFloor>,
     ) -> Self {
         let added = |through: u64, direct: u64| through as i64 - direct as i64;
-        let cpu_over_floor = gateway_us_per_token
-            .zip(relay_floor.as_ref())
-            .map(|(us, floor)| us / floor.us_per_token);
+        let over = |floor: &Option<RelayFloor>| {
+            gateway_us_per_token
+                .zip(floor.as_ref())
+                .map(|(us, floor)| us / floor.us_per_token)
+        };
+        let cpu_over_floor = over(&relay_floor);
+        let cpu_over_floor_on_workers = over(&relay_floor_on_workers);
         Self {
             added_p50_us: added(gateway.p50_us, direct.p50_us),
             added_p99_us: added(gateway.p99_us, direct.p99_us),
@@ -42,6 +52,8 @@ impl ChatPath {
             direct,
             relay_floor,
             cpu_over_floor,
+            relay_floor_on_workers,
+            cpu_over_floor_on_workers,
         }
     }
 }
@@ -74,20 +86,30 @@ pub fn rows(result: &RunResult) -> Vec<(String, String)> {
             ),
         ),
     ];
-    if let Some(floor) = &c.relay_floor {
-        rows.push((
-            "relay floor (`floor --relay`, after the run): CPU per token".into(),
-            format!(
-                "{:.2} µs ({} pairs, {} tokens)",
-                floor.us_per_token, floor.pairs, floor.tokens
-            ),
-        ));
-    }
-    if let Some(ratio) = c.cpu_over_floor {
-        rows.push((
-            "gateway CPU per token / relay floor".into(),
-            format!("{ratio:.2}×"),
-        ));
+    let floors = [
+        ("", &c.relay_floor, c.cpu_over_floor),
+        (
+            " on a runtime of one worker per core (`--relay-workers`)",
+            &c.relay_floor_on_workers,
+            c.cpu_over_floor_on_workers,
+        ),
+    ];
+    for (which, floor, ratio) in floors {
+        if let Some(floor) = floor {
+            rows.push((
+                format!("relay floor (`floor --relay`, after the run){which}: CPU per token"),
+                format!(
+                    "{:.2} µs ({} pairs, {} tokens)",
+                    floor.us_per_token, floor.pairs, floor.tokens
+                ),
+            ));
+        }
+        if let Some(ratio) = ratio {
+            rows.push((
+                format!("gateway CPU per token / relay floor{which}"),
+                format!("{ratio:.2}×"),
+            ));
+        }
     }
     rows
 }
@@ -111,18 +133,24 @@ mod tests {
             cpu_s: 0.2,
             us_per_token: 10.0,
         };
+        let on_workers = RelayFloor {
+            us_per_token: 12.5,
+            ..floor.clone()
+        };
         let c = ChatPath::new(
             summary(300, 900, 2_000),
             &summary(500, 1_400, 1_500),
             Some(15.0),
             Some(floor),
+            Some(on_workers),
         );
         assert_eq!(
             (c.added_p50_us, c.added_p99_us, c.added_max_us),
             (200, 500, -500)
         );
         assert_eq!(c.cpu_over_floor, Some(1.5));
-        let no_floor = ChatPath::new(summary(1, 1, 1), &summary(1, 1, 1), Some(15.0), None);
+        assert_eq!(c.cpu_over_floor_on_workers, Some(1.2));
+        let no_floor = ChatPath::new(summary(1, 1, 1), &summary(1, 1, 1), Some(15.0), None, None);
         assert_eq!(no_floor.cpu_over_floor, None);
     }
 }

@@ -130,15 +130,23 @@ pub async fn run(args: &RunArgs, command: String) -> Result<RunResult> {
     warnings.extend(outcome.warnings.iter().cloned());
     let chatpath = match &outcome.direct_latency {
         Some(direct) => {
-            let floor = relay_floor(&scenario).await;
-            let floor = floor.map_err(|e| warnings.push(format!("relay floor: {e:#}")));
+            // The gateway's runtime has one worker per core (tokio's default).
+            let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+            let mut measured = |floor: Result<RelayFloor>| {
+                floor
+                    .map_err(|e| warnings.push(format!("relay floor: {e:#}")))
+                    .ok()
+            };
+            let on_one_thread = measured(relay_floor(&scenario, None).await);
+            let on_workers = measured(relay_floor(&scenario, Some(u32::try_from(cores)?)).await);
             let us_per_token = outcome.cpu.as_ref().and_then(|c| c.us_per_event);
             let gateway = &outcome.latency;
             Some(ChatPath::new(
                 direct.clone(),
                 gateway,
                 us_per_token,
-                floor.ok(),
+                on_one_thread,
+                on_workers,
             ))
         }
         None => None,
@@ -182,8 +190,9 @@ pub async fn run(args: &RunArgs, command: String) -> Result<RunResult> {
 }
 
 /// `floor --relay` at the scenario's load — a pair per generation at its token rate, 10 s — on
-/// a quiet machine: after the run, with the gateway and mock stopped.
-async fn relay_floor(scenario: &Scenario) -> Result<RelayFloor> {
+/// a quiet machine: after the run, with the gateway and mock stopped; on one thread, or on a
+/// runtime of `workers`.
+async fn relay_floor(scenario: &Scenario, workers: Option<u32>) -> Result<RelayFloor> {
     let args = FloorArgs {
         connections: usize::try_from(scenario.generations)?,
         rate: u32::try_from(1000 / scenario.interval_ms.min.max(1))?.max(1),
@@ -191,11 +200,13 @@ async fn relay_floor(scenario: &Scenario) -> Result<RelayFloor> {
         frame_bytes: 60,
         relay: true,
         threads: 1,
-        relay_workers: None,
+        relay_workers: workers,
     };
     eprintln!(
-        "relay floor: {} pairs at {} tokens/s each, 10 s",
-        args.connections, args.rate
+        "relay floor: {} pairs at {} tokens/s each, 10 s, {}",
+        args.connections,
+        args.rate,
+        workers.map_or("one thread".into(), |w| format!("{w} workers"))
     );
     tokio::task::spawn_blocking(move || relay_floor_of(&args)).await?
 }
