@@ -343,6 +343,32 @@ async fn streams_tokens_finish_and_usage_until_done() {
     assert_eq!(body["messages"], request()["messages"]);
 }
 
+/// A provider that sends megabytes at once: the reader goes through many socket reads and
+/// chunks per poll of its task, with hyper's wakes kept from the task (`http1/own_wakes.rs`),
+/// and still gets every token.
+#[tokio::test]
+async fn a_burst_of_megabytes_is_read_whole_across_the_runtimes_budget() {
+    const TOKENS: usize = 20_000;
+    let tokens: String = (0..TOKENS).map(|i| token(&format!("t{i} "))).collect();
+    let body = [
+        SSE_HEAD,
+        &tokens,
+        &finish("stop"),
+        &event("[DONE]"),
+        LAST_CHUNK,
+    ];
+    let provider = provider(vec![vec![Step::Write(body.concat())]]).await;
+
+    let read = run(config(), &provider.base_url);
+    let (events, error) = tokio::time::timeout(Duration::from_secs(30), read)
+        .await
+        .expect("the reader stopped making progress");
+
+    assert!(error.is_none(), "{error:?}");
+    assert_eq!(events.len(), TOKENS + 1);
+    assert_eq!(events[TOKENS - 1], text(&format!("t{} ", TOKENS - 1)));
+}
+
 fn keep_alive_stream() -> String {
     [
         SSE_HEAD_KEEP_ALIVE,

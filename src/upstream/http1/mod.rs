@@ -307,11 +307,11 @@ impl Body {
             return Poll::Ready(Ok(None));
         };
         self.wakes.start(cx.waker());
-        let cx = &mut Context::from_waker(&self.waker);
+        let own = &mut Context::from_waker(&self.waker);
         let polled = loop {
             // The connection reads the socket and hands what it decoded to the body.
-            let over = conn.drive(cx);
-            match Pin::new(&mut *body).poll_frame(cx) {
+            let over = conn.drive(own);
+            match Pin::new(&mut *body).poll_frame(own) {
                 Poll::Ready(Some(Ok(frame))) => match frame.into_data() {
                     Ok(data) if !data.is_empty() => break Ok(Some(data)),
                     // Empty data and trailers carry nothing for us.
@@ -323,14 +323,15 @@ impl Body {
                     if let Some(Err(error)) = over {
                         break Err(error);
                     }
-                    if !self.wakes.stop() {
-                        return Poll::Pending;
+                    if self.wakes.stop() {
+                        cx.waker().wake_by_ref();
                     }
+                    return Poll::Pending;
                 }
             }
         };
-        // A wake noted while ending with a chunk or the end is not owed to anyone: the next
-        // read polls the connection and the body first.
+        // A wake noted while ending with a chunk or the end is owed to no one: the next read
+        // polls the connection and the body first.
         self.wakes.stop();
         match polled {
             Ok(Some(data)) => Poll::Ready(Ok(Some(data))),
