@@ -5,7 +5,8 @@
 //! and that wakes the connection's waker — the same task — so every token cost a second poll
 //! of the whole task (the `select!`, the span, the stream adapters, a trip through the
 //! scheduler) that found nothing to do. Measured with a probe on the task's poll: 200,797
-//! polls for 100,240 tokens (`loadtest/RESULTS.md`, "Two polls per token").
+//! polls for 100,240 tokens (`loadtest/RESULTS.md`, "The chat path: a second task, a second
+//! poll, and the floor's runtime").
 //!
 //! So the connection and the body are polled with this waker instead of the task's: a wake
 //! that arrives while the reader is polling them (from hyper, or from another thread at that
