@@ -17,6 +17,8 @@
 //! SSE, no JSON, no log). Its CPU per token is what reading a token from a provider and writing
 //! it to one subscriber costs here, in the same process accounting as the gateway's (on
 //! loopback, the relay also pays the ACKs its reads send and the subscriber's receive path).
+//! With `--relay-workers W` the relay runs on a multi-threaded runtime of W workers instead, as
+//! the gateway does, and its CPU is the workers' sum.
 
 use std::{
     io::Write,
@@ -185,7 +187,7 @@ pub struct RelayFloor {
     pub pairs: usize,
     pub rounds: u64,
     pub tokens: u64,
-    /// The relay thread's CPU over the run.
+    /// The relay's CPU over the run: its thread's, or its workers' sum.
     pub cpu_s: f64,
     pub us_per_token: f64,
 }
@@ -305,34 +307,31 @@ fn pump_on_workers(
 /// at the same position, if there is one; the bytes read, all together.
 async fn relay_tasks(inputs: Vec<TcpStream>, outputs: Vec<TcpStream>) -> Result<u64> {
     let mut outputs = outputs.into_iter();
-    async {
-        let mut tasks = tokio::task::JoinSet::new();
-        for input in inputs {
-            let mut input = tokio_stream(input)?;
-            let mut output = outputs.next().map(tokio_stream).transpose()?;
-            tasks.spawn(async move {
-                use tokio::io::{AsyncReadExt, AsyncWriteExt};
-                let mut buf = [0; 4096];
-                let mut total = 0u64;
-                loop {
-                    let read = input.read(&mut buf).await?;
-                    if read == 0 {
-                        return Ok::<_, std::io::Error>(total);
-                    }
-                    total += read as u64;
-                    if let Some(output) = &mut output {
-                        output.write_all(&buf[..read]).await?;
-                    }
+    let mut tasks = tokio::task::JoinSet::new();
+    for input in inputs {
+        let mut input = tokio_stream(input)?;
+        let mut output = outputs.next().map(tokio_stream).transpose()?;
+        tasks.spawn(async move {
+            use tokio::io::{AsyncReadExt, AsyncWriteExt};
+            let mut buf = [0; 4096];
+            let mut total = 0u64;
+            loop {
+                let read = input.read(&mut buf).await?;
+                if read == 0 {
+                    return Ok::<_, std::io::Error>(total);
                 }
-            });
-        }
-        let mut total = 0;
-        while let Some(read) = tasks.join_next().await {
-            total += read??;
-        }
-        Ok::<_, anyhow::Error>(total)
+                total += read as u64;
+                if let Some(output) = &mut output {
+                    output.write_all(&buf[..read]).await?;
+                }
+            }
+        });
     }
-    .await
+    let mut total = 0;
+    while let Some(read) = tasks.join_next().await {
+        total += read??;
+    }
+    Ok(total)
 }
 
 fn tokio_stream(socket: TcpStream) -> std::io::Result<tokio::net::TcpStream> {
